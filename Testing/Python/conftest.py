@@ -1,0 +1,30 @@
+"""Shared fixtures: nnU-Net v2 model folders with real architectures and random weights."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from TuckerSegmentLib.example_models import write_example_model
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (to prove a folder was left untouched)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small PlainConvUNet (8-16-32 features, 3 foreground classes), nnU-Net checkpoint, folds 0 and 1."""
+    return write_example_model(tmp_path_factory.mktemp("tiny"), "tiny", seed=1, folds=(0, 1))
+
+
+@pytest.fixture(scope="session")
+def dataset291_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TotalSegmentator's Dataset291 architecture (31.19 M parameters) with random weights."""
+    return write_example_model(tmp_path_factory.mktemp("ts291"), "Dataset291", seed=0)

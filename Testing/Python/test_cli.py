@@ -1,0 +1,57 @@
+"""The tuckersegment command line, run as a user runs it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import tree_digest
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", *args], capture_output=True, text=True)
+
+
+def test_info_json_of_an_original_folder(tiny_model):
+    result = run("info", str(tiny_model), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["compressed"] is False and info["policy"] == "original"
+    assert info["patch_size"] == [32, 32, 32] and info["outputs"] == 4
+    assert info["params"] > 0 and info["flops"] > 0 and info["weights_bytes"] == 4 * info["params"]
+
+
+def test_compress_then_info(tiny_model, tmp_path):
+    out = tmp_path / "tiny_05"
+    result = run("compress", str(tiny_model), str(out), "--factor", "0.5", "--rank-min", "2")
+    assert result.returncode == 0, result.stderr
+    assert "[  1/" in result.stderr and "encoder.stages.0.0.convs.0.conv" in result.stderr
+    assert "parameters" in result.stdout and "FLOPs/patch" in result.stdout
+    original = json.loads(run("info", str(tiny_model), "--json").stdout)
+    compressed = json.loads(run("info", str(out), "--json").stdout)
+    assert compressed["compressed"] is True
+    assert compressed["policy"] == {"name": "uniform", "params": {"factor": 0.5, "rank_min": 2}}
+    assert compressed["params"] < original["params"] and compressed["flops"] < original["flops"]
+    human = run("info", str(out))
+    assert "Compressed     yes: uniform" in human.stdout and "Parameters" in human.stdout
+
+
+def test_bad_factor_is_a_clear_error_and_writes_nothing(tiny_model, tmp_path):
+    before = tree_digest(tiny_model)
+    for factor in ("0", "1.5", "-0.2"):
+        result = run("compress", str(tiny_model), str(tmp_path / "out"), "--factor", factor)
+        assert result.returncode == 2
+        assert "error: factor must be a number in (0, 1]" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [] and tree_digest(tiny_model) == before
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    result = run("info", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("tuckersegment")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("tuckersegment ")

@@ -1,0 +1,158 @@
+"""Compress a whole network in place: every decomposable layer replaced once, by object identity."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .decomposition import LayerPlan, channel_dims, decompose_conv, factorized_like, is_decomposable, relative_error
+from .errors import RankMismatchError
+from .policies import LayerInfo, RankPolicy
+from .stats import NetworkStats, count_flops, network_stats, trace
+
+Progress = Callable[[int, int, str], None]
+"""Called as ``progress(done, total, layer_name)`` after each layer."""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer in a ``CompressionReport``. FLOPs are ``None`` without an example input."""
+
+    name: str
+    layer_type: str
+    weight_shape: tuple[int, ...]
+    plan: LayerPlan
+    rel_error: float
+    params_before: int
+    params_after: int
+    flops_before: int | None
+    flops_after: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.layer_type, "weight_shape": list(self.weight_shape),
+                **self.plan.to_dict(), "rel_error": self.rel_error,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "flops_before": self.flops_before, "flops_after": self.flops_after}
+
+
+@dataclass
+class CompressionReport:
+    """What ``compress_network`` did: the policy, each layer, and the network before/after."""
+
+    policy: dict[str, Any]
+    layers: list[LayerRecord] = field(default_factory=list)
+    before: NetworkStats | None = None
+    after: NetworkStats | None = None
+    unused_layers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy,
+                "before": self.before.to_dict() if self.before else None,
+                "after": self.after.to_dict() if self.after else None,
+                "unused_layers": self.unused_layers,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    @property
+    def plans(self) -> dict[str, LayerPlan]:
+        return {layer.name: layer.plan for layer in self.layers if layer.plan.form != "dense"}
+
+
+def decomposable_layers(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each decomposable layer once, under its first qualified name (aliases are skipped)."""
+    return [(name, module) for name, module in network.named_modules() if is_decomposable(module)]
+
+
+def replace_modules(network: nn.Module, replacements: Mapping[int, nn.Module]) -> int:
+    """Swap children by identity: every attribute that holds ``old`` now holds ``replacements[id(old)]``.
+
+    Returns the number of attributes rewritten (≥ the number of replaced modules when aliased).
+    """
+    parents = [module for _, module in network.named_modules()]  # each parent once, before any swap
+    rewritten = 0
+    for parent in parents:
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[key] = replacements[id(child)]
+                rewritten += 1
+    return rewritten
+
+
+def _layer_info(name: str, module: nn.Module, input_shape: tuple[int, ...] | None) -> LayerInfo:
+    c_out, c_in = channel_dims(module)
+    flops = count_flops(module, input_shape, module.weight.dtype) if input_shape else None
+    return LayerInfo(name=name, weight=module.weight.detach(), layer_type=type(module).__name__,
+                     c_out=c_out, c_in=c_in, kernel_size=tuple(module.kernel_size),
+                     flops=flops, input_shape=input_shape)
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def compress_network(network: nn.Module, policy: RankPolicy, example_input: torch.Tensor | None = None,
+                     progress: Progress | None = None) -> CompressionReport:
+    """Decompose ``network``'s layers in place as ``policy`` plans and report what changed.
+
+    With ``example_input`` (any device, meta included: only its shape is used) FLOPs are counted
+    and layers that a forward pass never calls (e.g. nnU-Net's deep-supervision heads at
+    inference) stay dense and are listed as unused.
+    """
+    layers = decomposable_layers(network)
+    report = CompressionReport(policy=policy.to_dict())
+    input_shapes: dict[int, tuple[int, ...]] = {}
+    if example_input is not None:
+        report.before = network_stats(network, example_input)
+        probe = trace(network, example_input)
+        input_shapes = probe.input_shapes
+        report.unused_layers = [name for name, module in layers if id(module) not in probe.called]
+        layers = [(name, module) for name, module in layers if id(module) in probe.called]
+    infos = [_layer_info(name, module, input_shapes.get(id(module))) for name, module in layers]
+    plans = policy.plan(infos)
+    replacements: dict[int, nn.Module] = {}
+    for done, ((name, module), info) in enumerate(zip(layers, infos), start=1):
+        plan = plans.get(name, LayerPlan())
+        if plan.form == "dense":
+            new, error, flops_after = module, 0.0, info.flops
+        else:
+            new = decompose_conv(module, plan.rank_out, plan.rank_in)
+            replacements[id(module)] = new
+            error = relative_error(module, new)
+            flops_after = count_flops(new, info.input_shape, module.weight.dtype) if info.input_shape else None
+        report.layers.append(LayerRecord(
+            name=name, layer_type=info.layer_type, weight_shape=tuple(module.weight.shape), plan=plan,
+            rel_error=error, params_before=_param_count(module), params_after=_param_count(new),
+            flops_before=info.flops, flops_after=flops_after))
+        if progress is not None:
+            progress(done, len(layers), name)
+    replace_modules(network, replacements)
+    if example_input is not None:
+        report.after = network_stats(network, example_input)
+    return report
+
+
+def apply_plans(network: nn.Module, plans: Mapping[str, LayerPlan], source: str = "tucker.json") -> None:
+    """Give ``network`` the factorised structure that ``plans`` record, weights uninitialised.
+
+    Used to rebuild a compressed network from its plans before loading its weights. Every named
+    layer must exist, be a convolution and admit the ranks, else ``RankMismatchError``.
+    """
+    replacements: dict[int, nn.Module] = {}
+    for name, plan in plans.items():
+        try:
+            module = network.get_submodule(name)
+        except AttributeError:
+            raise RankMismatchError(f"{source}: layer {name!r} does not exist in the network built from plans.json; "
+                                    "the compressed folder belongs to other plans: compress the model again") from None
+        if not is_decomposable(module):
+            raise RankMismatchError(f"{source}: {name!r} is a {type(module).__name__}, not a convolution, in the "
+                                    "network built from plans.json: compress the model again")
+        c_out, c_in = channel_dims(module)
+        for label, rank, channels in (("rank_out", plan.rank_out, c_out), ("rank_in", plan.rank_in, c_in)):
+            if rank is not None and not 1 <= rank <= channels:
+                raise RankMismatchError(f"{source}: layer {name!r} has {label}={rank} but the plans give it {channels} "
+                                        "channels there; the file does not match plans.json: compress the model again")
+        replacements[id(module)] = factorized_like(module, plan)
+    replace_modules(network, replacements)

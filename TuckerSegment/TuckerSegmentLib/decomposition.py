@@ -1,0 +1,186 @@
+"""Tucker decomposition of one convolution over its two channel modes.
+
+A kernel W of a convolution (Cout, Cin, k...) is factorised as
+``W ≈ core ×_out U_out ×_in U_in`` (Tucker-2, Weber et al. 2024) and executed as three
+convolutions: 1×…×1 Cin→r_in (no bias), the original convolution type r_in→r_out with the
+original geometry (no bias), 1×…×1 r_out→Cout (original bias). Either factor may be omitted
+(one-sided Tucker); a layer with neither factor stays dense.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import tensorly as tl
+import torch
+from tensorly.decomposition import partial_tucker
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .errors import DecompositionError
+
+Form = Literal["dense", "tucker2", "input", "output"]
+
+_POINTWISE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is executed: the rank of each channel factor, ``None`` for no factor."""
+
+    rank_out: int | None = None
+    rank_in: int | None = None
+
+    @property
+    def form(self) -> Form:
+        if self.rank_out is None and self.rank_in is None:
+            return "dense"
+        if self.rank_out is not None and self.rank_in is not None:
+            return "tucker2"
+        return "input" if self.rank_in is not None else "output"
+
+    def to_dict(self) -> dict:
+        return {"form": self.form, "rank_out": self.rank_out, "rank_in": self.rank_in}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerPlan":
+        plan = cls(rank_out=data.get("rank_out"), rank_in=data.get("rank_in"))
+        if "form" in data and data["form"] != plan.form:
+            raise ValueError(f"form {data['form']!r} contradicts ranks {plan.rank_out}/{plan.rank_in}")
+        return plan
+
+
+class TuckerConv(nn.Sequential):
+    """A factorised convolution: ``input_factor`` → ``core`` → ``output_factor`` (factors optional)."""
+
+    @property
+    def plan(self) -> LayerPlan:
+        rank_in = self.input_factor.out_channels if "input_factor" in self._modules else None
+        rank_out = self.output_factor.in_channels if "output_factor" in self._modules else None
+        return LayerPlan(rank_out=rank_out, rank_in=rank_in)
+
+
+def is_decomposable(module: nn.Module) -> bool:
+    """True for convolutions this module can factorise (any dimensionality, plain or transposed)."""
+    return isinstance(module, _ConvNd)
+
+
+def channel_dims(conv: _ConvNd) -> tuple[int, int]:
+    """(Cout, Cin) of a convolution, whatever its weight layout."""
+    return conv.out_channels, conv.in_channels
+
+
+def _modes(conv: _ConvNd) -> tuple[int, int]:
+    """Weight modes holding (output, input) channels: transposed convs store (Cin, Cout, k...)."""
+    return (1, 0) if conv.transposed else (0, 1)
+
+
+def _check(conv: nn.Module, plan: LayerPlan) -> None:
+    if not is_decomposable(conv):
+        raise DecompositionError(f"{type(conv).__name__} is not a convolution; only Conv/ConvTranspose layers decompose")
+    if conv.groups != 1:
+        raise DecompositionError(
+            f"{type(conv).__name__} with groups={conv.groups} has no Tucker-2 channel decomposition "
+            "(grouped/depthwise kernels are block-diagonal over channels); leave it dense")
+    if plan.form == "dense":
+        raise DecompositionError("rank_out and rank_in are both None: nothing to decompose, keep the layer dense")
+    c_out, c_in = channel_dims(conv)
+    for label, rank, channels in (("rank_out", plan.rank_out, c_out), ("rank_in", plan.rank_in, c_in)):
+        if rank is not None and not 1 <= rank <= channels:
+            raise DecompositionError(f"{label}={rank} is outside [1, {channels}] for {type(conv).__name__}"
+                                     f"({c_in}→{c_out})")
+
+
+def factorized_like(conv: _ConvNd, plan: LayerPlan) -> TuckerConv:
+    """The factorised structure for ``conv`` under ``plan``, weights uninitialised (for loading)."""
+    _check(conv, plan)
+    c_out, c_in = channel_dims(conv)
+    dims = len(conv.kernel_size)
+    pointwise = _POINTWISE[dims]
+    kwargs = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+    has_bias = conv.bias is not None
+    core_in = plan.rank_in if plan.rank_in is not None else c_in
+    core_out = plan.rank_out if plan.rank_out is not None else c_out
+    core_kwargs = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                       dilation=conv.dilation, bias=has_bias and plan.rank_out is None,
+                       padding_mode=conv.padding_mode, **kwargs)
+    if conv.transposed:
+        core = type(conv)(core_in, core_out, output_padding=conv.output_padding, **core_kwargs)
+    else:
+        core = type(conv)(core_in, core_out, **core_kwargs)
+    parts: OrderedDict[str, nn.Module] = OrderedDict()
+    if plan.rank_in is not None:
+        parts["input_factor"] = pointwise(c_in, plan.rank_in, 1, bias=False, **kwargs)
+    parts["core"] = core
+    if plan.rank_out is not None:
+        parts["output_factor"] = pointwise(plan.rank_out, c_out, 1, bias=has_bias, **kwargs)
+    return TuckerConv(parts)
+
+
+def tucker_factors(conv: _ConvNd, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Partial Tucker (HOOI, SVD init) of the kernel: (core, U_out (Cout×r_out), U_in (Cin×r_in)).
+
+    The core keeps the weight layout of ``conv`` (transposed convs: input channels first).
+    Computed in float64 with tensorly's numpy backend.
+    """
+    _check(conv, plan)
+    mode_out, mode_in = _modes(conv)
+    requested = sorted((mode, rank) for mode, rank in ((mode_out, plan.rank_out), (mode_in, plan.rank_in))
+                       if rank is not None)  # partial_tucker expects ascending modes
+    modes = [mode for mode, _ in requested]
+    ranks = [rank for _, rank in requested]
+    weight = conv.weight.detach().to("cpu", torch.float64).numpy()
+    with tl.backend_context("numpy"), warnings.catch_warnings():
+        # A rank above what the kernel's other modes allow (e.g. r_in 10 on a 1×1×1 head with r_out 8)
+        # is the paper's rule, not an error: tensorly pads the factor and says so.
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
+        (core, factors), _ = partial_tucker(weight, rank=ranks, modes=modes, init="svd")
+    by_mode = dict(zip(modes, factors))
+    as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return as_tensor(core), as_tensor(by_mode.get(mode_out)), as_tensor(by_mode.get(mode_in))
+
+
+def decompose_conv(conv: _ConvNd, rank_out: int | None, rank_in: int | None) -> TuckerConv:
+    """Tucker-2 (or one-sided, when a rank is ``None``) factorisation of ``conv`` as a ``TuckerConv``.
+
+    At full rank the result computes the same function as ``conv`` up to float rounding.
+    """
+    plan = LayerPlan(rank_out=rank_out, rank_in=rank_in)
+    module = factorized_like(conv, plan)
+    core, u_out, u_in = tucker_factors(conv, plan)
+    dtype = conv.weight.dtype
+    extra = (1,) * len(conv.kernel_size)
+    with torch.no_grad():
+        module.core.weight.copy_(core.to(dtype))
+        if u_in is not None:
+            module.input_factor.weight.copy_(u_in.T.reshape(u_in.shape[1], u_in.shape[0], *extra).to(dtype))
+        if u_out is not None:
+            module.output_factor.weight.copy_(u_out.reshape(*u_out.shape, *extra).to(dtype))
+        if conv.bias is not None:
+            (module.output_factor if u_out is not None else module.core).bias.copy_(conv.bias.detach())
+    return module
+
+
+def reconstruct_weight(module: TuckerConv) -> torch.Tensor:
+    """The dense kernel a ``TuckerConv`` computes, in the layout of its core convolution's type."""
+    core = module.core
+    weight = core.weight.detach().to(torch.float64)
+    mode_out, mode_in = _modes(core)
+    if "input_factor" in module._modules:
+        u_in = module.input_factor.weight.detach().to(torch.float64).flatten(1).T  # Cin × r_in
+        weight = torch.tensordot(weight, u_in, dims=([mode_in], [1])).movedim(-1, mode_in)
+    if "output_factor" in module._modules:
+        u_out = module.output_factor.weight.detach().to(torch.float64).flatten(1)  # Cout × r_out
+        weight = torch.tensordot(weight, u_out, dims=([mode_out], [1])).movedim(-1, mode_out)
+    return weight
+
+
+def relative_error(conv: _ConvNd, module: TuckerConv) -> float:
+    """‖W − Ŵ‖ / ‖W‖ between the original kernel and the factorised one."""
+    original = conv.weight.detach().to(torch.float64)
+    norm = torch.linalg.vector_norm(original).item()
+    diff = torch.linalg.vector_norm(original - reconstruct_weight(module)).item()
+    return diff / norm if norm > 0 else diff

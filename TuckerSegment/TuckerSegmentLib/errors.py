@@ -1,0 +1,29 @@
+"""Errors that TuckerSegment reports to users: each names the problem and the fix."""
+
+
+class TuckerSegmentError(Exception):
+    """Base class for every error meant for the user (CLI prints the message, no traceback)."""
+
+
+class ModelFolderError(TuckerSegmentError):
+    """The folder is not a usable nnU-Net v2 trained model folder."""
+
+
+class CheckpointError(TuckerSegmentError):
+    """A checkpoint or weights file cannot be read or does not fit the architecture."""
+
+
+class RankMismatchError(TuckerSegmentError):
+    """A recorded decomposition (tucker.json) does not fit the network built from the plans."""
+
+
+class PolicyError(TuckerSegmentError):
+    """A rank policy was given invalid parameters."""
+
+
+class DecompositionError(TuckerSegmentError):
+    """A layer cannot be decomposed as requested."""
+
+
+class OutputPathError(TuckerSegmentError):
+    """The output location cannot be written."""
