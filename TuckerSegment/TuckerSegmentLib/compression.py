@@ -11,7 +11,7 @@ from torch import nn
 from .decomposition import LayerPlan, channel_dims, decompose_conv, factorized_like, is_decomposable, relative_error
 from .errors import RankMismatchError
 from .policies import LayerInfo, RankPolicy
-from .stats import NetworkStats, count_flops, network_stats, trace
+from .stats import NetworkStats, count_flops, network_stats, stats_from_trace, trace
 
 Progress = Callable[[int, int, str], None]
 """Called as ``progress(done, total, layer_name)`` after each layer."""
@@ -92,27 +92,51 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@dataclass
+class Survey:
+    """The layers a policy is asked about, and the network's cost before compression."""
+
+    layers: list[tuple[str, nn.Module]]
+    infos: list[LayerInfo]
+    unused_layers: list[str]
+    before: NetworkStats | None
+
+
+def survey(network: nn.Module, example_input: torch.Tensor | None = None) -> Survey:
+    """Every decomposable layer with what a policy may know of it.
+
+    With ``example_input`` (any device, meta included: only its shape is used) each layer's FLOPs
+    and input shape are measured, and layers that a forward pass never calls (e.g. nnU-Net's
+    deep-supervision heads at inference) are set apart as unused.
+    """
+    layers = decomposable_layers(network)
+    before, unused, input_shapes = None, [], {}
+    if example_input is not None:
+        probe = trace(network, example_input)
+        before = stats_from_trace(network, probe, tuple(example_input.shape))
+        input_shapes = probe.input_shapes
+        unused = [name for name, module in layers if id(module) not in probe.called]
+        layers = [(name, module) for name, module in layers if id(module) in probe.called]
+    infos = [_layer_info(name, module, input_shapes.get(id(module))) for name, module in layers]
+    return Survey(layers=layers, infos=infos, unused_layers=unused, before=before)
+
+
+def plan_layers(network: nn.Module, policy: RankPolicy, example_input: torch.Tensor | None = None) -> dict[str, LayerPlan]:
+    """What ``policy`` would do to each layer of ``network``, without decomposing anything."""
+    return policy.plan(survey(network, example_input).infos)
+
+
 def compress_network(network: nn.Module, policy: RankPolicy, example_input: torch.Tensor | None = None,
                      progress: Progress | None = None) -> CompressionReport:
     """Decompose ``network``'s layers in place as ``policy`` plans and report what changed.
 
-    With ``example_input`` (any device, meta included: only its shape is used) FLOPs are counted
-    and layers that a forward pass never calls (e.g. nnU-Net's deep-supervision heads at
-    inference) stay dense and are listed as unused.
+    ``example_input`` is as for ``survey``: with it, FLOPs are reported and unused layers stay dense.
     """
-    layers = decomposable_layers(network)
-    report = CompressionReport(policy=policy.to_dict())
-    input_shapes: dict[int, tuple[int, ...]] = {}
-    if example_input is not None:
-        report.before = network_stats(network, example_input)
-        probe = trace(network, example_input)
-        input_shapes = probe.input_shapes
-        report.unused_layers = [name for name, module in layers if id(module) not in probe.called]
-        layers = [(name, module) for name, module in layers if id(module) in probe.called]
-    infos = [_layer_info(name, module, input_shapes.get(id(module))) for name, module in layers]
-    plans = policy.plan(infos)
+    found = survey(network, example_input)
+    plans = policy.plan(found.infos)
+    report = CompressionReport(policy=policy.to_dict(), before=found.before, unused_layers=found.unused_layers)
     replacements: dict[int, nn.Module] = {}
-    for done, ((name, module), info) in enumerate(zip(layers, infos), start=1):
+    for done, ((name, module), info) in enumerate(zip(found.layers, found.infos), start=1):
         plan = plans.get(name, LayerPlan())
         if plan.form == "dense":
             new, error, flops_after = module, 0.0, info.flops
@@ -126,7 +150,7 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
             rel_error=error, params_before=_param_count(module), params_after=_param_count(new),
             flops_before=info.flops, flops_after=flops_after))
         if progress is not None:
-            progress(done, len(layers), name)
+            progress(done, len(found.layers), name)
     replace_modules(network, replacements)
     if example_input is not None:
         report.after = network_stats(network, example_input)

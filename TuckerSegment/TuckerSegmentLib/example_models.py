@@ -123,21 +123,27 @@ def _training_log(epochs: int, num_classes: int, rng: np.random.Generator) -> di
             "epoch_end_timestamps": [start + e + 0.5 for e in range(epochs)]}
 
 
+def example_model(name: str, old_format: bool = False, root: Path = Path()) -> ModelFolder:
+    """``EXAMPLE_SPECS[name]`` as a ``ModelFolder`` held in memory (plans only, nothing on disk)."""
+    spec = EXAMPLE_SPECS[name]
+    folder = root / spec.dataset_name / f"{TRAINER}__{PLANS_NAME}__{CONFIGURATION}"
+    return ModelFolder(path=folder, plans=example_plans(spec, old_format), dataset_json=example_dataset_json(spec),
+                       configuration=CONFIGURATION)
+
+
 def write_example_model(root: str | Path, name: str = "tiny", seed: int = 0, folds: tuple[int, ...] = (0,),
                         old_format: bool = False) -> Path:
     """Write ``root/<dataset>/<trainer>__nnUNetPlans__3d_fullres`` for ``EXAMPLE_SPECS[name]``; return it."""
     spec = EXAMPLE_SPECS[name]
-    folder = Path(root) / spec.dataset_name / f"{TRAINER}__{PLANS_NAME}__{CONFIGURATION}"
+    model = example_model(name, old_format, Path(root))
+    folder = model.path
     folder.mkdir(parents=True, exist_ok=True)
-    plans = example_plans(spec, old_format)
-    dataset_json = example_dataset_json(spec)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=4))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=4))
+    (folder / "plans.json").write_text(json.dumps(model.plans, indent=4))
+    (folder / "dataset.json").write_text(json.dumps(model.dataset_json, indent=4))
     rng = np.random.default_rng(seed)
     for fold in folds:
         torch.manual_seed(seed + fold)
         (folder / fold_dir_name(fold)).mkdir(exist_ok=True)
-        model = ModelFolder(path=folder, plans=plans, dataset_json=dataset_json, configuration=CONFIGURATION)
         network = model.build_network()
         network.apply(network.initialize)  # nnU-Net's He initialisation
         optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True)
@@ -145,8 +151,8 @@ def write_example_model(root: str | Path, name: str = "tiny", seed: int = 0, fol
             "network_weights": network.state_dict(), "optimizer_state": optimizer.state_dict(),
             "grad_scaler_state": None, "logging": _training_log(3, spec.num_foreground, rng),
             "_best_ema": np.float64(0.8), "current_epoch": 3,
-            "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": fold,
-                          "dataset_json": dataset_json, "device": torch.device("cpu")},
+            "init_args": {"plans": model.plans, "configuration": CONFIGURATION, "fold": fold,
+                          "dataset_json": model.dataset_json, "device": torch.device("cpu")},
             "trainer_name": TRAINER, "inference_allowed_mirroring_axes": None,
         }
         torch.save(checkpoint, folder / fold_dir_name(fold) / CHECKPOINT_NAME)

@@ -95,11 +95,15 @@ def inference_parameters(module: nn.Module, called: set[int]) -> list[torch.Tens
     return list(unique.values())
 
 
-def network_stats(network: nn.Module, example_input: torch.Tensor) -> NetworkStats:
-    """Parameters and weight bytes used in inference, and FLOPs of one forward of ``example_input``."""
-    result = trace(network, example_input)
+def stats_from_trace(network: nn.Module, result: Trace, input_shape: tuple[int, ...]) -> NetworkStats:
+    """``NetworkStats`` of ``network`` from a ``trace`` of it on an input of ``input_shape``."""
     params = inference_parameters(network, result.called)
     buffers = {id(b): b for sub in network.modules() if id(sub) in result.called for b in sub.buffers(recurse=False)}
     weight_bytes = sum(t.numel() * t.element_size() for t in (*params, *buffers.values()))
     return NetworkStats(params=sum(p.numel() for p in params), flops=result.flops,
-                        weight_bytes=weight_bytes, input_shape=tuple(example_input.shape))
+                        weight_bytes=weight_bytes, input_shape=input_shape)
+
+
+def network_stats(network: nn.Module, example_input: torch.Tensor) -> NetworkStats:
+    """Parameters and weight bytes used in inference, and FLOPs of one forward of ``example_input``."""
+    return stats_from_trace(network, trace(network, example_input), tuple(example_input.shape))
