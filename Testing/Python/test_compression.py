@@ -149,3 +149,16 @@ def test_policies_see_every_layer_at_once(tiny_network):
     stem = seen[0]
     assert (stem.c_in, stem.c_out, stem.kernel_size, stem.input_shape) == (1, 8, (3, 3, 3), (1, 1, 32, 32, 32))
     assert stem.flops == 2 * 8 * 1 * 27 * 32 ** 3
+
+
+def test_plans_for_unknown_layers_are_refused():
+    class Typo(UniformPolicy):
+        name = "test-typo"
+
+        def plan(self, layers, calibration=None):
+            return {"not.a.layer": super().plan(layers)[layers[0].name]}
+
+    network = nn.Sequential(nn.Conv3d(8, 8, 3))
+    with pytest.raises(PolicyError, match="not.a.layer"):
+        compress_network(network, Typo(0.5))
+    assert isinstance(network[0], nn.Conv3d)

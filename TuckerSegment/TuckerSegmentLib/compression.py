@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .decomposition import LayerPlan, channel_dims, decompose_conv, factorized_like, is_decomposable, relative_error
-from .errors import RankMismatchError
+from .errors import PolicyError, RankMismatchError
 from .policies import LayerInfo, RankPolicy
 from .stats import NetworkStats, count_flops, network_stats, stats_from_trace, trace
 
@@ -134,6 +134,10 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
     """
     found = survey(network, example_input)
     plans = policy.plan(found.infos)
+    unknown = sorted(set(plans) - {name for name, _ in found.layers})
+    if unknown:
+        raise PolicyError(f"{policy!r} planned layers that are not decomposable layers of this network: "
+                          f"{', '.join(unknown[:3])}")
     report = CompressionReport(policy=policy.to_dict(), before=found.before, unused_layers=found.unused_layers)
     replacements: dict[int, nn.Module] = {}
     for done, ((name, module), info) in enumerate(zip(found.layers, found.infos), start=1):

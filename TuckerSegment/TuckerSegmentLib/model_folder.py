@@ -140,9 +140,8 @@ class ModelFolder:
     @property
     def folds(self) -> list[str]:
         """Fold names (``"0"``, ``"all"`` …) that hold a checkpoint or a compressed decomposition."""
-        found = [p.name.removeprefix("fold_") for p in sorted(self.path.glob("fold_*"))
-                 if (p / CHECKPOINT_NAME).is_file() or (p / TUCKER_JSON).is_file()]
-        return found
+        return [p.name.removeprefix("fold_") for p in sorted(self.path.glob("fold_*"))
+                if (p / CHECKPOINT_NAME).is_file() or (p / TUCKER_JSON).is_file()]
 
     @property
     def compressed(self) -> bool:
