@@ -140,7 +140,7 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
                           f"{', '.join(unknown[:3])}")
     report = CompressionReport(policy=policy.to_dict(), before=found.before, unused_layers=found.unused_layers)
     replacements: dict[int, nn.Module] = {}
-    for done, ((name, module), info) in enumerate(zip(found.layers, found.infos), start=1):
+    for done, ((name, module), info) in enumerate(zip(found.layers, found.infos, strict=True), start=1):
         plan = plans.get(name, LayerPlan())
         if plan.form == "dense":
             new, error, flops_after = module, 0.0, info.flops

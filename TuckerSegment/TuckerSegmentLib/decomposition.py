@@ -46,7 +46,7 @@ class LayerPlan:
         return {"form": self.form, "rank_out": self.rank_out, "rank_in": self.rank_in}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LayerPlan":
+    def from_dict(cls, data: dict) -> LayerPlan:
         plan = cls(rank_out=data.get("rank_out"), rank_in=data.get("rank_in"))
         if "form" in data and data["form"] != plan.form:
             raise ValueError(f"form {data['form']!r} contradicts ranks {plan.rank_out}/{plan.rank_in}")
@@ -138,7 +138,7 @@ def tucker_factors(conv: _ConvNd, plan: LayerPlan) -> tuple[torch.Tensor, torch.
         # is the paper's rule, not an error: tensorly pads the factor and says so.
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
         (core, factors), _ = partial_tucker(weight, rank=ranks, modes=modes, init="svd")
-    by_mode = dict(zip(modes, factors))
+    by_mode = dict(zip(modes, factors, strict=True))
     as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return as_tensor(core), as_tensor(by_mode.get(mode_out)), as_tensor(by_mode.get(mode_in))
 

@@ -70,7 +70,7 @@ class ModelFolder:
     configuration: str
 
     @classmethod
-    def open(cls, path: str | Path, configuration: str | None = None) -> "ModelFolder":
+    def open(cls, path: str | Path, configuration: str | None = None) -> ModelFolder:
         folder = _locate(Path(path).expanduser().resolve())
         if not (folder / "dataset.json").is_file():
             raise ModelFolderError(f"{folder} has plans.json but no dataset.json; {LAYOUT_HINT}")

@@ -41,7 +41,7 @@ class RankPolicy(ABC):
     """Decides a ``LayerPlan`` for every layer. Subclasses set ``name`` and implement ``plan``."""
 
     name: ClassVar[str]
-    _registry: ClassVar[dict[str, type["RankPolicy"]]] = {}
+    _registry: ClassVar[dict[str, type[RankPolicy]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -64,7 +64,7 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
     """
     result = Trace(flops=0)
     shadow = meta_copy(module)
-    original_id = {id(m): id(o) for m, o in zip(shadow.modules(), module.modules())}
+    original_id = {id(m): id(o) for m, o in zip(shadow.modules(), module.modules(), strict=True)}
 
     def hook(mod: nn.Module, args: tuple) -> None:
         key = original_id[id(mod)]
