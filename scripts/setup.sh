@@ -18,7 +18,7 @@ digest="$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$digest" ]]; then
     exit 0
 fi
-echo "setup: installing pinned dependencies into .venv (torch 2.13.0 CPU build; a few minutes the first time)" >&2
+echo "setup: installing pinned dependencies into .venv (torch 2.13.0, nnU-Net v2, tensorly; a few minutes the first time)" >&2
 # One pip command with the constraints file: torch stays the 2.13.0 CPU wheel (never a multi-GB CUDA build).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c requirements/constraints.txt "${req[@]}" -e .

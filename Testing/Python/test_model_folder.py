@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import tree_digest
-from TuckerSegmentLib import ModelFolder, TuckerConv, UniformPolicy, compress_model_folder, compress_network, load_network
+from TuckerSegmentLib import (ModelFolder, TuckerConv, UniformPolicy, compress_model_folder, compress_network, describe_model,
+                              load_network)
 from TuckerSegmentLib.checkpoint import load_checkpoint
 from TuckerSegmentLib.errors import CheckpointError, ModelFolderError, OutputPathError, RankMismatchError
 from TuckerSegmentLib.example_models import write_example_model
@@ -183,6 +184,15 @@ def test_inconsistent_tucker_json_is_refused(tiny_compressed, tmp_path, edit, er
     folder = _copy(tiny_compressed, tmp_path)
     _edit_record(folder, edit)
     with pytest.raises(error, match=message):
+        load_network(folder, 0)
+
+
+def test_missing_weights_file_is_named(tiny_compressed, tmp_path):
+    folder = _copy(tiny_compressed, tmp_path)
+    (folder / "fold_0" / "weights.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="weights.safetensors is missing"):
+        describe_model(folder)
+    with pytest.raises(CheckpointError, match="weights.safetensors is missing"):
         load_network(folder, 0)
 
 

@@ -70,6 +70,8 @@ def describe_model(folder: str | Path, fold: Fold | None = None, configuration: 
     compressed = model.is_compressed_fold(fold)
     record = model.tucker_record(fold) if compressed else None
     weights_file = model.fold_path(fold) / (WEIGHTS_FILE if compressed else model.checkpoint_path(fold).name)
+    if not weights_file.is_file():
+        raise ModelFolderError(f"{weights_file} is missing: the model folder is incomplete; compress the model again")
     return {
         "path": str(model.path),
         "configuration": model.configuration,
