@@ -11,7 +11,7 @@ from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import sha256_file
 from .compression import CompressionReport, Progress, compress_network
 from .errors import ModelFolderError
-from .model_folder import Fold, ModelFolder, fold_dir_name, load_original_weights
+from .model_folder import Fold, ModelFolder, fold_dir_name
 from .policies import RankPolicy
 from .stats import FLOP_CONVENTION, network_stats
 from .tucker_format import TUCKER_JSON, WEIGHTS_FILE, save_weights, write_tucker_json
@@ -37,9 +37,7 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
             if (model.path / name).is_file():
                 shutil.copy2(model.path / name, staging / name)
         for fold in fold_names:
-            checkpoint = model.load_checkpoint(fold, trust)
-            network = model.build_network()
-            load_original_weights(network, checkpoint["network_weights"], model.checkpoint_path(fold))
+            network, checkpoint = model.load_original(fold, trust)
             report = compress_network(network, policy, model.example_input(), progress=progress)
             fold_dir = staging / fold_dir_name(fold)
             fold_dir.mkdir()

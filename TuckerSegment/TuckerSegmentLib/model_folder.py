@@ -191,14 +191,19 @@ class ModelFolder:
         apply_plans(network, layer_plans(record), source=str(self.fold_path(fold) / TUCKER_JSON))
         return network, record
 
+    def load_original(self, fold: Fold, trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+        """The eval-mode network of an original fold and its checkpoint (for the training metadata)."""
+        checkpoint = self.load_checkpoint(fold, trust)
+        network = self.build_network()
+        load_original_weights(network, checkpoint["network_weights"], self.checkpoint_path(fold))
+        return network.eval(), checkpoint
+
     def load_network(self, fold: Fold = 0, trust: bool = False) -> nn.Module:
         """The ready, eval-mode network of ``fold`` on the CPU, original or compressed."""
+        if not self.is_compressed_fold(fold):
+            return self.load_original(fold, trust)[0]
         network, record = self._structure(fold)
-        if record is not None:
-            load_weights(network, self.fold_path(fold) / WEIGHTS_FILE, record.get("weights_sha256"))
-        else:
-            load_original_weights(network, self.load_checkpoint(fold, trust)["network_weights"],
-                                  self.checkpoint_path(fold))
+        load_weights(network, self.fold_path(fold) / WEIGHTS_FILE, record.get("weights_sha256"))
         return network.eval()
 
 
