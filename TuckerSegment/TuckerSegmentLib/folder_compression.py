@@ -63,10 +63,9 @@ def describe_model(folder: str | Path, fold: Fold | None = None, configuration: 
     """Size and cost of a model folder's fold (default: its first), from its structure alone."""
     model = ModelFolder.open(folder, configuration)
     fold = str(fold) if fold is not None else model.folds[0]
-    network = model.fold_structure(fold)
+    network, record = model.fold_structure(fold)
     stats = network_stats(network, model.example_input())
-    compressed = model.is_compressed_fold(fold)
-    record = model.tucker_record(fold) if compressed else None
+    compressed = record is not None
     weights_file = model.fold_path(fold) / (WEIGHTS_FILE if compressed else model.checkpoint_path(fold).name)
     if not weights_file.is_file():
         raise ModelFolderError(f"{weights_file} is missing: the model folder is incomplete; compress the model again")

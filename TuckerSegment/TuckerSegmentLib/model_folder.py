@@ -178,11 +178,9 @@ class ModelFolder:
         self._require_fold(fold)
         return load_checkpoint(self.checkpoint_path(fold), trust=trust)
 
-    def fold_structure(self, fold: Fold) -> nn.Module:
-        """The network of ``fold`` with its factorised layers in place, weights not loaded."""
-        return self._structure(fold)[0]
-
-    def _structure(self, fold: Fold) -> tuple[nn.Module, dict[str, Any] | None]:
+    def fold_structure(self, fold: Fold) -> tuple[nn.Module, dict[str, Any] | None]:
+        """The network of ``fold`` with its factorised layers in place (weights not loaded), and its
+        ``tucker.json`` record (``None`` for an original fold)."""
         self._require_fold(fold)
         network = self.build_network()
         if not self.is_compressed_fold(fold):
@@ -202,7 +200,7 @@ class ModelFolder:
         """The ready, eval-mode network of ``fold`` on the CPU, original or compressed."""
         if not self.is_compressed_fold(fold):
             return self.load_original(fold, trust)[0]
-        network, record = self._structure(fold)
+        network, record = self.fold_structure(fold)
         load_weights(network, self.fold_path(fold) / WEIGHTS_FILE, record.get("weights_sha256"))
         return network.eval()
 
