@@ -56,3 +56,37 @@ def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_output_file(target: Path, protected: tuple[Path, ...] = ()) -> Path:
+    """Resolve an output file path and refuse, before any work, one that cannot be written or is an input."""
+    target = Path(target).expanduser().resolve()
+    if any(target == p.expanduser().resolve() for p in protected):
+        raise OutputPathError(f"output {target} is one of the inputs; choose another output name")
+    if target.is_dir():
+        raise OutputPathError(f"output {target} is a folder; give a file name (.seg.nrrd or .nii.gz)")
+    if not target.parent.is_dir():
+        raise OutputPathError(f"cannot write {target}: its folder {target.parent} does not exist; create it first")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {target}: no write permission in {target.parent}; choose a writable location")
+    return target
+
+
+@contextmanager
+def atomic_output_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` (same suffixes); on success it replaces ``target``."""
+    target = check_output_file(target)
+    suffix = "".join(target.suffixes[-2:])
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write in {target.parent} ({exc.strerror}); choose a writable location") from exc
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        os.chmod(staging, 0o644)
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise

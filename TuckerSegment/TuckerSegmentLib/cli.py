@@ -4,15 +4,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .compression import CompressionReport
+from .devices import DEVICE_CHOICES
 from .errors import TuckerSegmentError
 from .folder_compression import compress_model_folder, describe_model
+from .inference import Segmenter
+from .label_output import plan_outputs, write_result
+from .models import choose_model
 from .policies import UniformPolicy
 from .stats import FLOP_CONVENTION
+from .volume import IntensityWarning
 
 
 def _fold(text: str) -> int | str:
@@ -90,6 +96,50 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    if len(args.paths) < 2:
+        raise TuckerSegmentError("segment needs INPUT... OUTPUT: at least one CT volume and an output "
+                                 "(.seg.nrrd, .nii.gz, or a folder for several inputs)")
+    jobs = plan_outputs(args.paths[:-1], args.paths[-1], args.format)
+    choice = choose_model(args.model)
+    print(f"model: {choice.id} ({choice.reason})", file=sys.stderr)
+    segmenter = Segmenter(choice.path, fold=args.fold, device=args.device, tile_step=args.tile_step,
+                          mirroring=args.mirroring)
+    if args.subset:
+        segmenter.label_value(args.subset)  # unknown names fail before any volume is read
+    failures = 0
+    for source, target in jobs:
+        progress = None if args.quiet else _segment_progress(source.name)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", IntensityWarning)
+                result = segmenter.segment(source, progress=progress, subset=args.subset)
+            for warning in caught:
+                print(f"tuckersegment: warning: {warning.message}", file=sys.stderr)
+            write_result(result, target)
+        except TuckerSegmentError as exc:
+            failures += 1
+            print(f"tuckersegment: error: {source}: {exc}", file=sys.stderr)
+            continue
+        found = result.found()
+        print(f"{source} -> {target}: {len(found)}/{len(result.segments)} structures, {result.seconds:.1f} s "
+              f"on {result.device} ({choice.id})")
+    if failures and len(jobs) > 1:
+        print(f"tuckersegment: {failures} of {len(jobs)} inputs failed; the others were written", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def _segment_progress(label: str):
+    last = [-1]
+
+    def report(fraction: float, message: str) -> None:
+        decile = int(fraction * 10)
+        if decile != last[0]:
+            last[0] = decile
+            print(f"{label}: {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuckersegment", description="Tucker-compressed nnU-Net segmentation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -116,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--configuration", help="plans configuration (default: from the folder name)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_info)
+
+    segment = commands.add_parser("segment", help="segment CT volumes (NIfTI or NRRD) into labelled structures",
+                                  description="Segment one or more CT volumes. With several inputs, OUTPUT is a "
+                                              "folder and the model is loaded once for all of them.")
+    segment.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
+                         help="CT volume(s), then the output: .seg.nrrd (Slicer segmentation with names, colours, "
+                              "terminology), .nii.gz label map, or a folder")
+    segment.add_argument("--model", default="auto",
+                         help="model folder, bundled model id, or auto (default: TotalSegmentator weights when "
+                              "installed, else the bundled demo model)")
+    segment.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="inference device (default auto)")
+    segment.add_argument("--subset", nargs="+", metavar="NAME", help="keep only these structures")
+    segment.add_argument("--format", choices=("seg.nrrd", "nii.gz"), default="seg.nrrd",
+                         help="file format when OUTPUT is a folder (default seg.nrrd)")
+    segment.add_argument("--fold", type=_fold, help="fold to use (default: the first available)")
+    segment.add_argument("--tile-step", type=float, default=0.8,
+                         help="sliding-window step as a fraction of the patch (default 0.8, as TotalSegmentator)")
+    segment.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower; off by default)")
+    segment.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    segment.set_defaults(func=_segment)
     return parser
 
 

@@ -27,3 +27,11 @@ class DecompositionError(TuckerSegmentError):
 
 class OutputPathError(TuckerSegmentError):
     """The output location cannot be written."""
+
+
+class VolumeError(TuckerSegmentError):
+    """The input image cannot be segmented (not 3D, empty, not finite, unreadable)."""
+
+
+class SegmentationCancelled(TuckerSegmentError):
+    """The user cancelled a running segmentation; nothing was written."""

@@ -11,12 +11,13 @@ from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import sha256_file
 from .compression import CompressionReport, Progress, compress_network
 from .errors import ModelFolderError
+from .labels import TERMINOLOGY_CSV
 from .model_folder import Fold, ModelFolder, fold_dir_name
 from .policies import RankPolicy
 from .stats import FLOP_CONVENTION, network_stats
 from .tucker_format import TUCKER_JSON, WEIGHTS_FILE, save_weights, write_tucker_json
 
-COPIED_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+COPIED_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", TERMINOLOGY_CSV)
 
 
 def compress_model_folder(source: str | Path, output: str | Path, policy: RankPolicy, folds: Sequence[Fold] = (0,),

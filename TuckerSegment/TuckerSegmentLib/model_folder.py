@@ -40,14 +40,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _locate(path: Path) -> Path:
-    """The folder holding plans.json: ``path`` itself, or its only trainer subfolder."""
+    """The folder holding plans.json: ``path`` itself, its only trainer subfolder, or the only trainer
+    folder of its only dataset (an nnU-Net results folder holding one model)."""
     if not path.exists():
         raise ModelFolderError(f"model folder {path} does not exist; {LAYOUT_HINT}")
     if not path.is_dir():
         raise ModelFolderError(f"{path} is a file, not a model folder; {LAYOUT_HINT}")
     if (path / "plans.json").is_file():
         return path
-    candidates = sorted(p.parent for p in path.glob("*/plans.json"))
+    candidates = sorted(p.parent for p in path.glob("*/plans.json")) or sorted(p.parent for p in path.glob("*/*/plans.json"))
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
