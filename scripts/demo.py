@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Demo: compress a model with TotalSegmentator's Dataset291 architecture, as a user would, with the CLI.
+"""Demo: segment the bundled sample chest CT with the auto-chosen model, as a user would.
 
-TotalSegmentator's weights are not bundled (and may not be downloadable here), so the demo writes an
-nnU-Net v2 model folder with that exact architecture and random weights into .cache/demo/, then runs
-``tuckersegment info`` and ``tuckersegment compress --factor 0.5`` on it.
+1. ``tuckersegment segment CTChest4.nrrd demo_output/chest.seg.nrrd`` (model ``auto``: the choice and
+   its reason are printed) and a PNG overlay of a few slices of the result.
+2. The original demo model and each bundled compressed variant on the same CT, side by side:
+   device, seconds, structures found, agreement with the original (mean Dice over structures).
+3. ``tuckersegment compress`` of the bundled original and ``info`` of the result.
+Outputs go to ``demo_output/``.
 """
 from __future__ import annotations
 
@@ -12,10 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from TuckerSegmentLib.example_models import write_example_model
+import numpy as np
+import slicerio
+
+from TuckerSegmentLib.demo_data import SAMPLE_CT
+from TuckerSegmentLib.inference import Segmenter
+from TuckerSegmentLib.models import bundled_models, choose_model
+from TuckerSegmentLib.overlay import write_overlay_png
+from TuckerSegmentLib.volume import read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / ".cache" / "demo"
+OUT = ROOT / "demo_output"
 
 
 def tuckersegment(*args: str) -> None:
@@ -24,14 +34,43 @@ def tuckersegment(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def mean_dice(a: np.ndarray, b: np.ndarray, values: list[int]) -> float:
+    scores = [2 * np.sum((a == v) & (b == v)) / total for v in values if (total := np.sum(a == v) + np.sum(b == v))]
+    return float(np.mean(scores)) if scores else 1.0
+
+
 def main() -> None:
-    if WORK.exists():
-        shutil.rmtree(WORK)
-    print(f"writing a Dataset291-architecture model folder (random weights) under {WORK}", flush=True)
-    source = write_example_model(WORK, "Dataset291")
-    compressed = WORK / "Dataset291_uniform_0.5"
-    tuckersegment("info", str(source))
-    tuckersegment("compress", str(source), str(compressed), "--factor", "0.5", "--rank-min", "8", "--quiet")
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir()
+    sample = slicerio.get_testdata_file(SAMPLE_CT)
+    output = OUT / "chest.seg.nrrd"
+    tuckersegment("segment", sample, str(output), "--quiet")
+
+    choice = choose_model("auto")
+    ct = read_volume(sample)
+    rows, original = [], None
+    for entry in bundled_models():
+        segmenter = Segmenter(entry["path"], device="auto")
+        segmenter.segment(ct)  # warm-up
+        result = segmenter.segment(ct)
+        values = [s.value for s in result.segments]
+        if original is None:
+            original = result.labels
+        rows.append((entry["id"] + (" (auto)" if entry["id"] == choice.id else ""), result.device,
+                     f"{result.seconds:.2f}", f"{len(result.found())}/{len(result.segments)}",
+                     f"{entry['params'] / 1e6:.2f} M", f"{mean_dice(result.labels, original, values):.3f}"))
+        if entry["id"] == choice.id:
+            png = write_overlay_png(ct, result, OUT / "chest_overlay.png")
+    header = ("variant", "device", "seconds", "found", "params", "Dice vs original")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print("\nThe bundled models on the same CT (second run of each; the first warms up):")
+    for row in [header, *rows]:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(f"\nwrote {output} (open it in 3D Slicer with {sample}) and {png}")
+
+    compressed = OUT / "chest-demo-tucker-0.4"
+    original_dir = next(e["path"] for e in bundled_models() if e["policy"] == "original")
+    tuckersegment("compress", str(original_dir), str(compressed), "--factor", "0.4", "--quiet")
     tuckersegment("info", str(compressed))
 
 

@@ -6,7 +6,8 @@ in which every structure appears. The loss ignores held-out voxels; the network 
 intensities as context, never their labels. Geometry and normalisation are nnU-Net's: the image is
 reoriented to canonical RAS (as TotalSegmentator trains), kept at its own spacing (10 × 3.05 × 3.05
 mm, z y x) and normalised with nnU-Net's CTNormalization using foreground statistics of the
-training half. No mirroring (left and right lung are different classes).
+training half. Patches span whole slices; augmentation: rotation about S, in-plane scaling,
+intensity jitter. No mirroring (left and right lung are different classes).
 
 Writes an nnU-Net results folder with nnU-Net's checkpoint entries (interoperable with nnU-Net's
 predictor; no optimizer state, to stay small):
@@ -26,21 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from TuckerSegmentLib.demo_data import chest_sample, holdout_mask
-from TuckerSegmentLib.example_models import CONFIGURATION, PLANS_NAME, TRAINER
+from TuckerSegmentLib.example_models import CONFIGURATION, NNUNET_RESAMPLING, PLANS_NAME, TRAINER
 from TuckerSegmentLib.geometry import to_canonical
 from TuckerSegmentLib.labels import TERMINOLOGY_COLUMNS, TERMINOLOGY_CSV, terminology_row
 from TuckerSegmentLib.model_folder import CHECKPOINT_NAME, ModelFolder
 
 DATASET = "Dataset901_ChestDemo"
 FEATURES = (16, 32, 64, 96)
-KERNELS = ([1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3])
+KERNELS = ([1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3])
 STRIDES = ([1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2])
-PATCH = (32, 64, 64)
+PATCH = (16, 128, 128)  # whole slices: left and right lung are told apart by their place in the body
 BATCH = 2
 
 
@@ -60,17 +62,10 @@ def plans(spacing: list[float], properties: dict[str, float], shape: list[int]) 
             "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
             "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
             "nonlin_kwargs": {"inplace": True}}
-    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                         "force_separate_z": None}}
     configuration = {"data_identifier": f"{PLANS_NAME}_{CONFIGURATION}", "preprocessor_name": "DefaultPreprocessor",
                      "batch_size": BATCH, "patch_size": list(PATCH), "median_image_size_in_voxels": shape,
                      "spacing": spacing, "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-                     **resampling, "batch_dice": True,
+                     **NNUNET_RESAMPLING, "batch_dice": True,
                      "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                                       "arch_kwargs": arch,
                                       "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
@@ -82,11 +77,18 @@ def plans(spacing: list[float], properties: dict[str, float], shape: list[int]) 
 
 
 def random_patch(image: torch.Tensor, target: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = [int(rng.integers(0, max(1, n - p) + 1)) for n, p in zip(image.shape, PATCH, strict=True)]
+    """A random patch, rotated about S (±12°) and scaled in-plane (0.85-1.15), with intensity jitter."""
+    angle, scale = np.radians(rng.uniform(-12, 12)), rng.uniform(0.85, 1.15)
+    c, s = np.cos(angle) / scale, np.sin(angle) / scale
+    theta = torch.tensor([[[c, -s, 0.0, 0.0], [s, c, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]], dtype=torch.float32)  # x y z
+    grid = functional.affine_grid(theta, [1, 1, *image.shape], align_corners=False)
+    image = functional.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+    target = functional.grid_sample(target[None, None].float(), grid, mode="nearest", padding_mode="border",
+                                    align_corners=False)[0, 0].long()
+    starts = [int(rng.integers(0, max(0, n - p) + 1)) for n, p in zip(image.shape, PATCH, strict=True)]
     index = tuple(slice(s, s + p) for s, p in zip(starts, PATCH, strict=True))
-    patch = image[index].clone()
-    patch = patch * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.1))  # intensity jitter
-    patch += torch.randn_like(patch) * float(rng.uniform(0, 0.1))
+    patch = image[index] * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.1))
+    patch = patch + torch.randn_like(patch) * float(rng.uniform(0, 0.1))
     return patch, target[index]
 
 

@@ -55,3 +55,49 @@ def test_console_script_is_installed():
     script = Path(sys.executable).with_name("tuckersegment")
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("tuckersegment ")
+
+
+def write_ct(path: Path, shape=(16, 32, 30), seed=0) -> Path:
+    import numpy as np
+    import SimpleITK as sitk
+    rng = np.random.default_rng(seed)
+    array = np.full(shape, -1000.0, np.float32)
+    array[:, 6:26, 5:25] = 40 + rng.normal(0, 20, (shape[0], 20, 20))
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((3.0, 3.0, 3.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_segment_a_batch_into_a_folder_with_one_model_load(tiny_model, tmp_path):
+    inputs = [write_ct(tmp_path / "a.nii.gz"), write_ct(tmp_path / "b.nrrd", seed=1)]
+    out = tmp_path / "labels"
+    result = run("segment", *map(str, inputs), str(out), "--model", str(tiny_model), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "b.seg.nrrd"]
+    assert result.stderr.count("model: ") == 1 and "model folder named on the command line" in result.stderr
+    assert "a.nii.gz ->" in result.stdout and "structures" in result.stdout and "on cpu" in result.stdout
+    assert "100% done" in result.stderr  # progress per volume
+
+
+def test_segment_batch_reports_a_bad_input_and_writes_the_others(tiny_model, tmp_path):
+    good = write_ct(tmp_path / "good.nii.gz")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "labels"
+    result = run("segment", str(good), str(bad), str(out), "--model", str(tiny_model), "--format", "nii.gz")
+    assert result.returncode == 2
+    assert "bad.nii.gz: cannot read" in result.stderr and "1 of 2 inputs failed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
+
+
+def test_segment_refuses_bad_arguments_before_loading_a_model(tmp_path):
+    ct = write_ct(tmp_path / "ct.nii.gz")
+    for args, message in ((["segment", str(ct)], "at least one CT volume and an output"),
+                          (["segment", str(ct), str(tmp_path / "out.txt.gz")], "cannot tell the output format"),
+                          (["segment", str(ct), str(tmp_path / "x.seg.nrrd"), "--model", str(tmp_path / "none")],
+                           "no such folder and no bundled model")):
+        result = run(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]

@@ -67,20 +67,25 @@ def _ct_intensity_properties() -> dict[str, float]:
             "percentile_00_5": -965.0, "percentile_99_5": 1480.0, "std": 353.0}
 
 
+# nnU-Net's default resampling entries of a plans configuration (3rd-order data, separate z when anisotropic).
+NNUNET_RESAMPLING: dict[str, Any] = {
+    "resampling_fn_data": "resample_data_or_seg_to_shape",
+    "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_seg": "resample_data_or_seg_to_shape",
+    "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+    "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+}
+
+
 def example_plans(spec: UNetSpec, old_format: bool = False) -> dict[str, Any]:
     """nnU-Net v2 plans for ``spec``; ``old_format`` writes the pre-2.3 layout (UNet_class_name …)."""
-    resample = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                       "force_separate_z": None}}
     config: dict[str, Any] = {
         "data_identifier": f"{PLANS_NAME}_{CONFIGURATION}", "preprocessor_name": "DefaultPreprocessor",
         "batch_size": 2, "patch_size": list(spec.patch_size),
         "median_image_size_in_voxels": [2 * s for s in spec.patch_size], "spacing": list(spec.spacing),
-        "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False], **resample, "batch_dice": False,
+        "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False], **NNUNET_RESAMPLING,
+        "batch_dice": False,
     }
     kwargs = spec.arch_kwargs()
     if old_format:

@@ -69,11 +69,11 @@ class _Predictor(nnUNetPredictor):
         self.on_tile: Callable[[int, int], None] | None = None
         self.cancel: Cancel | None = None
         self.cancelled = False
-        self._tiles_total = self._tiles_done = 0
+        self.tiles_total = self._tiles_done = 0
 
     def _internal_get_sliding_window_slicers(self, image_size):
         slicers = super()._internal_get_sliding_window_slicers(image_size)
-        self._tiles_total, self._tiles_done = len(slicers), 0
+        self.tiles_total, self._tiles_done = len(slicers), 0
         return slicers
 
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class _Predictor(nnUNetPredictor):
         prediction = super()._internal_maybe_mirror_and_predict(x)
         self._tiles_done += 1
         if self.on_tile is not None:
-            self.on_tile(self._tiles_done, self._tiles_total)
+            self.on_tile(self._tiles_done, self.tiles_total)
         return prediction
 
 
@@ -173,7 +173,8 @@ class Segmenter:
         parts = max(1, int(np.ceil(image.size / self.max_voxels)))
         slab_overlap = SLAB_OVERLAP if parts > 1 else 0
         slabs = _slabs(image.shape[0], min(parts, image.shape[0]), slab_overlap)
-        labels = np.zeros(image.shape, dtype=np.uint8 if len(self.segments) < 255 else np.uint16)
+        largest = max((s.value for s in self.segments), default=0)
+        labels = np.zeros(image.shape, dtype=np.uint8 if largest < 256 else np.uint16)
         predictor, tiles = self._predictor, 0
         predictor.cancel, predictor.cancelled = cancel, False
         for index, (a, b, keep_a, keep_b) in enumerate(slabs):
@@ -188,6 +189,6 @@ class Segmenter:
                 predictor.on_tile = None
             if predictor.cancelled:
                 raise SegmentationCancelled("segmentation cancelled; nothing was written")
-            tiles += predictor._tiles_total
+            tiles += predictor.tiles_total
             labels[keep_a:keep_b] = part[keep_a - a:keep_b - a]
         return labels, tiles

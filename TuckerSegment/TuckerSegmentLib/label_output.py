@@ -68,13 +68,14 @@ def _stem(path: Path) -> str:
 
 def plan_outputs(inputs: list[str | Path], output: str | Path, fmt: str = "seg.nrrd") -> list[tuple[Path, Path]]:
     """(input, output file) pairs, checked before any model is loaded: inputs exist, outputs are writable,
-    no two inputs write the same file. ``output`` is a file for one input, else a folder (created if missing)."""
+    no two inputs write the same file. ``output`` is a file (by its suffix) for one input, else a folder
+    (created if missing)."""
     sources = [Path(p).expanduser() for p in inputs]
     missing = [str(p) for p in sources if not p.is_file()]
     if missing:
         raise OutputPathError(f"input(s) not found: {', '.join(missing)}; pass existing NIfTI or NRRD CT files")
     target = Path(output).expanduser()
-    as_folder = len(sources) > 1 or target.is_dir() or not target.name.lower().endswith((SEG_NRRD, *LABEL_MAP_SUFFIXES))
+    as_folder = len(sources) > 1 or target.is_dir() or not target.suffix
     if not as_folder:
         output_kind(target)
         return [(sources[0], check_output_file(target, tuple(sources)))]
