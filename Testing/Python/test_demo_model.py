@@ -116,7 +116,8 @@ def test_overlay_png_shows_the_right_lung_on_the_image_left(segmenter, sample, t
     path = write_overlay_png(sample.ct, result, tmp_path / "overlay.png")
     rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8
-    panel = rgb[:, : rgb.shape[1] // 4 - 4]  # first axial slice panel
+    width = rgb.shape[1] // 4  # four panels of equal width here (128 x 3 mm in-plane, 4 px gap)
+    panel = rgb[:, width : 2 * width - 4]  # the mid axial slice: both lungs, well segmented
     colors = {s.value: np.array(s.color) for s in result.segments}
     gray = (panel[..., 0] == panel[..., 1]) & (panel[..., 1] == panel[..., 2])
     tinted = ~gray
@@ -126,3 +127,8 @@ def test_overlay_png_shows_the_right_lung_on_the_image_left(segmenter, sample, t
     assert colors[RIGHT_LUNG][1] > colors[RIGHT_LUNG][0]
     columns = np.nonzero(green)[1]
     assert columns.size and np.mean(columns < panel.shape[1] / 2) > 0.9
+    # and the left lung's (purple) the image's right half
+    purple = tinted & (panel[..., 0].astype(int) > panel[..., 1].astype(int) + 50)
+    assert colors[LEFT_LUNG][0] > colors[LEFT_LUNG][1]
+    columns = np.nonzero(purple)[1]
+    assert columns.size and np.mean(columns > panel.shape[1] / 2) > 0.9
