@@ -106,6 +106,10 @@ def test_segment_with_no_options_on_a_fresh_machine(tmp_path, original):
     assert by_name["left lung"]["terminology"]["typeModifier"] == ["SCT", "7771000", "Left"]
     assert by_name["ribs"]["color"] == pytest.approx([253 / 255, 232 / 255, 158 / 255], abs=1e-3)
     assert len(seg["segments"]) == 7
+    tags = by_name["tissue"]["tags"]  # provenance on every segment
+    assert tags["TuckerSegment.Model"] == "chest-demo" and tags["TuckerSegment.Policy"] == "original"
+    assert tags["TuckerSegment.Device"] == "cpu" and float(tags["TuckerSegment.Seconds"]) > 0
+    assert "research use only" in tags["TuckerSegment.Notice"]
 
 
 def test_overlay_png_shows_the_right_lung_on_the_image_left(segmenter, sample, tmp_path):

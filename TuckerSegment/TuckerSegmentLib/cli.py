@@ -104,7 +104,7 @@ def _segment(args: argparse.Namespace) -> int:
     choice = choose_model(args.model)
     print(f"model: {choice.id} ({choice.reason})", file=sys.stderr)
     segmenter = Segmenter(choice.path, fold=args.fold, device=args.device, tile_step=args.tile_step,
-                          mirroring=args.mirroring)
+                          mirroring=args.mirroring, name=choice.id)
     if args.subset:
         segmenter.label_value(args.subset)  # unknown names fail before any volume is read
     failures = 0

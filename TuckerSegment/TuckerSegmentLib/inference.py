@@ -24,6 +24,7 @@ from .errors import SegmentationCancelled, VolumeError
 from .geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
 from .labels import SegmentLabel, segment_labels
 from .model_folder import Fold, ModelFolder
+from .policies import policy_from_dict
 from .volume import Volume, check_volume, read_volume
 
 Progress = Callable[[float, str], None]
@@ -42,6 +43,7 @@ class SegmentationResult:
     device: str
     seconds: float
     tiles: int
+    policy: str = "original"  # how the model was compressed, e.g. "UniformPolicy(factor=0.7, rank_min=8)"
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -102,16 +104,20 @@ class Segmenter:
 
     def __init__(self, model: str | Path | ModelFolder, fold: Fold | None = None, device: str = "auto",
                  tile_step: float = 0.8, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
-                 trust_checkpoint: bool = False) -> None:
+                 trust_checkpoint: bool = False, name: str | None = None) -> None:
         self.model = model if isinstance(model, ModelFolder) else ModelFolder.open(model)
+        self.name = name or self.model.name
         self.fold = str(fold) if fold is not None else self.model.folds[0]
         self.device = resolve_device(device)
         self.max_voxels = int(max_voxels)
         self.segments = segment_labels(self.model.dataset_json, self.model.path)
         if self.model.is_compressed_fold(self.fold):
             network = self.model.load_network(self.fold)
-            axes = self.model.tucker_record(self.fold).get("inference_allowed_mirroring_axes")
+            record = self.model.tucker_record(self.fold)
+            axes = record.get("inference_allowed_mirroring_axes")
+            self.policy = repr(policy_from_dict(record["policy"]))
         else:
+            self.policy = "original"
             network, checkpoint = self.model.load_original(self.fold, trust=trust_checkpoint)
             axes = checkpoint.get("inference_allowed_mirroring_axes")
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
@@ -122,10 +128,6 @@ class Segmenter:
                                               [network.state_dict()], self.model.dataset_json,
                                               self.model.trainer_name or "nnUNetTrainer",
                                               (tuple(axes) if axes else (0, 1, 2)) if mirroring else None)
-
-    @property
-    def name(self) -> str:
-        return self.model.path.parent.name if self.model.path.name.count("__") == 2 else self.model.path.name
 
     @property
     def target_spacing(self) -> np.ndarray:
@@ -165,7 +167,7 @@ class Segmenter:
         segments = [s for s in self.segments if keep is None or s.value in keep]
         report(1.0, "done")
         return SegmentationResult(volume.with_array(labels), segments, self.name, str(self.device),
-                                  time.perf_counter() - start, tiles)
+                                  time.perf_counter() - start, tiles, self.policy)
 
     def _predict(self, image: np.ndarray, spacing: np.ndarray, report: Progress,
                  cancel: Cancel | None) -> tuple[np.ndarray, int]:

@@ -116,6 +116,11 @@ class ModelFolder:
         return self.plans_manager.get_configuration(self.configuration)
 
     @property
+    def name(self) -> str:
+        """The dataset folder's name for a ``Trainer__Plans__Configuration`` folder, else the folder's own."""
+        return self.path.parent.name if self.path.name.count("__") == 2 else self.path.name
+
+    @property
     def trainer_name(self) -> str | None:
         parts = self.path.name.split("__")
         return parts[0] if len(parts) == 3 else None

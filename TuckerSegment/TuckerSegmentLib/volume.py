@@ -113,3 +113,22 @@ def volume_to_image(volume: Volume) -> sitk.Image:
     image.SetDirection((ijk_to_lps[:3, :3] / spacing).flatten().tolist())
     image.SetOrigin(ijk_to_lps[:3, 3].tolist())
     return image
+
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def volume_files(inputs: str | Path | list[str | Path]) -> list[Path]:
+    """The CT files to segment: the paths given, or the volume files of a folder (``.seg.nrrd`` excluded)."""
+    paths = [Path(p).expanduser() for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
+                       and not p.name.lower().endswith(".seg.nrrd"))
+        if not paths:
+            raise VolumeError(f"{folder} holds no NIfTI or NRRD volume; pass CT files or a folder of them")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise VolumeError(f"input(s) not found: {', '.join(missing) or 'none given'}; pass existing NIfTI or NRRD "
+                          "CT files or a folder of them")
+    return paths
