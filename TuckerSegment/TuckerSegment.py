@@ -63,7 +63,6 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             paths, name, self.modelReason = [choice.path.resolve()], choice.id, f"{choice.id}: {choice.reason}"
         key = (tuple(str(p) for p in paths), device)
         if key != self._taskKey:
-            self._task = self._taskKey = None
             self._task, self._taskKey = TaskSegmenter(paths, name=name, device=device), key
         return self._task
 
@@ -82,8 +81,9 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         not at all."""
         from TuckerSegmentLib.atomic import atomic_output_file
         from TuckerSegmentLib.errors import OutputPathError
+        from TuckerSegmentLib.volume import SEG_NRRD
         path = Path(path).expanduser()
-        if not path.name.lower().endswith(".seg.nrrd"):
+        if not path.name.lower().endswith(SEG_NRRD):
             raise OutputPathError(f"{path}: name the segmentation file .seg.nrrd")
         storage = segmentationNode.GetStorageNode()
         added = storage is None

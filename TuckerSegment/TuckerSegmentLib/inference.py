@@ -20,12 +20,12 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from .devices import resolve_device
-from .errors import SegmentationCancelled, VolumeError
+from .errors import SegmentationCancelled
 from .geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
-from .labels import SegmentLabel, segment_labels
+from .labels import SegmentLabel, label_values, segment_labels
 from .model_folder import Fold, ModelFolder
 from .policies import policy_from_dict
-from .volume import Volume, check_volume, read_volume
+from .volume import Volume, checked_volume
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -136,23 +136,20 @@ class Segmenter:
         return spacing[list(self.model.plans_manager.transpose_backward)]
 
     def label_value(self, names: Sequence[str]) -> list[int]:
-        by_name = {s.name: s.value for s in self.segments}
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise VolumeError(f"unknown structure(s) {', '.join(unknown)}; this model segments: "
-                              f"{', '.join(by_name)}")
-        return [by_name[n] for n in names]
+        return label_values(self.segments, names)
 
     def segment(self, volume: Volume | str | Path, progress: Progress | None = None, cancel: Cancel | None = None,
                 subset: Sequence[str] | None = None) -> SegmentationResult:
         """Segment one CT volume; labels come back on its own grid."""
+        self.label_value(subset or [])  # an unknown structure fails before the volume is read
+        return self.predict(checked_volume(volume), progress, cancel, subset)
+
+    def predict(self, volume: Volume, progress: Progress | None = None, cancel: Cancel | None = None,
+                subset: Sequence[str] | None = None) -> SegmentationResult:
+        """``segment`` for a volume that has already passed ``check_volume``."""
         start = time.perf_counter()
         report = progress or (lambda fraction, message: None)
         keep = self.label_value(subset) if subset else None
-        if isinstance(volume, Volume):
-            check_volume(volume)
-        else:
-            volume = read_volume(volume)
         report(0.0, "reorienting and resampling")
         canonical, reorientation = to_canonical(volume)
         target = self.target_spacing

@@ -12,9 +12,8 @@ from .atomic import atomic_output_file, check_output_file
 from .errors import OutputPathError
 from .inference import SegmentationResult
 from .provenance import provenance
-from .volume import LPS_TO_RAS, VOLUME_SUFFIXES, volume_to_image
+from .volume import LPS_TO_RAS, SEG_NRRD, VOLUME_SUFFIXES, volume_to_image
 
-SEG_NRRD = ".seg.nrrd"
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 OUTPUT_HINT = "name the output .seg.nrrd (Slicer segmentation) or .nii.gz (label map)"
 

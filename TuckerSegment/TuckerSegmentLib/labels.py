@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError
+from .errors import ModelFolderError, VolumeError
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 TERMINOLOGY_CSV = "terminology.csv"
@@ -131,6 +131,15 @@ def _dataset_labels(dataset_json: dict[str, Any], source: str) -> dict[str, int]
         raise ModelFolderError(f"{source} defines region-based labels (lists of values); TuckerSegment segments "
                                "label-map models only")
     return {str(name): int(value) for name, value in labels.items() if int(value) != 0}
+
+
+def label_values(segments: Sequence[SegmentLabel], names: Sequence[str]) -> list[int]:
+    """The label values of the structures ``names``; ``VolumeError`` naming any the segments lack."""
+    by_name = {s.name: s.value for s in segments}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise VolumeError(f"unknown structure(s) {', '.join(unknown)}; this model segments: {', '.join(by_name)}")
+    return [by_name[n] for n in names]
 
 
 def segment_labels(dataset_json: dict[str, Any], model_path: Path | None = None) -> list[SegmentLabel]:

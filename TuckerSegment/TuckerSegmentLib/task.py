@@ -16,9 +16,9 @@ import numpy as np
 
 from .errors import VolumeError
 from .inference import Cancel, Progress, SegmentationResult, Segmenter
-from .labels import SegmentLabel, segment_labels
+from .labels import SegmentLabel, label_values, segment_labels
 from .model_folder import ModelFolder
-from .volume import Volume, check_volume, read_volume
+from .volume import Volume, checked_volume
 
 
 @dataclass
@@ -52,29 +52,19 @@ class TaskSegmenter:
             self._members.append(_Member(folder, own, values))
         self.name = name or "+".join(f.name for f in folders)
 
-    @property
-    def models(self) -> list[ModelFolder]:
-        return [m.folder for m in self._members]
-
     def loaded(self) -> list[bool]:
         """Which models have been loaded so far."""
         return [m.segmenter is not None for m in self._members]
 
     def check_subset(self, subset: Sequence[str] | None) -> None:
-        unknown = [n for n in subset or () if n not in {s.name for s in self.segments}]
-        if unknown:
-            raise VolumeError(f"unknown structure(s) {', '.join(unknown)}; this model segments: "
-                              f"{', '.join(s.name for s in self.segments)}")
+        label_values(self.segments, subset or [])
 
     def segment(self, volume: Volume | str | Path, progress: Progress | None = None, cancel: Cancel | None = None,
                 subset: Sequence[str] | None = None) -> SegmentationResult:
         """Labels of every model that holds a wanted structure, merged on the input grid."""
         start = time.perf_counter()
         self.check_subset(subset)
-        if isinstance(volume, Volume):
-            check_volume(volume)
-        else:
-            volume = read_volume(volume)
+        volume = checked_volume(volume)  # once, not once per model
         wanted = set(subset) if subset else None
         members = [m for m in self._members if wanted is None or wanted & {s.name for s in m.segments}]
         report = progress or (lambda fraction, message: None)
@@ -89,7 +79,7 @@ class TaskSegmenter:
                 part(0.0, f"loading {member.folder.name}")
                 member.segmenter = Segmenter(member.folder, **self._options)
             names = [s.name for s in member.segments if wanted is None or s.name in wanted]
-            result = member.segmenter.segment(volume, part, cancel, names if wanted is not None else None)
+            result = member.segmenter.predict(volume, part, cancel, names if wanted is not None else None)
             lookup = np.zeros(max(member.values) + 1, dtype=labels.dtype)
             for own, value in member.values.items():
                 lookup[own] = value

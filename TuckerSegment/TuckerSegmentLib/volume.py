@@ -116,6 +116,15 @@ def volume_to_image(volume: Volume) -> sitk.Image:
 
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SEG_NRRD = ".seg.nrrd"
+
+
+def checked_volume(volume: Volume | str | Path) -> Volume:
+    """``volume`` after ``check_volume``, or the file read (and checked) by ``read_volume``."""
+    if isinstance(volume, Volume):
+        check_volume(volume)
+        return volume
+    return read_volume(volume)
 
 
 def volume_files(inputs: str | Path | list[str | Path]) -> list[Path]:
@@ -124,7 +133,7 @@ def volume_files(inputs: str | Path | list[str | Path]) -> list[Path]:
     if len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]
         paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
-                       and not p.name.lower().endswith(".seg.nrrd"))
+                       and not p.name.lower().endswith(SEG_NRRD))
         if not paths:
             raise VolumeError(f"{folder} holds no NIfTI or NRRD volume; pass CT files or a folder of them")
     missing = [str(p) for p in paths if not p.is_file()]
