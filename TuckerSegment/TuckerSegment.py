@@ -46,34 +46,48 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self, parent)
         self._task = self._taskKey = None
         self.modelReason = ""
+        self.notices = []
 
     def engineVersion(self) -> str:
         import TuckerSegmentLib
         return TuckerSegmentLib.__version__
 
-    def task(self, model="auto", device: str = "auto"):
-        """The ``TaskSegmenter`` for ``model``: ``auto``, a bundled id, a model folder, or a list of model
-        folders that together make one task. Sets ``modelReason`` (which model and why)."""
-        from TuckerSegmentLib.models import choose_model
+    def task(self, model="auto", device: str = "auto", task: str = "auto"):
+        """The task segmenter for ``model``: ``auto`` (the variant of ``task`` that fits this machine best), a
+        variant id, a model folder, or a list of model folders that together make one task. Sets
+        ``modelReason`` (which model, where and why); messages about fallbacks go to ``notices``."""
+        from TuckerSegmentLib.catalogue import catalogue
+        from TuckerSegmentLib.hardware import detect_devices
+        from TuckerSegmentLib.models import choose_model, usable_devices
+        from TuckerSegmentLib.runner import SafeTask
         from TuckerSegmentLib.task import TaskSegmenter
         if isinstance(model, (list, tuple)):
-            paths, name, self.modelReason = [Path(m).expanduser().resolve() for m in model], None, "model folders given"
-        else:
-            choice = choose_model(model)
-            paths, name, self.modelReason = [choice.path.resolve()], choice.id, f"{choice.id}: {choice.reason}"
-        key = (tuple(str(p) for p in paths), device)
+            paths = tuple(Path(m).expanduser().resolve() for m in model)
+            key = (paths, device)
+            if key != self._taskKey:
+                self._task, self._taskKey = TaskSegmenter(list(paths), device=device), key
+            self.modelReason = "model folders given"
+            return self._task
+        variants, devices = catalogue(), detect_devices()
+        choice = choose_model(model, task, device, variants, devices)
+        key = (choice.folders, choice.device)
         if key != self._taskKey:
-            self._task, self._taskKey = TaskSegmenter(paths, name=name, device=device), key
+            self._task = SafeTask(choice, variants, usable_devices(device, devices), notify=self.notices.append)
+            self._taskKey = key
+        self.modelReason = choice.reason
         return self._task
 
     def segment(self, volumeNode, model="auto", device: str = "auto", subset=None, segmentationNode=None,
-                progress=None, cancel=None):
+                progress=None, cancel=None, task: str = "auto"):
         """Segment ``volumeNode`` where it is shown (parent linear transform included) and return the
         segmentation node: ``segmentationNode`` with its segments replaced, or a new node. ``progress``
         gets (fraction, message); ``cancel()`` returning True stops between tiles. On any error the scene
         is left as it was."""
+        return self._segmentWith(self.task(model, device, task), volumeNode, subset, segmentationNode, progress, cancel)
+
+    def _segmentWith(self, segmenter, volumeNode, subset, segmentationNode, progress, cancel):
         volume = self._readVolume(volumeNode)
-        result = self.task(model, device).segment(volume, progress, cancel, subset)
+        result = segmenter.segment(volume, progress, cancel, subset)
         return self._writeSegmentation(result, volumeNode, segmentationNode)
 
     def saveSegmentation(self, segmentationNode, path) -> Path:
@@ -106,7 +120,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         return path.resolve()
 
     def segmentFiles(self, inputs, model="auto", device: str = "auto", subset=None, outputFolder=None,
-                     progress=None, cancel=None) -> list:
+                     progress=None, cancel=None, task: str = "auto") -> list:
         """Segment CT files (a list, or a folder's NIfTI/NRRD files) with one model load, saving
         ``<name>.seg.nrrd`` beside each input (or in ``outputFolder``). The loaded nodes are removed again.
         Returns ``(input, output or None, message)`` per file: a bad file or output is reported and the rest
@@ -117,7 +131,8 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         files = volume_files(inputs)
         pairs = (plan_outputs(files, Path(outputFolder)) if outputFolder is not None
                  else [plan_outputs([f], f.parent)[0] for f in files])
-        self.task(model, device).check_subset(subset)  # a wrong model or structure fails before any file is read
+        segmenter = self.task(model, device, task)  # loaded once for every file
+        segmenter.check_subset(subset)  # a wrong model or structure fails before any file is read
         report = progress or (lambda fraction, message: None)
         outcomes = []
         for index, (source, output) in enumerate(pairs):
@@ -129,7 +144,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                 if volumeNode is None:
                     raise VolumeError(f"Slicer could not read {source}; pass a NIfTI or NRRD CT volume")
                 added.append(volumeNode)
-                segmentation = self.segment(volumeNode, model, device, subset, progress=step, cancel=cancel)
+                segmentation = self._segmentWith(segmenter, volumeNode, subset, None, step, cancel)
                 added.append(segmentation)
                 self.saveSegmentation(segmentation, output)
                 outcomes.append((source, output, f"{segmentation.GetSegmentation().GetNumberOfSegments()} segments"))

@@ -48,7 +48,7 @@ def main() -> None:
 
     choice = choose_model("auto")
     ct = read_volume(sample)
-    rows, original = [], None
+    rows, original, shown = [], None, None
     for entry in bundled_models():
         segmenter = Segmenter(entry["path"], device="auto")
         segmenter.segment(ct)  # warm-up
@@ -59,10 +59,11 @@ def main() -> None:
         rows.append((entry["id"] + (" (auto)" if entry["id"] == choice.id else ""), result.device,
                      f"{result.seconds:.2f}", f"{len(result.found())}/{len(result.segments)}",
                      f"{entry['params'] / 1e6:.2f} M", f"{mean_dice(result.labels, original, values):.3f}"))
-        if entry["id"] == choice.id:
-            png = write_overlay_png(ct, result, OUT / "chest_overlay.png")
+        if entry["id"] == choice.id or shown is None:
+            shown = result  # the auto choice when it is a bundled model, else the bundled original
     header = ("variant", "device", "seconds", "found", "params", "Dice vs original")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    png = write_overlay_png(ct, shown, OUT / "chest_overlay.png")
     print("\nThe bundled models on the same CT (second run of each; the first warms up):")
     for row in [header, *rows]:
         print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
@@ -72,6 +73,7 @@ def main() -> None:
     original_dir = next(e["path"] for e in bundled_models() if e["policy"] == "original")
     tuckersegment("compress", str(original_dir), str(compressed), "--factor", "0.4", "--quiet")
     tuckersegment("info", str(compressed))
+    tuckersegment("variants")
 
 
 if __name__ == "__main__":

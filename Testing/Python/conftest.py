@@ -1,7 +1,10 @@
-"""Shared fixtures: nnU-Net v2 model folders with real architectures and random weights."""
+"""Shared fixtures: nnU-Net v2 model folders with real architectures and random weights; an isolated
+TotalSegmentator home and variant cache, so no test sees (or writes) the user's own."""
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,10 @@ import torch
 from TuckerSegmentLib.example_models import write_example_model
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+_ISOLATED = Path(tempfile.mkdtemp(prefix="tuckersegment-tests-"))
+os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
+os.environ["TOTALSEG_HOME_DIR"] = str(_ISOLATED / "totalsegmentator")  # empty: no TotalSegmentator weights
+os.environ["TUCKERSEGMENT_CACHE"] = str(_ISOLATED / "cache")
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

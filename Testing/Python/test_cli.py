@@ -97,7 +97,7 @@ def test_segment_refuses_bad_arguments_before_loading_a_model(tmp_path):
     for args, message in ((["segment", str(ct)], "at least one CT volume and an output"),
                           (["segment", str(ct), str(tmp_path / "out.txt.gz")], "cannot tell the output format"),
                           (["segment", str(ct), str(tmp_path / "x.seg.nrrd"), "--model", str(tmp_path / "none")],
-                           "no such folder and no bundled model")):
+                           "no such folder and no variant of that id")):
         result = run(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]

@@ -98,7 +98,7 @@ def test_segment_with_no_options_on_a_fresh_machine(tmp_path, original):
                              slicerio.get_testdata_file(SAMPLE_CT), str(out)], capture_output=True, text=True,
                             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert "no TotalSegmentator weights found; bundled demo model" in result.stderr
+    assert "model: demo / chest-demo: CPU" in result.stderr and "fast is not ready here" in result.stderr
     seg = slicerio.read_segmentation(str(out))
     by_name = {s["name"]: s for s in seg["segments"]}
     assert by_name["right lung"]["terminology"]["type"] == ["SCT", "39607008", "Lung"]

@@ -1,47 +1,14 @@
-"""Model choice: a named folder, a bundled id, or auto (TotalSegmentator weights, else the bundled demo)."""
+"""Model choice: a named folder, a variant id, or auto (the catalogue and this machine's devices)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
+from TuckerSegmentLib.catalogue import catalogue
 from TuckerSegmentLib.errors import ModelFolderError
-from TuckerSegmentLib.models import TOTALSEGMENTATOR_FAST, auto_bundled, bundled_models, choose_model
+from TuckerSegmentLib.hardware import GB, DeviceInfo
+from TuckerSegmentLib.models import bundled_models, choose_model, usable_devices
 
-
-def entry(model_id: str, flops: float, dice: float | None, policy="uniform") -> dict:
-    return {"id": model_id, "path": Path(model_id), "policy": policy, "flops": flops, "mean_dice": dice}
-
-
-def test_auto_takes_the_cheapest_variant_within_one_dice_point():
-    entries = [entry("orig", 10e9, 0.900, "original"), entry("t0.7", 6e9, 0.895), entry("t0.5", 3e9, 0.891),
-               entry("t0.3", 1e9, 0.850), entry("unmeasured", 0.5e9, None)]
-    choice = auto_bundled(entries)
-    assert choice.id == "t0.5"
-    assert "3.0 vs 10.0 G" in choice.reason and "0.891" in choice.reason
-
-
-def test_auto_keeps_the_original_when_every_variant_loses_accuracy():
-    choice = auto_bundled([entry("orig", 10e9, 0.9, "original"), entry("t0.3", 1e9, 0.7)])
-    assert choice.id == "orig" and "no compressed variant keeps" in choice.reason
-
-
-def test_auto_without_any_bundled_model_says_how_to_fix_it():
-    with pytest.raises(ModelFolderError, match="pass --model"):
-        auto_bundled([])
-
-
-def test_auto_prefers_installed_totalsegmentator_weights(tmp_path, monkeypatch):
-    folder = tmp_path / "nnunet" / "results" / TOTALSEGMENTATOR_FAST[0] / TOTALSEGMENTATOR_FAST[1]
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text("{}")
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    assert choose_model("auto").id != "totalsegmentator-fast"  # no weights file yet: not usable
-    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"weights")
-    choice = choose_model("auto")
-    assert choice.id == "totalsegmentator-fast" and choice.path == folder
-    assert str(tmp_path / "nnunet" / "results") in choice.reason
+CPU = DeviceInfo("cpu", "CPU", 16 * GB, 8 * GB, cores=4)
 
 
 def test_bundled_models_are_listed_with_measurements():
@@ -52,10 +19,35 @@ def test_bundled_models_are_listed_with_measurements():
     for e in entries:
         assert e["path"].is_dir() and 0 < e["mean_dice"] <= 1 and e["flops"] > 0
         assert e["policy"] == "original" or e["flops"] < original[0]["flops"]
-    assert choose_model(entries[1]["id"]).path == entries[1]["path"]
+    assert choose_model(entries[1]["id"], devices=[CPU]).folders == (entries[1]["path"],)
+
+
+def test_auto_without_totalsegmentator_runs_the_demo_original(monkeypatch, tmp_path):
+    """The demo variants lose more than 1 Dice point (measured), so auto keeps the original."""
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    choice = choose_model("auto", devices=[CPU])
+    assert choice.id == "chest-demo" and choice.device == "cpu" and choice.label_maps is None
+    assert choice.reason.startswith("demo / chest-demo: CPU, 8.0 GiB free, needs")
+    assert "fast is not ready here" in choice.reason
 
 
 def test_named_folder_and_unknown_names(tmp_path):
-    assert choose_model(tmp_path).path == tmp_path
-    with pytest.raises(ModelFolderError, match="no such folder and no bundled model"):
-        choose_model("no-such-model")
+    choice = choose_model(tmp_path, devices=[CPU])
+    assert choice.folders == (tmp_path,) and choice.selection is None
+    with pytest.raises(ModelFolderError, match="no such folder and no variant of that id"):
+        choose_model("no-such-model", devices=[CPU])
+
+
+def test_device_requests_that_cannot_be_met_are_errors():
+    assert usable_devices("cpu", [CPU]) == [CPU]
+    with pytest.raises(ModelFolderError, match="device cuda requested but not found"):
+        usable_devices("cuda", [CPU])
+    gpu = DeviceInfo("cuda", "GPU", 8 * GB, 7 * GB, (8, 6), index=1)
+    assert usable_devices("cuda:1", [gpu, CPU]) == [gpu]
+    for bad in ("gpu", "cuda:x", "mps:0"):
+        with pytest.raises(ModelFolderError, match="unknown device"):
+            usable_devices(bad, [gpu, CPU])
+    with pytest.raises(ModelFolderError, match="not ready|not found"):
+        choose_model("chest-demo", device="mps", devices=[CPU], variants=catalogue())

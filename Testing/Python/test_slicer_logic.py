@@ -322,7 +322,7 @@ def test_unusual_but_valid_volumes_warn_or_pad(logic, scene, ct_node):
 
 def test_missing_or_corrupt_model_and_unwritable_output_fail_clearly(logic, scene, ct_node, tmp_path):
     before = snapshot(scene)
-    with pytest.raises(ModelFolderError, match="no such folder and no bundled model"):
+    with pytest.raises(ModelFolderError, match="no such folder and no variant of that id"):
         logic.segment(ct_node, model=str(tmp_path / "missing"))
     corrupt = tmp_path / "corrupt"
     shutil.copytree(bundled("chest-demo"), corrupt)

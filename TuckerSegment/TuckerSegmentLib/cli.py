@@ -6,16 +6,20 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .compression import CompressionReport
-from .devices import DEVICE_CHOICES
 from .errors import TuckerSegmentError
 from .folder_compression import compress_model_folder, describe_model
-from .inference import Segmenter
+from .catalogue import STANDARD_VOLUME_MM, Variant, catalogue, find_variant
+from .hardware import GB, detect_devices
 from .label_output import plan_outputs, write_result
-from .models import choose_model
+from .models import choose_model, usable_devices
+from .runner import SafeTask
+from .totalsegmentator import tasks
+from .variant_build import build_variant
 from .policies import UniformPolicy
 from .stats import FLOP_CONVENTION
 from .volume import IntensityWarning
@@ -101,12 +105,13 @@ def _segment(args: argparse.Namespace) -> int:
         raise TuckerSegmentError("segment needs INPUT... OUTPUT: at least one CT volume and an output "
                                  "(.seg.nrrd, .nii.gz, or a folder for several inputs)")
     jobs = plan_outputs(args.paths[:-1], args.paths[-1], args.format)
-    choice = choose_model(args.model)
-    print(f"model: {choice.id} ({choice.reason})", file=sys.stderr)
-    segmenter = Segmenter(choice.path, fold=args.fold, device=args.device, tile_step=args.tile_step,
-                          mirroring=args.mirroring, name=choice.id)
-    if args.subset:
-        segmenter.label_value(args.subset)  # unknown names fail before any volume is read
+    variants, devices = catalogue(), detect_devices()
+    choice = choose_model(args.model, args.task, args.device, variants, devices)
+    print(f"model: {choice.reason}", file=sys.stderr)
+    segmenter = SafeTask(choice, variants, usable_devices(args.device, devices),
+                         notify=lambda message: print(f"tuckersegment: {message}", file=sys.stderr),
+                         fold=args.fold, tile_step=args.tile_step, mirroring=args.mirroring)
+    segmenter.check_subset(args.subset)  # unknown names fail before any volume is read
     failures = 0
     for source, target in jobs:
         progress = None if args.quiet else _segment_progress(source.name)
@@ -123,10 +128,70 @@ def _segment(args: argparse.Namespace) -> int:
             continue
         found = result.found()
         print(f"{source} -> {target}: {len(found)}/{len(result.segments)} structures, {result.seconds:.1f} s "
-              f"on {result.device} ({choice.id})")
+              f"on {result.device} ({segmenter.choice.id})")
     if failures and len(jobs) > 1:
         print(f"tuckersegment: {failures} of {len(jobs)} inputs failed; the others were written", file=sys.stderr)
     return 2 if failures else 0
+
+
+def _variant_row(variant: Variant) -> dict[str, Any]:
+    loss = variant.dice_loss()
+    return {"id": variant.id, "task": variant.task,
+            "policy": "original" if variant.original else variant.policy,
+            "availability": variant.availability, "detail": variant.detail,
+            "params": variant.params, "flops": variant.flops, "weights_bytes": variant.weights_bytes,
+            "peak_memory_bytes": variant.memory_bytes("cpu")[0], "quality": variant.quality,
+            "dice_loss": loss, "speed": variant.speed}
+
+
+def _variants(args: argparse.Namespace) -> int:
+    variants, devices = catalogue(), detect_devices()
+    try:
+        choice = choose_model("auto", "auto", "auto", variants, devices)
+        auto = {"id": choice.id, "reason": choice.reason, "device": choice.device}
+    except TuckerSegmentError as exc:
+        auto = {"id": None, "reason": str(exc), "device": None}
+    if args.json:
+        print(json.dumps({"variants": [_variant_row(v) for v in variants], "auto": auto,
+                          "devices": [d.describe() for d in devices]}, indent=1))
+        return 0
+    print(f"devices: {'; '.join(d.describe() for d in devices)}")
+    print(f"{'id':<24} {'availability':<10} {'params':>9} {'FLOPs/patch':>12} {'peak RAM':>9} {'Dice loss':>10}")
+    for v in variants:
+        loss = v.dice_loss()
+        peak = v.memory_bytes("cpu")[0]
+        loss_text = ("reference" if v.original else "unmeasured" if loss is None
+                     else f"{100 * loss:.1f} ({v.quality['kind'][:4]}.)")
+        print(f"{v.id:<24} {v.availability:<10} {_millions(v.params):>9} {_giga(v.flops):>12} "
+              f"{'?' if peak is None else f'{peak / GB:.1f} GiB':>9} {loss_text:>10}")
+    print(f"peak RAM: CPU, standard volume {STANDARD_VOLUME_MM} mm; FLOPs: {FLOP_CONVENTION}; Dice loss: points below "
+          "the original (published or measured)")
+    print(f"auto: {auto['id'] or 'none'}: {auto['reason']}")
+    return 0
+
+
+def _build_variants(args: argparse.Namespace) -> int:
+    roots = [args.ts_weights] if args.ts_weights else None
+    variants = catalogue(weights_roots=roots)
+    if args.variant:
+        chosen = [find_variant(variants, v) for v in args.variant]
+    else:  # every compressed TotalSegmentator variant whose source weights are here or can be downloaded
+        candidates = [v for v in variants if not v.original and "bundled" not in v.source
+                      and (args.task is None or v.task == args.task)]
+        chosen = [v for v in candidates if v.availability in ("buildable", "built")]
+        if not chosen:
+            raise TuckerSegmentError(f"nothing to build: {candidates[0].detail}" if candidates else "nothing to build")
+        for variant in candidates:
+            if variant not in chosen:
+                print(f"{variant.id}: skipped, {variant.detail}")
+    say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    for variant in chosen:
+        if variant.original or "bundled" in variant.source:
+            print(f"{variant.id}: {variant.availability} (nothing to build)")
+            continue
+        folder = build_variant(variant, weights_roots=roots, report=say)
+        print(f"{variant.id}: built in {folder}")
+    return 0
 
 
 def _segment_progress(label: str):
@@ -174,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CT volume(s), then the output: .seg.nrrd (Slicer segmentation with names, colours, "
                               "terminology), .nii.gz label map, or a folder")
     segment.add_argument("--model", default="auto",
-                         help="model folder, bundled model id, or auto (default: TotalSegmentator weights when "
-                              "installed, else the bundled demo model)")
-    segment.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="inference device (default auto)")
+                         help="variant id (tuckersegment variants), nnU-Net model folder, or auto (default): the "
+                              "variant that fits this machine's GPU or CPU best within 1 Dice point of the original")
+    segment.add_argument("--task", default="auto", choices=("auto", *tasks(), "demo"),
+                         help="task for --model auto (default: total on a GPU, fast on a CPU, when ready; else demo)")
+    segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     segment.add_argument("--subset", nargs="+", metavar="NAME", help="keep only these structures")
     segment.add_argument("--format", choices=("seg.nrrd", "nii.gz"), default="seg.nrrd",
                          help="file format when OUTPUT is a folder (default seg.nrrd)")
@@ -186,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower; off by default)")
     segment.add_argument("--quiet", action="store_true", help="no progress on stderr")
     segment.set_defaults(func=_segment)
+
+    listing = commands.add_parser("variants", help="list the catalogue: availability here and what auto picks")
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
+    listing.set_defaults(func=_variants)
+
+    build = commands.add_parser("build-variants", help="compress TotalSegmentator weights into the catalogue's variants",
+                                description="Build compressed variants from TotalSegmentator weights found on this "
+                                            "machine (or downloaded by an installed TotalSegmentator) into the user "
+                                            "cache; resumable, and a variant counts only once complete.")
+    build.add_argument("--ts-weights", type=Path, metavar="DIR",
+                       help="nnU-Net results folder holding TotalSegmentator's Dataset29x folders "
+                            "(default: TOTALSEG_WEIGHTS_PATH, TOTALSEG_HOME_DIR, ~/.totalsegmentator/nnunet/results)")
+    build.add_argument("--task", choices=tuple(tasks()), help="build only this task's variants")
+    build.add_argument("--variant", nargs="+", metavar="ID", help="build only these variants")
+    build.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    build.set_defaults(func=_build_variants)
     return parser
 
 

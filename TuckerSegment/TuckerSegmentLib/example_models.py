@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ class UNetSpec:
     num_foreground: int
     kernel: int = 3
     convs_per_stage: int = 2
+    trainer: str = TRAINER
+
+    def scaled(self, divisor: int) -> UNetSpec:
+        """The same plans with every stage's width divided by ``divisor`` (at least 2 channels): fast tests."""
+        return replace(self, features=tuple(max(2, f // divisor) for f in self.features))
 
     def arch_kwargs(self) -> dict[str, Any]:
         n = len(self.features)
@@ -49,13 +55,24 @@ class UNetSpec:
         }
 
 
+_TS_15MM = dict(features=(32, 64, 128, 256, 320, 320), strides=(1, 2, 2, 2, 2, 2), patch_size=(128, 128, 128),
+                spacing=(1.5, 1.5, 1.5))
+_TS_FAST_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 EXAMPLE_SPECS: dict[str, UNetSpec] = {
-    # TotalSegmentator v2 1.5 mm organs model (31.19 M inference parameters).
-    "Dataset291": UNetSpec("Dataset291_TotalSegmentator_part1_organs_1559subj", (32, 64, 128, 256, 320, 320),
-                           (1, 2, 2, 2, 2, 2), (128, 128, 128), (1.5, 1.5, 1.5), 24),
-    # TotalSegmentator v2 3 mm model, all 117 classes.
+    # TotalSegmentator v2 1.5 mm part models: Dataset291 reproduces the published 31.19 M inference parameters;
+    # the other four parts are planned alike (same planner, spacing and patch) and differ in their outputs.
+    "Dataset291": UNetSpec("Dataset291_TotalSegmentator_part1_organs_1559subj", num_foreground=24, **_TS_15MM),
+    "Dataset292": UNetSpec("Dataset292_TotalSegmentator_part2_vertebrae_1532subj", num_foreground=26, **_TS_15MM),
+    "Dataset293": UNetSpec("Dataset293_TotalSegmentator_part3_cardiac_1559subj", num_foreground=18, **_TS_15MM),
+    "Dataset294": UNetSpec("Dataset294_TotalSegmentator_part4_muscles_1559subj", num_foreground=23, **_TS_15MM),
+    "Dataset295": UNetSpec("Dataset295_TotalSegmentator_part5_ribs_1559subj", num_foreground=26, **_TS_15MM),
+    # TotalSegmentator v2 3 mm model, all 117 classes (about 16.55 M parameters, as published).
     "Dataset297": UNetSpec("Dataset297_TotalSegmentator_total_3mm_1559subj", (32, 64, 128, 256, 320),
-                           (1, 2, 2, 2, 2), (112, 112, 128), (3.0, 3.0, 3.0), 117),
+                           (1, 2, 2, 2, 2), (112, 112, 128), (3.0, 3.0, 3.0), 117, trainer=_TS_FAST_TRAINER),
+    # TotalSegmentator v2 6 mm model, all 117 classes. Its plans were not available to this project: this is
+    # an assumption (the 3 mm network on a 6 mm grid with a smaller patch); built variants record the real figures.
+    "Dataset298": UNetSpec("Dataset298_TotalSegmentator_total_6mm_1559subj", (32, 64, 128, 256, 320),
+                           (1, 2, 2, 2, 2), (64, 64, 64), (6.0, 6.0, 6.0), 117, trainer=_TS_FAST_TRAINER),
     # A small network for fast tests.
     "tiny": UNetSpec("Dataset900_Tiny", (8, 16, 32), (1, 2, 2), (32, 32, 32), (3.0, 3.0, 3.0), 3),
 }
@@ -111,8 +128,12 @@ def example_plans(spec: UNetSpec, old_format: bool = False) -> dict[str, Any]:
     }
 
 
-def example_dataset_json(spec: UNetSpec) -> dict[str, Any]:
-    labels = {"background": 0} | {f"structure_{i}": i for i in range(1, spec.num_foreground + 1)}
+def example_dataset_json(spec: UNetSpec, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """dataset.json with ``names`` as labels 1..N (default ``structure_i``)."""
+    names = list(names) if names is not None else [f"structure_{i}" for i in range(1, spec.num_foreground + 1)]
+    if len(names) != spec.num_foreground:
+        raise ValueError(f"{spec.dataset_name} has {spec.num_foreground} foreground labels, {len(names)} names given")
+    labels = {"background": 0} | {name: i for i, name in enumerate(names, start=1)}
     return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 0, "file_ending": ".nii.gz"}
 
 
@@ -128,19 +149,20 @@ def _training_log(epochs: int, num_classes: int, rng: np.random.Generator) -> di
             "epoch_end_timestamps": [start + e + 0.5 for e in range(epochs)]}
 
 
-def example_model(name: str, old_format: bool = False, root: Path = Path()) -> ModelFolder:
-    """``EXAMPLE_SPECS[name]`` as a ``ModelFolder`` held in memory (plans only, nothing on disk)."""
-    spec = EXAMPLE_SPECS[name]
-    folder = root / spec.dataset_name / f"{TRAINER}__{PLANS_NAME}__{CONFIGURATION}"
-    return ModelFolder(path=folder, plans=example_plans(spec, old_format), dataset_json=example_dataset_json(spec),
-                       configuration=CONFIGURATION)
+def example_model(spec: str | UNetSpec, old_format: bool = False, root: Path = Path(),
+                  names: Sequence[str] | None = None) -> ModelFolder:
+    """``spec`` (or ``EXAMPLE_SPECS[spec]``) as a ``ModelFolder`` held in memory (plans only, nothing on disk)."""
+    spec = EXAMPLE_SPECS[spec] if isinstance(spec, str) else spec
+    folder = root / spec.dataset_name / f"{spec.trainer}__{PLANS_NAME}__{CONFIGURATION}"
+    return ModelFolder(path=folder, plans=example_plans(spec, old_format),
+                       dataset_json=example_dataset_json(spec, names), configuration=CONFIGURATION)
 
 
-def write_example_model(root: str | Path, name: str = "tiny", seed: int = 0, folds: tuple[int, ...] = (0,),
-                        old_format: bool = False) -> Path:
-    """Write ``root/<dataset>/<trainer>__nnUNetPlans__3d_fullres`` for ``EXAMPLE_SPECS[name]``; return it."""
-    spec = EXAMPLE_SPECS[name]
-    model = example_model(name, old_format, Path(root))
+def write_example_model(root: str | Path, spec: str | UNetSpec = "tiny", seed: int = 0, folds: tuple[int, ...] = (0,),
+                        old_format: bool = False, names: Sequence[str] | None = None) -> Path:
+    """Write ``root/<dataset>/<trainer>__nnUNetPlans__3d_fullres`` for ``spec``; return it."""
+    spec = EXAMPLE_SPECS[spec] if isinstance(spec, str) else spec
+    model = example_model(spec, old_format, Path(root), names)
     folder = model.path
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(model.plans, indent=4))
@@ -158,7 +180,21 @@ def write_example_model(root: str | Path, name: str = "tiny", seed: int = 0, fol
             "_best_ema": np.float64(0.8), "current_epoch": 3,
             "init_args": {"plans": model.plans, "configuration": CONFIGURATION, "fold": fold,
                           "dataset_json": model.dataset_json, "device": torch.device("cpu")},
-            "trainer_name": TRAINER, "inference_allowed_mirroring_axes": None,
+            "trainer_name": spec.trainer, "inference_allowed_mirroring_axes": None,
         }
         torch.save(checkpoint, folder / fold_dir_name(fold) / CHECKPOINT_NAME)
     return folder
+
+
+def write_totalsegmentator_task(results: str | Path, task: str, divisor: int = 1, seed: int = 0) -> list[Path]:
+    """TotalSegmentator-shaped model folders for ``task`` (``total``, ``fast``, ``fastest``) under an nnU-Net
+    results folder, as TotalSegmentator installs them: the real plans (widths divided by ``divisor``),
+    the real label names, random weights."""
+    from .totalsegmentator import tasks
+    folders = []
+    for index, model in enumerate(tasks()[task].models):
+        spec = EXAMPLE_SPECS[f"Dataset{model.task_id}"]
+        spec = spec.scaled(divisor) if divisor > 1 else spec
+        names = [model.labels[value] for value in sorted(model.labels)]
+        folders.append(write_example_model(results, spec, seed=seed + index, folds=(model.fold,), names=names))
+    return folders

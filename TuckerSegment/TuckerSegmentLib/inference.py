@@ -104,14 +104,19 @@ class Segmenter:
 
     def __init__(self, model: str | Path | ModelFolder, fold: Fold | None = None, device: str = "auto",
                  tile_step: float = 0.8, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
-                 trust_checkpoint: bool = False, name: str | None = None) -> None:
+                 trust_checkpoint: bool = False, name: str | None = None, network: torch.nn.Module | None = None,
+                 policy: str = "original") -> None:
+        """``network``: run this network (e.g. compressed in memory, described by ``policy``) instead of the
+        fold's saved weights; the folder then only supplies plans and labels."""
         self.model = model if isinstance(model, ModelFolder) else ModelFolder.open(model)
         self.name = name or self.model.name
-        self.fold = str(fold) if fold is not None else self.model.folds[0]
+        self.fold = str(fold) if fold is not None else (self.model.folds[0] if network is None else "0")
         self.device = resolve_device(device)
         self.max_voxels = int(max_voxels)
         self.segments = segment_labels(self.model.dataset_json, self.model.path)
-        if self.model.is_compressed_fold(self.fold):
+        if network is not None:
+            network, axes, self.policy = network.eval(), None, policy
+        elif self.model.is_compressed_fold(self.fold):
             network = self.model.load_network(self.fold)
             record = self.model.tucker_record(self.fold)
             axes = record.get("inference_allowed_mirroring_axes")

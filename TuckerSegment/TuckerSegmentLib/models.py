@@ -1,100 +1,103 @@
-"""Which model segments: a folder the user names, a bundled model by id, or ``auto``.
+"""Which model segments: ``--model`` and ``--task`` resolved against the variants catalogue and this machine.
 
-``auto`` takes TotalSegmentator's single-model 3 mm task (all 117 structures) when its weights are
-installed where TotalSegmentator keeps them, and otherwise the bundled demo variant with the
-fewest FLOPs whose measured held-out Dice is within ``DICE_TOLERANCE`` of the original's.
+``auto`` picks the task first (on a GPU TotalSegmentator's 1.5 mm ``total``, on a CPU its 3 mm
+``fast``, as TotalSegmentator advises; then the others; the bundled demo last), then the variant and
+device with ``selection.select_variant``. A catalogue id runs that variant; a folder path runs that
+nnU-Net model folder as it is.
 """
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .catalogue import BUNDLED_DIR, READY, Variant, catalogue, task_of
 from .errors import ModelFolderError
-from .labels import RESOURCES
+from .hardware import DeviceInfo, detect_devices
+from .selection import Selection, select_variant
 
-BUNDLED_DIR = RESOURCES / "Models"
 BUNDLED_CATALOGUE = BUNDLED_DIR / "models.json"
-DICE_TOLERANCE = 0.01
-TOTALSEGMENTATOR_FAST = ("Dataset297_TotalSegmentator_total_3mm_1559subj",
-                         "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres")
+TASK_ORDER = {"cuda": ("total", "fast", "fastest", "demo"), "mps": ("fast", "total", "fastest", "demo"),
+              "cpu": ("fast", "fastest", "total", "demo")}
 
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """A model folder to run and why it was chosen."""
+    """What to run (one or more model folders), where, and why."""
 
     id: str
-    path: Path
+    folders: tuple[Path, ...]
+    device: str  # torch device: "cpu", "cuda:0", "mps"
     reason: str
+    label_maps: list[dict[int, tuple[int, str]]] | None = None  # the task's class maps (TotalSegmentator)
+    selection: Selection | None = None  # catalogue choices only
 
 
-def bundled_models(catalogue: Path = BUNDLED_CATALOGUE) -> list[dict[str, Any]]:
-    """The bundled models' catalogue entries (id, folder, policy, params, flops, measured quality)."""
-    if not catalogue.is_file():
+def bundled_models(record: Path = BUNDLED_CATALOGUE) -> list[dict[str, Any]]:
+    """The bundled demo models' build record (id, folder, policy, size, held-out Dice per structure)."""
+    if not record.is_file():
         return []
-    entries = json.loads(catalogue.read_text())["models"]
+    entries = json.loads(record.read_text())["models"]
     for entry in entries:
-        entry["path"] = catalogue.parent / entry["folder"]
+        entry["path"] = record.parent / entry["folder"]
     return entries
 
 
-def totalsegmentator_results_dirs() -> list[Path]:
-    """Where TotalSegmentator (and its Slicer extension) keep nnU-Net results, in lookup order."""
-    dirs = []
-    if os.environ.get("TOTALSEG_WEIGHTS_PATH"):
-        dirs.append(Path(os.environ["TOTALSEG_WEIGHTS_PATH"]))
-    home = Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator"))
-    dirs.append(home / "nnunet" / "results")
-    return dirs
+def usable_devices(device: str, devices: Sequence[DeviceInfo]) -> list[DeviceInfo]:
+    """The described devices that ``--device`` allows, preferred first."""
+    name = device.lower()
+    if name == "auto":
+        return list(devices)
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ModelFolderError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    chosen = [d for d in devices if d.kind == kind and (not index or d.index == int(index))]
+    if not chosen:
+        found = ", ".join(d.name for d in devices)
+        raise ModelFolderError(f"device {device} requested but not found (found: {found}); use --device auto or cpu, "
+                               "or install a PyTorch build that sees the GPU")
+    return chosen
 
 
-def find_totalsegmentator_fast() -> Path | None:
-    """TotalSegmentator's 3 mm model folder when its fold 0 weights are present."""
-    dataset, trainer = TOTALSEGMENTATOR_FAST
-    for root in totalsegmentator_results_dirs():
-        folder = root / dataset / trainer
-        if (folder / "plans.json").is_file() and (folder / "fold_0" / "checkpoint_final.pth").is_file():
-            return folder
-    return None
+def from_selection(selection: Selection) -> ModelChoice:
+    variant = selection.variant
+    task = task_of(variant)
+    return ModelChoice(variant.id, variant.folders, selection.device.torch_device, selection.reason,
+                       task.label_maps() if task is not None else None, selection)
 
 
-def auto_bundled(entries: list[dict[str, Any]]) -> ModelChoice:
-    """The bundled variant with the fewest FLOPs whose held-out Dice is within tolerance of the original."""
-    original = next((e for e in entries if e["policy"] == "original"), None)
-    if original is None:
-        raise ModelFolderError(f"no bundled model in {BUNDLED_DIR}; the installation is incomplete (reinstall "
-                               "TuckerSegment) or pass --model with an nnU-Net model folder")
-    floor = original["mean_dice"] - DICE_TOLERANCE
-    good = [e for e in entries if e.get("mean_dice") is not None and e["mean_dice"] >= floor]
-    best = min(good, key=lambda e: e["flops"])
-    if best is original:
-        reason = (f"no TotalSegmentator weights found; bundled demo model, original: no compressed variant keeps "
-                  f"held-out Dice within {DICE_TOLERANCE:.2f} of {original['mean_dice']:.3f}")
-    else:
-        reason = (f"no TotalSegmentator weights found; bundled demo model, fewest FLOPs ({best['flops'] / 1e9:.1f} vs "
-                  f"{original['flops'] / 1e9:.1f} G per patch) with held-out Dice {best['mean_dice']:.3f} within "
-                  f"{DICE_TOLERANCE:.2f} of the original's {original['mean_dice']:.3f}")
-    return ModelChoice(best["id"], best["path"], reason)
+def auto_task(variants: Sequence[Variant], device: DeviceInfo) -> str:
+    """The first task, in the order for this kind of device, that has a ready variant."""
+    for task in TASK_ORDER[device.kind]:
+        if any(v.task == task and v.availability in READY for v in variants):
+            return task
+    raise ModelFolderError("no model is ready on this machine (not even the bundled demo model): reinstall "
+                           "TuckerSegment, or pass --model with an nnU-Net model folder")
 
 
-def choose_model(model: str | Path | None = "auto") -> ModelChoice:
-    """Resolve ``--model``: ``auto``, a bundled model id, or a model folder path."""
+def choose_model(model: str | Path | None = "auto", task: str = "auto", device: str = "auto",
+                 variants: Sequence[Variant] | None = None, devices: Sequence[DeviceInfo] | None = None) -> ModelChoice:
+    """Resolve ``--model`` (auto, a variant id, or a model folder) and ``--task`` (auto or a task name)."""
     model = "auto" if model is None else str(model)
-    entries = bundled_models()
-    if model == "auto":
-        fast = find_totalsegmentator_fast()
-        if fast is not None:
-            return ModelChoice("totalsegmentator-fast", fast, f"TotalSegmentator 3 mm weights found in {fast.parents[1]}")
-        return auto_bundled(entries)
-    by_id = {e["id"]: e for e in entries}
-    if model in by_id:
-        return ModelChoice(model, by_id[model]["path"], "bundled model named on the command line")
-    path = Path(model).expanduser()
-    if path.exists():
-        return ModelChoice(path.name, path, "model folder named on the command line")
-    ids = ", ".join(by_id) or "none installed"
-    raise ModelFolderError(f"--model {model}: no such folder and no bundled model of that id (bundled: {ids}); "
-                           "pass an nnU-Net model folder, a bundled id, or auto")
+    variants = catalogue() if variants is None else variants
+    devices = usable_devices(device, detect_devices() if devices is None else devices)
+    ids = {v.id: v for v in variants}
+    if model in ids:
+        variant = ids[model]
+        return from_selection(select_variant(variants, devices, variant.task, preference=model))
+    if model != "auto":
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise ModelFolderError(f"--model {model}: no such folder and no variant of that id (variants: "
+                                   f"{', '.join(ids)}); pass an nnU-Net model folder, a variant id, or auto")
+        return ModelChoice(path.name, (path,), devices[0].torch_device, f"model folder named on the command line, "
+                                                                        f"on {devices[0].name}")
+    if task == "auto":
+        task = auto_task(variants, devices[0])
+        selection = select_variant(variants, devices, task)
+        first = TASK_ORDER[devices[0].kind][0]
+        why = "" if task == first else f" ({first} is not ready here: tuckersegment variants shows how to get it)"
+        return from_selection(Selection(selection.variant, selection.device, selection.reason + why))
+    return from_selection(select_variant(variants, devices, task))

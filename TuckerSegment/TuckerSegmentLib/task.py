@@ -8,14 +8,14 @@ structure into one label map with one value per structure.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .errors import VolumeError
-from .inference import Cancel, Progress, SegmentationResult, Segmenter
+from .inference import TOTALSEGMENTATOR_MAX_VOXELS, Cancel, Progress, SegmentationResult, Segmenter
 from .labels import SegmentLabel, label_values, segment_labels
 from .model_folder import ModelFolder
 from .volume import Volume, checked_volume
@@ -32,24 +32,33 @@ class _Member:
 class TaskSegmenter:
     """Segment with one or more models; models are loaded lazily and kept for the next volume."""
 
-    def __init__(self, models: Sequence[str | Path | ModelFolder], name: str | None = None, **segmenter_options) -> None:
+    def __init__(self, models: Sequence[str | Path | ModelFolder], name: str | None = None,
+                 label_maps: Sequence[Mapping[int, tuple[int, str]]] | None = None, **segmenter_options) -> None:
+        """``label_maps``: per model, its own label value -> (task value, structure name); names and values
+        then come from the task (as TotalSegmentator's class maps), not from each dataset.json."""
         if not models:
             raise VolumeError("a segmentation task needs at least one model folder")
         folders = [m if isinstance(m, ModelFolder) else ModelFolder.open(m) for m in models]
+        if label_maps is not None and len(label_maps) != len(folders):
+            raise VolumeError(f"{len(label_maps)} label maps for {len(folders)} models; give one per model")
         self._options = segmenter_options
+        self.max_voxels: int | None = None  # set to predict in smaller slabs (see runner.cpu_slab_voxels)
         self._members: list[_Member] = []
         self.segments: list[SegmentLabel] = []
-        for folder in folders:
-            own = segment_labels(folder.dataset_json, folder.path)
+        for index, folder in enumerate(folders):
+            mapping = label_maps[index] if label_maps is not None else None
+            own = segment_labels(_mapped_dataset(folder, mapping) if mapping else folder.dataset_json, folder.path)
             values = {}
             for segment in own:
                 if any(s.name == segment.name for s in self.segments):
                     raise VolumeError(f"structure {segment.name!r} is segmented by two models of the task "
                                       f"(second: {folder.path}); a task's models must hold distinct structures")
-                value = segment.value if len(folders) == 1 else len(self.segments) + 1
+                own_order = segment.value if len(folders) == 1 else len(self.segments) + 1
+                value = mapping[segment.value][0] if mapping else own_order
                 values[segment.value] = value
                 self.segments.append(replace(segment, value=value))
             self._members.append(_Member(folder, own, values))
+        self.segments.sort(key=lambda s: s.value)
         self.name = name or "+".join(f.name for f in folders)
 
     def loaded(self) -> list[bool]:
@@ -78,16 +87,28 @@ class TaskSegmenter:
             if member.segmenter is None:
                 part(0.0, f"loading {member.folder.name}")
                 member.segmenter = Segmenter(member.folder, **self._options)
-            names = [s.name for s in member.segments if wanted is None or s.name in wanted]
-            result = member.segmenter.predict(volume, part, cancel, names if wanted is not None else None)
+            member.segmenter.max_voxels = self.max_voxels or self._options.get("max_voxels", TOTALSEGMENTATOR_MAX_VOXELS)
+            result = member.segmenter.predict(volume, part, cancel)
             lookup = np.zeros(max(member.values) + 1, dtype=labels.dtype)
-            for own, value in member.values.items():
-                lookup[own] = value
-            found = result.labels > 0
-            labels[found] = lookup[result.labels[found]]
+            for segment in member.segments:
+                if wanted is None or segment.name in wanted:
+                    lookup[segment.value] = member.values[segment.value]
+            mapped = lookup[result.labels]
+            found = mapped > 0  # a later model overwrites an earlier one where both claim a voxel (as TotalSegmentator)
+            labels[found] = mapped[found]
             results.append(result)
         segments = [s for s in self.segments if wanted is None or s.name in wanted]
         devices = sorted({r.device for r in results})
         return SegmentationResult(volume.with_array(labels), segments, self.name, ",".join(devices) or "none",
                                   time.perf_counter() - start, sum(r.tiles for r in results),
                                   policy="; ".join(r.policy for r in results))
+
+
+def _mapped_dataset(folder: ModelFolder, mapping: Mapping[int, tuple[int, str]]) -> dict:
+    """``folder``'s dataset.json with its labels named by the task's class map; every label must be mapped."""
+    own = {v for v in folder.dataset_json.get("labels", {}).values() if isinstance(v, int) and v != 0}
+    unmapped = sorted(own - set(mapping))
+    if unmapped or not own:
+        raise VolumeError(f"{folder.path}: label values {unmapped or 'none'} of dataset.json are not in the task's class "
+                          "map; the folder holds another model than the task expects (check the dataset id)")
+    return {**folder.dataset_json, "labels": {"background": 0} | {mapping[v][1]: v for v in sorted(own)}}

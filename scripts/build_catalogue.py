@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Write ``TuckerSegment/Resources/variants.json``: every task's original and uniform-rule variants, measured.
+
+Per entry: parameters, FLOPs per patch and weight bytes (from the network structure built from the
+plans, counted on the meta device); peak CPU memory of a fresh subprocess segmenting a volume of
+exactly one patch at the model spacing (its VmHWM); relative CPU time of one patch forward pass
+(variants and original interleaved in one run, median of ``--repeats``). TotalSegmentator weights
+are not available to this project, so its networks carry random weights: structure, memory and
+speed do not depend on the values. Quality figures are the paper's (TotalSegmentator, no fine-
+tuning) or this project's own measurement (the bundled demo model, from ``models.json``).
+
+Usage: python scripts/build_catalogue.py [--repeats 3] [--skip-measure]   (about 15 min on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from TuckerSegmentLib.catalogue import BUNDLED_DIR, CATALOGUE, SCHEMA, STANDARD_VOLUME_MM, standard_voxels
+from TuckerSegmentLib.compression import apply_plans, plan_layers
+from TuckerSegmentLib.example_models import EXAMPLE_SPECS, example_model
+from TuckerSegmentLib.model_folder import ModelFolder
+from TuckerSegmentLib.policies import UniformPolicy
+from TuckerSegmentLib.stats import FLOP_CONVENTION, network_stats
+from TuckerSegmentLib.totalsegmentator import tasks
+
+FACTORS = (0.7, 0.5, 0.3)
+PAPER = "Weber et al. 2024 (arXiv 2404.09683), mean Dice without fine-tuning, read from the paper's plots (approximate)"
+# Published mean Dice without fine-tuning (../shared/reference/README.md): factor -> Dice, "original" included.
+PUBLISHED_DICE = {"total": {"original": 0.93, 0.7: 0.93, 0.5: 0.88, 0.3: 0.31},
+                  "fast": {"original": 0.80, 0.7: 0.18}}
+# Published GPU time per 128^3 forward pass of the 1.5 mm model (ms, fp32): class -> {factor: ms}.
+PAPER_GPU_MS = {"GTX 1080": {"original": 237.7, 0.7: 230.9, 0.5: 179.0},
+                "RTX 2080 Ti": {"original": 127.8, 0.7: 121.2, 0.5: 84.6},
+                "RTX 3090": {"original": 60.1, 0.7: 96.8, 0.5: 63.2},
+                "A100": {"original": 32.1, 0.7: 41.6, 0.5: 28.0}}
+# The part with the largest output head stands for the five 1.5 mm parts (same plans otherwise).
+MEASURED_SPEC = {"total": "Dataset292", "fast": "Dataset297", "fastest": "Dataset298"}
+DEMO_ID = "chest-demo"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "variants.md"
+
+
+def bytes_per_voxel(outputs: int) -> int:
+    """nnU-Net's per-voxel buffers at the model spacing: half-precision logits and counts, then float
+    probabilities per output, the image and the labels (an estimate; the tile term is measured)."""
+    return 6 * outputs + 16
+
+
+def network_for(folder: ModelFolder, policy: UniformPolicy | None, device: str = "meta") -> torch.nn.Module:
+    with torch.device(device):
+        network = folder.build_network()
+    if policy is not None:
+        apply_plans(network, plan_layers(network, policy, folder.example_input()))
+    return network.eval()
+
+
+def policy_dict(factor: float | None) -> Any:
+    return "original" if factor is None else UniformPolicy(factor).to_dict()
+
+
+def child_peak_memory(spec: str, factor: float | None, device: str) -> None:
+    """(Child process) segment one patch-sized volume on ``device``; print the peak in bytes: resident
+    memory on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA."""
+    from TuckerSegmentLib.inference import Segmenter
+    from TuckerSegmentLib.volume import Volume
+    torch.set_num_threads(2)
+    folder = ModelFolder.open(BUNDLED_DIR / DEMO_ID) if spec == DEMO_ID else example_model(spec)
+    policy = UniformPolicy(factor) if factor is not None else None
+    if spec == DEMO_ID:
+        network = folder.load_network(folder.folds[0])
+        if policy is not None:
+            from TuckerSegmentLib.compression import compress_network
+            compress_network(network, policy, folder.example_input())
+    else:
+        network = network_for(folder, policy, "cpu")
+    segmenter = Segmenter(folder, device=device, network=network, policy=repr(policy))
+    spacing = np.asarray(folder.configuration_manager.spacing, dtype=float)
+    shape = tuple(folder.patch_size)
+    affine = np.diag([*spacing[::-1], 1.0])
+    image = np.random.default_rng(0).normal(0, 300, shape).astype(np.float32)
+    segmenter.segment(Volume(image, affine))
+    print(torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss())
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux: VmHWM (``ru_maxrss`` would carry over the
+    parent's peak through fork and exec); elsewhere ``ru_maxrss``."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_memory(spec: str, factor: float | None, device: str = "cpu") -> int:
+    command = [sys.executable, __file__, "--child", spec, "original" if factor is None else str(factor), device]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def relative_times(spec: str, repeats: int) -> dict[Any, float]:
+    """Median time of one patch forward per policy, relative to the original, interleaved."""
+    folder = ModelFolder.open(BUNDLED_DIR / DEMO_ID) if spec == DEMO_ID else example_model(spec)
+    networks = {f: network_for(folder, UniformPolicy(f) if f else None, "cpu") for f in (None, *FACTORS)}
+    x = torch.randn(folder.example_input().shape)
+    times: dict[Any, list[float]] = {f: [] for f in networks}
+    with torch.inference_mode():
+        for network in networks.values():
+            network(x)  # warm-up
+        for _ in range(repeats):
+            for f, network in networks.items():
+                start = time.perf_counter()
+                network(x)
+                times[f].append(time.perf_counter() - start)
+    base = statistics.median(times[None])
+    return {f: statistics.median(t) / base for f, t in times.items()}
+
+
+def structure_stats(spec: str, factor: float | None) -> dict[str, int]:
+    folder = ModelFolder.open(BUNDLED_DIR / DEMO_ID) if spec == DEMO_ID else example_model(spec)
+    stats = network_stats(network_for(folder, UniformPolicy(factor) if factor else None), folder.example_input())
+    return {"params": stats.params, "flops": stats.flops, "weights_bytes": stats.weight_bytes}
+
+
+def quality(task: str, factor: float | None, demo: dict[str, Any] | None) -> dict[str, Any]:
+    if demo is not None:
+        original = demo["original"]["mean_dice"]
+        mine = demo["models"][factor]["mean_dice"]
+        return {"kind": "measured", "mean_dice": round(mine, 4), "original_dice": round(original, 4),
+                "how": "held-out half of the bundled sample CT (7 structures), scripts/build_demo_variants.py; "
+                       "per-structure Dice in Resources/Models/models.json"}
+    published = PUBLISHED_DICE.get(task, {})
+    key = factor if factor is not None else "original"
+    if key in published:
+        return {"kind": "published", "mean_dice": published[key], "original_dice": published["original"],
+                "how": PAPER}
+    return {"kind": "unmeasured", "mean_dice": None, "original_dice": published.get("original"),
+            "how": "no published or local measurement without fine-tuning"}
+
+
+def speed(task: str, factor: float | None, cpu: dict[Any, float]) -> dict[str, Any]:
+    if factor is None:
+        return {}
+    entries = {"cpu": {"relative_time": round(cpu[factor], 3),
+                       "source": f"measured here: one patch forward, {platform.machine()} CPU, 2 threads"}}
+    if task == "total":
+        for cls, ms in PAPER_GPU_MS.items():
+            if factor in ms:
+                entries[cls] = {"relative_time": round(ms[factor] / ms["original"], 3),
+                                "source": "Weber et al. 2024, 128^3 forward pass, fp32"}
+    return entries
+
+
+def entries(repeats: int, measure: bool) -> list[dict[str, Any]]:
+    demo_record = json.loads((BUNDLED_DIR / "models.json").read_text())
+    demo_models = {(None if m["policy"] == "original" else m["policy"]["params"]["factor"]): m
+                   for m in demo_record["models"]}
+    result = []
+    for task in (*tasks(), "demo"):
+        spec = MEASURED_SPEC.get(task, DEMO_ID)
+        ts_task = tasks().get(task)
+        cpu = relative_times(spec, repeats) if measure else {f: None for f in FACTORS}
+        for factor in (None, *FACTORS):
+            name = "original" if factor is None else f"tucker-{factor}"
+            if ts_task is not None:
+                specs = [f"Dataset{m.task_id}" for m in ts_task.models]
+                parts = [structure_stats(s, factor) for s in specs]
+                figures = {k: sum(p[k] for p in parts) for k in ("params", "flops", "weights_bytes")}
+                source = {"release": ts_task.release, "datasets": [m.dataset for m in ts_task.models], "sha256": {}}
+                spacing, outputs = ts_task.spacing_mm, max(EXAMPLE_SPECS[s].num_foreground + 1 for s in specs)
+                entry_id = task if factor is None else f"{task}-{name}"
+            else:
+                m = demo_models[factor]
+                figures = {k: m[k] for k in ("params", "flops", "weights_bytes")}
+                source = {"bundled": m["folder"]}
+                spacing, outputs, entry_id = 3.0, len(demo_record["voxel_counts"]) + 1, m["id"]
+            tile = peak_memory(spec, factor) if measure else None
+            cuda = ({"tile_bytes": peak_memory(spec, factor, "cuda"), "bytes_per_voxel": bytes_per_voxel(outputs),
+                     "measured_on": spec, "device": torch.cuda.get_device_name()}
+                    if measure and torch.cuda.is_available() else None)
+            result.append({
+                "id": entry_id, "task": task, "policy": policy_dict(factor), "source": source,
+                "spacing_mm": spacing, "outputs": outputs, **figures,
+                "peak_memory": {"cpu": {"tile_bytes": tile, "bytes_per_voxel": bytes_per_voxel(outputs),
+                                        "measured_on": spec},
+                                "cuda": cuda},
+                "quality": quality(task, factor, {"original": demo_models[None], "models": demo_models}
+                                   if ts_task is None else None),
+                "speed": speed(task, factor, cpu) if measure else {},
+                "notes": "figures from an assumed architecture (Dataset298 plans unavailable)" if task == "fastest" else "",
+            })
+            print(f"{entry_id}: {figures['params'] / 1e6:.2f} M params, peak {tile} bytes", flush=True)
+    return result
+
+
+def write_docs(catalogue: dict[str, Any], path: Path) -> None:
+    """The catalogue as a Markdown table (docs/variants.md)."""
+    gib = 2 ** 30
+    lines = ["# Variants catalogue", "",
+             f"Generated by `scripts/build_catalogue.py` from `TuckerSegment/Resources/variants.json` "
+             f"({catalogue['measured_on']}). FLOPs: {catalogue['flop_convention']}.", "",
+             f"Peak memory: {catalogue['peak_memory']}", "",
+             "CPU time: one patch forward pass relative to the original, interleaved in one run (median of "
+             "repeats). TotalSegmentator networks carry random weights (same structure, memory and speed). "
+             "Dice loss: points below the original, published (Weber et al. 2024, read from plots, no "
+             "fine-tuning) or measured here (demo model).", "",
+             "| id | params (M) | GFLOPs/patch | weights (MB) | peak RAM, one tile (GiB) | standard volume (GiB) "
+             "| CPU time vs original | Dice loss (points) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in catalogue["variants"]:
+        cpu = v["peak_memory"]["cpu"]
+        standard = cpu["tile_bytes"] + cpu["bytes_per_voxel"] * standard_voxels(v["spacing_mm"])
+        q = v["quality"]
+        loss = ("reference" if v["policy"] == "original" else "unmeasured" if q["mean_dice"] is None
+                else f"{100 * (q['original_dice'] - q['mean_dice']):.1f} ({q['kind']})")
+        speed = v["speed"].get("cpu", {}).get("relative_time")
+        lines.append(f"| {v['id']} | {v['params'] / 1e6:.2f} | {v['flops'] / 1e9:.1f} | {v['weights_bytes'] / 1e6:.1f} "
+                     f"| {cpu['tile_bytes'] / gib:.2f} | {standard / gib:.2f} | {1.0 if speed is None else speed:.2f} "
+                     f"| {loss} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-measure", action="store_true", help="structure figures only (no memory/speed)")
+    parser.add_argument("--docs-only", action="store_true", help="only rewrite docs/variants.md from the catalogue")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_peak_memory(args.child[0], None if args.child[1] == "original" else float(args.child[1]), args.child[2])
+        return
+    if args.docs_only:
+        write_docs(json.loads(CATALOGUE.read_text()), DOCS)
+        return
+    torch.set_num_threads(2)
+    catalogue = {
+        "schema": SCHEMA,
+        "generated_by": "scripts/build_catalogue.py",
+        "measured_on": f"{platform.machine()}, 2 CPU threads, torch {torch.__version__}, {date.today().isoformat()}",
+        "flop_convention": FLOP_CONVENTION,
+        "peak_memory": "cpu.tile_bytes: peak RSS of a fresh process segmenting one patch-sized volume at the model "
+                       "spacing (measured on the network named in measured_on: the task's model with the largest "
+                       "output head); expected peak for a volume = tile_bytes + bytes_per_voxel x voxels at the model "
+                       f"spacing (an estimate of nnU-Net's buffers); standard volume {STANDARD_VOLUME_MM} mm. "
+                       + ("cuda: the same volume, torch.cuda.max_memory_allocated on the named device"
+                          if torch.cuda.is_available() else
+                          "cuda: unmeasured (no GPU here); selection then uses the CPU figure"),
+        "variants": entries(args.repeats, not args.skip_measure),
+    }
+    CATALOGUE.write_text(json.dumps(catalogue, indent=1) + "\n")
+    write_docs(catalogue, DOCS)
+    print(f"wrote {CATALOGUE} and {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
