@@ -156,14 +156,14 @@ def _variants(args: argparse.Namespace) -> int:
                           "devices": [d.describe() for d in devices]}, indent=1))
         return 0
     print(f"devices: {'; '.join(d.describe() for d in devices)}")
-    print(f"{'id':<24} {'availability':<10} {'params':>9} {'FLOPs/patch':>12} {'peak RAM':>9} {'Dice loss':>10}")
+    print(f"{'id':<22} {'availability':<12} {'params':>9} {'FLOPs/patch':>12} {'peak RAM':>9} {'Dice loss':>12}")
     for v in variants:
         loss = v.dice_loss()
         peak = v.memory_bytes("cpu")[0]
         loss_text = ("reference" if v.original else "unmeasured" if loss is None
                      else f"{100 * loss:.1f} ({v.quality['kind'][:4]}.)")
-        print(f"{v.id:<24} {v.availability:<10} {_millions(v.params):>9} {_giga(v.flops):>12} "
-              f"{'?' if peak is None else f'{peak / GB:.1f} GiB':>9} {loss_text:>10}")
+        print(f"{v.id:<22} {v.availability:<12} {_millions(v.params):>9} {_giga(v.flops):>12} "
+              f"{'?' if peak is None else f'{peak / GB:.1f} GiB':>9} {loss_text:>12}")
     print(f"peak RAM: CPU, standard volume {STANDARD_VOLUME_MM} mm; FLOPs: {FLOP_CONVENTION}; Dice loss: points below "
           "the original (published or measured)")
     print(f"auto: {auto['id'] or 'none'}: {auto['reason']}")
