@@ -20,9 +20,11 @@ from .models import choose_model, usable_devices
 from .runner import SafeTask
 from .totalsegmentator import tasks
 from .variant_build import build_variant
-from .policies import UniformPolicy
+from .policies import BudgetPolicy, EnergyPolicy, RankPolicy, UniformPolicy, VBMFPolicy
 from .stats import FLOP_CONVENTION
 from .volume import IntensityWarning
+
+DEFAULT_TARGET_FLOPS = 0.5
 
 
 def _fold(text: str) -> int | str:
@@ -60,7 +62,10 @@ def _print_info(info: dict[str, Any]) -> None:
 
 def _print_report(fold: str, report: CompressionReport) -> None:
     before, after = report.before, report.after
-    print(f"fold {fold}: {len(report.plans)} layers decomposed, {len(report.unused_layers)} unused layers kept dense")
+    source = (f"activation-aware, {report.calibration_inputs} calibration patches" if report.calibration_inputs
+              else "weight-only")
+    print(f"fold {fold}: {report.policy['name']} {report.policy['params']} ({source}): {len(report.plans)} layers "
+          f"decomposed, {len(report.unused_layers)} unused layers kept dense")
     print(f"  {'':<12} {'original':>12} {'compressed':>12} {'ratio':>7}")
     for label, a, b, fmt in (("parameters", before.params, after.params, _millions),
                              ("FLOPs/patch", before.flops, after.flops, _giga),
@@ -76,12 +81,28 @@ def _progress(fold_label: str):
     return report
 
 
+def _policy(args: argparse.Namespace) -> RankPolicy:
+    """The rank policy the compress options ask for (default: a FLOP budget of 0.5)."""
+    name = args.policy or ("uniform" if args.factor is not None else "budget")
+    if name == "uniform":
+        if args.factor is None:
+            raise TuckerSegmentError("--policy uniform needs --factor F (the fraction of channels each factor keeps)")
+        return UniformPolicy(args.factor, rank_min=args.rank_min)
+    if name == "energy":
+        return EnergyPolicy(args.keep)
+    if name == "vbmf":
+        return VBMFPolicy()
+    if args.target_flops is None and args.target_params is None:
+        return BudgetPolicy(target_flops=DEFAULT_TARGET_FLOPS)
+    return BudgetPolicy(target_flops=args.target_flops, target_params=args.target_params)
+
+
 def _compress(args: argparse.Namespace) -> int:
-    policy = UniformPolicy(args.factor, rank_min=args.rank_min)
+    policy = _policy(args)
     progress = None if args.quiet else _progress("decomposing ")
     reports = compress_model_folder(args.model_dir, args.out_dir, policy, folds=args.fold,
                                     configuration=args.configuration, trust=args.trust_checkpoint,
-                                    overwrite=args.overwrite, progress=progress)
+                                    overwrite=args.overwrite, progress=progress, calibration=args.calibration)
     if args.json:
         print(json.dumps({fold: report.to_dict() for fold, report in reports.items()}, indent=1))
     else:
@@ -213,9 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="compress an nnU-Net v2 trained model folder")
     compress.add_argument("model_dir", help="nnU-Net v2 trained model folder (plans.json, dataset.json, fold_N/)")
     compress.add_argument("out_dir", help="new folder for the compressed model (written atomically)")
-    compress.add_argument("--factor", type=float, required=True,
-                          help="fraction of channels each factor keeps, in (0, 1] (the paper's DF)")
-    compress.add_argument("--rank-min", type=int, default=8, help="smallest rank of any factor (default 8)")
+    compress.add_argument("--policy", choices=("budget", "uniform", "energy", "vbmf"),
+                          help="rank policy (default: budget, or uniform when --factor is given)")
+    compress.add_argument("--target-flops", type=float,
+                          help=f"budget: fraction of the original FLOPs to keep (default {DEFAULT_TARGET_FLOPS})")
+    compress.add_argument("--target-params", type=float, help="budget: fraction of the original parameters to keep")
+    compress.add_argument("--calibration", nargs="+", metavar="CT",
+                          help="unlabeled CT volumes (NIfTI/NRRD) for activation-aware compression: factors and ranks "
+                               "then minimise each layer's output error on them (recommended)")
+    compress.add_argument("--factor", type=float,
+                          help="uniform: fraction of channels each factor keeps, in (0, 1] (the paper's DF)")
+    compress.add_argument("--rank-min", type=int, default=8, help="uniform: smallest rank of any factor (default 8)")
+    compress.add_argument("--keep", type=float, default=0.95, help="energy: fraction of the energy kept (default 0.95)")
     compress.add_argument("--fold", type=_fold, nargs="+", default=[0], help="fold(s) to compress (default 0)")
     compress.add_argument("--configuration", help="plans configuration (default: from the folder name)")
     compress.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")

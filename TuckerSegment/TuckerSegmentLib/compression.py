@@ -1,13 +1,14 @@
 """Compress a whole network in place: every decomposable layer replaced once, by object identity."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .calibration import LayerStatistics, collect_statistics
 from .decomposition import LayerPlan, channel_dims, decompose_conv, factorized_like, is_decomposable, relative_error
 from .errors import PolicyError, RankMismatchError
 from .policies import LayerInfo, RankPolicy
@@ -47,9 +48,10 @@ class CompressionReport:
     before: NetworkStats | None = None
     after: NetworkStats | None = None
     unused_layers: list[str] = field(default_factory=list)
+    calibration_inputs: int = 0  # unlabeled inputs the layer statistics came from (0: weight-only)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy,
+        return {"policy": self.policy, "calibration_inputs": self.calibration_inputs,
                 "before": self.before.to_dict() if self.before else None,
                 "after": self.after.to_dict() if self.after else None,
                 "unused_layers": self.unused_layers,
@@ -80,12 +82,13 @@ def replace_modules(network: nn.Module, replacements: Mapping[int, nn.Module]) -
     return rewritten
 
 
-def _layer_info(name: str, module: nn.Module, input_shape: tuple[int, ...] | None) -> LayerInfo:
+def _layer_info(name: str, module: nn.Module, input_shape: tuple[int, ...] | None,
+                output_shape: tuple[int, ...] | None) -> LayerInfo:
     c_out, c_in = channel_dims(module)
     flops = count_flops(module, input_shape, module.weight.dtype) if input_shape else None
     return LayerInfo(name=name, weight=module.weight.detach(), layer_type=type(module).__name__,
                      c_out=c_out, c_in=c_in, kernel_size=tuple(module.kernel_size),
-                     flops=flops, input_shape=input_shape)
+                     flops=flops, input_shape=input_shape, output_shape=output_shape)
 
 
 def _param_count(module: nn.Module) -> int:
@@ -110,14 +113,15 @@ def survey(network: nn.Module, example_input: torch.Tensor | None = None) -> Sur
     deep-supervision heads at inference) are set apart as unused.
     """
     layers = decomposable_layers(network)
-    before, unused, input_shapes = None, [], {}
+    before, unused, input_shapes, output_shapes = None, [], {}, {}
     if example_input is not None:
         probe = trace(network, example_input)
         before = stats_from_trace(network, probe, tuple(example_input.shape))
-        input_shapes = probe.input_shapes
+        input_shapes, output_shapes = probe.input_shapes, probe.output_shapes
         unused = [name for name, module in layers if id(module) not in probe.called]
         layers = [(name, module) for name, module in layers if id(module) in probe.called]
-    infos = [_layer_info(name, module, input_shapes.get(id(module))) for name, module in layers]
+    infos = [_layer_info(name, module, input_shapes.get(id(module)), output_shapes.get(id(module)))
+             for name, module in layers]
     return Survey(layers=layers, infos=infos, unused_layers=unused, before=before)
 
 
@@ -127,25 +131,36 @@ def plan_layers(network: nn.Module, policy: RankPolicy, example_input: torch.Ten
 
 
 def compress_network(network: nn.Module, policy: RankPolicy, example_input: torch.Tensor | None = None,
+                     calibration: Iterable[torch.Tensor] | None = None,
                      progress: Progress | None = None) -> CompressionReport:
     """Decompose ``network``'s layers in place as ``policy`` plans and report what changed.
 
-    ``example_input`` is as for ``survey``: with it, FLOPs are reported and unused layers stay dense.
+    ``example_input`` is as for ``survey``: with it, FLOPs are reported (and budgets can be planned)
+    and unused layers stay dense. ``calibration`` (unlabeled input tensors, e.g. patches of the user's
+    own CTs) makes compression activation-aware: the policy sees each layer's input/output statistics
+    and every factorised layer minimises its output error on them instead of the kernel error.
     """
     found = survey(network, example_input)
-    plans = policy.plan(found.infos)
+    stats: dict[str, LayerStatistics] = {}
+    if calibration is not None:
+        stats = collect_statistics(network, found.layers, calibration)
+    plans = policy.plan(found.infos, stats or None)
     unknown = sorted(set(plans) - {name for name, _ in found.layers})
     if unknown:
         raise PolicyError(f"{policy!r} planned layers that are not decomposable layers of this network: "
                           f"{', '.join(unknown[:3])}")
-    report = CompressionReport(policy=policy.to_dict(), before=found.before, unused_layers=found.unused_layers)
+    report = CompressionReport(policy=policy.to_dict(), before=found.before, unused_layers=found.unused_layers,
+                               calibration_inputs=max((s.calls for s in stats.values()), default=0))
     replacements: dict[int, nn.Module] = {}
     for done, ((name, module), info) in enumerate(zip(found.layers, found.infos, strict=True), start=1):
         plan = plans.get(name, LayerPlan())
         if plan.form == "dense":
             new, error, flops_after = module, 0.0, info.flops
         else:
-            new = decompose_conv(module, plan.rank_out, plan.rank_in)
+            layer_stats = stats.get(name)
+            new = decompose_conv(module, plan.rank_out, plan.rank_in,
+                                 in_cov=layer_stats.in_cov if layer_stats else None,
+                                 out_cov=layer_stats.out_cov if layer_stats else None)
             replacements[id(module)] = new
             error = relative_error(module, new)
             flops_after = count_flops(new, info.input_shape, module.weight.dtype) if info.input_shape else None

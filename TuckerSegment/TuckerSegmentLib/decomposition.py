@@ -143,14 +143,68 @@ def tucker_factors(conv: _ConvNd, plan: LayerPlan) -> tuple[torch.Tensor, torch.
     return as_tensor(core), as_tensor(by_mode.get(mode_out)), as_tensor(by_mode.get(mode_in))
 
 
-def decompose_conv(conv: _ConvNd, rank_out: int | None, rank_in: int | None) -> TuckerConv:
+def _contract(tensor: torch.Tensor, mode: int, matrix: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with its ``mode`` replaced by ``matrix``ᵀ applied to it: out[..j..] = Σ_c tensor[..c..] matrix[c, j]."""
+    return torch.tensordot(tensor, matrix, dims=([mode], [0])).movedim(-1, mode)
+
+
+def _sqrt_and_inverse(cov: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ^½ and Σ^-½ of a covariance, with eigenvalues floored relative to the largest (rank-deficient inputs)."""
+    values, vectors = torch.linalg.eigh(cov)
+    values = values.clamp_min(float(values.max().clamp_min(1e-30)) * floor)
+    return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+
+
+def output_aware_factors(conv: _ConvNd, plan: LayerPlan, in_cov: torch.Tensor | None,
+                         out_cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Factors that minimise the layer's *output* error on calibration data rather than the kernel error.
+
+    Input mode: the kernel is whitened by the input-channel covariance Σ_in (W' = W ×_in Σ_in^½), its
+    best rank-r_in input subspace V is taken, and the input factor A = Vᵀ Σ_in^-½ maps inputs to it, so
+    ‖(W − Ŵ) x‖ is minimal for inputs with that covariance. Output mode: the top r_out principal
+    directions of the layer's output covariance (before bias). ``None`` covariances fall back to the
+    kernel itself (identity input covariance, the kernel's output Gram), i.e. a truncated HOSVD.
+    Returns (core, U_out (Cout×r_out), Aᵀ (Cin×r_in)) in the layout of ``tucker_factors``.
+    """
+    _check(conv, plan)
+    mode_out, mode_in = _modes(conv)
+    weight = conv.weight.detach().to("cpu", torch.float64)
+    core, u_out, a_t = weight, None, None
+    if plan.rank_in is not None:
+        c_in = weight.shape[mode_in]
+        root, inverse_root = (torch.eye(c_in, dtype=torch.float64),) * 2 if in_cov is None else \
+            _sqrt_and_inverse(in_cov.to(torch.float64))
+        whitened = _contract(weight, mode_in, root)
+        unfolded = whitened.movedim(mode_in, 0).reshape(c_in, -1)
+        basis = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :plan.rank_in]  # Cin × r_in
+        core = _contract(whitened, mode_in, basis)
+        a_t = inverse_root @ basis  # Cin × r_in: the input factor's weight, transposed
+    if plan.rank_out is not None:
+        c_out = weight.shape[mode_out]
+        if out_cov is None:
+            unfolded = weight.movedim(mode_out, 0).reshape(c_out, -1)
+            out_cov = unfolded @ unfolded.T
+        values, vectors = torch.linalg.eigh(out_cov.to(torch.float64))
+        u_out = vectors[:, values.argsort(descending=True)[:plan.rank_out]]  # Cout × r_out
+        core = _contract(core, mode_out, u_out)
+    return core, u_out, a_t
+
+
+def decompose_conv(conv: _ConvNd, rank_out: int | None, rank_in: int | None,
+                   in_cov: torch.Tensor | None = None, out_cov: torch.Tensor | None = None,
+                   output_aware: bool = False) -> TuckerConv:
     """Tucker-2 (or one-sided, when a rank is ``None``) factorisation of ``conv`` as a ``TuckerConv``.
 
-    At full rank the result computes the same function as ``conv`` up to float rounding.
+    By default the kernel is decomposed by HOOI (the paper's ``partial_tucker``); with
+    ``output_aware`` (or any covariance given) by ``output_aware_factors``. At full rank either
+    computes the same function as ``conv`` up to float rounding.
     """
     plan = LayerPlan(rank_out=rank_out, rank_in=rank_in)
     module = factorized_like(conv, plan)
-    core, u_out, u_in = tucker_factors(conv, plan)
+    if output_aware or in_cov is not None or out_cov is not None:
+        core, u_out, u_in = output_aware_factors(conv, plan, in_cov, out_cov)
+    else:
+        core, u_out, u_in = tucker_factors(conv, plan)
     dtype = conv.weight.dtype
     extra = (1,) * len(conv.kernel_size)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import __version__
 from .atomic import atomic_output_dir, check_output_dir
+from .calibration_data import calibration_patches
 from .checkpoint import sha256_file
 from .compression import CompressionReport, Progress, compress_network
 from .errors import ModelFolderError
@@ -16,15 +17,19 @@ from .model_folder import Fold, ModelFolder, fold_dir_name
 from .policies import RankPolicy
 from .stats import FLOP_CONVENTION, network_stats
 from .tucker_format import TUCKER_JSON, WEIGHTS_FILE, save_weights, write_tucker_json
+from .volume import Volume, checked_volume
 
 COPIED_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", TERMINOLOGY_CSV)
 
 
 def compress_model_folder(source: str | Path, output: str | Path, policy: RankPolicy, folds: Sequence[Fold] = (0,),
                           configuration: str | None = None, trust: bool = False, overwrite: bool = False,
-                          progress: Progress | None = None) -> dict[str, CompressionReport]:
-    """Write a compressed copy of ``source`` to ``output``: all or nothing, the source untouched."""
+                          progress: Progress | None = None,
+                          calibration: Sequence[Volume | str | Path] | None = None) -> dict[str, CompressionReport]:
+    """Write a compressed copy of ``source`` to ``output``: all or nothing, the source untouched.
+    ``calibration``: unlabeled CT volumes (or files) for activation-aware compression."""
     model = ModelFolder.open(source, configuration)
+    volumes = [checked_volume(v) for v in calibration] if calibration else None  # bad files fail before any work
     if model.compressed:
         raise ModelFolderError(f"{model.path} is already compressed; compress the original nnU-Net model folder")
     fold_names = [str(f) for f in folds]
@@ -39,7 +44,8 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
                 shutil.copy2(model.path / name, staging / name)
         for fold in fold_names:
             network, checkpoint = model.load_original(fold, trust)
-            report = compress_network(network, policy, model.example_input(), progress=progress)
+            patches = list(calibration_patches(model, volumes)) if volumes else None
+            report = compress_network(network, policy, model.example_input(), calibration=patches, progress=progress)
             fold_dir = staging / fold_dir_name(fold)
             fold_dir.mkdir()
             weights_sha256 = save_weights(network, fold_dir / WEIGHTS_FILE)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .decomposition import LayerPlan
@@ -35,6 +36,11 @@ class LayerInfo:
     kernel_size: tuple[int, ...]
     flops: int | None = None
     input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+
+    @property
+    def transposed(self) -> bool:
+        return self.layer_type.startswith("ConvTranspose")
 
 
 class RankPolicy(ABC):
@@ -98,3 +104,244 @@ class UniformPolicy(RankPolicy):
     def plan(self, layers: Sequence[LayerInfo], calibration: Mapping[str, Any] | None = None) -> dict[str, LayerPlan]:
         return {layer.name: LayerPlan(rank_out=self.rank(layer.c_out), rank_in=self.rank(layer.c_in))
                 for layer in layers}
+
+
+def _modes(info: LayerInfo) -> tuple[int, int]:
+    """Weight modes holding (output, input) channels."""
+    return (1, 0) if info.transposed else (0, 1)
+
+
+def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
+    return weight.detach().to("cpu", torch.float64).movedim(mode, 0).reshape(weight.shape[mode], -1)
+
+
+def mode_energies(info: LayerInfo, stats: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel mode, the energy of each rank-one direction in descending order: (output, input).
+
+    Without statistics these are the squared singular values of the kernel's mode unfoldings (what a
+    truncation removes from the kernel); with calibration ``stats`` they are what a truncation removes
+    from the layer's output: eigenvalues of the output covariance, and squared singular values of the
+    kernel whitened by the input covariance (see ``decomposition.output_aware_factors``).
+    """
+    mode_out, mode_in = _modes(info)
+    if stats is None:
+        out = torch.linalg.svdvals(_unfold(info.weight, mode_out)) ** 2
+        inp = torch.linalg.svdvals(_unfold(info.weight, mode_in)) ** 2
+    else:
+        out = torch.linalg.eigvalsh(stats.out_cov).flip(0).clamp_min(0)
+        values, vectors = torch.linalg.eigh(stats.in_cov)
+        root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+        weight = info.weight.detach().to("cpu", torch.float64)
+        whitened = torch.tensordot(weight, root, dims=([mode_in], [0])).movedim(-1, mode_in)
+        inp = torch.linalg.svdvals(_unfold(whitened, mode_in)) ** 2
+    return out.numpy(), inp.numpy()
+
+
+def _discarded(energies: np.ndarray) -> np.ndarray:
+    """Fraction of the total energy lost when keeping rank r, for r = 0 … len(energies)."""
+    total = float(energies.sum())
+    tail = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]])
+    return tail / total if total > 0 else np.zeros_like(tail)
+
+
+def _plan(r_out: int, r_in: int, info: LayerInfo) -> LayerPlan:
+    return LayerPlan(rank_out=r_out if r_out < info.c_out else None, rank_in=r_in if r_in < info.c_in else None)
+
+
+class EnergyPolicy(RankPolicy):
+    """Per layer and channel mode, the smallest rank keeping a fraction ``keep`` of the energy: of the
+    kernel (weight-only) or, with calibration, of the layer's output."""
+
+    name = "energy"
+
+    def __init__(self, keep: float = 0.95) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise PolicyError(f"keep must be a fraction in (0, 1], got {keep!r} (e.g. 0.95 keeps 95 % of the energy)")
+        self.keep = float(keep)
+
+    def params(self) -> dict[str, Any]:
+        return {"keep": self.keep}
+
+    def rank(self, energies: np.ndarray) -> int:
+        kept = 1.0 - _discarded(energies)
+        return int(np.argmax(kept >= self.keep - 1e-12)) or 1
+
+    def plan(self, layers: Sequence[LayerInfo], calibration: Mapping[str, Any] | None = None) -> dict[str, LayerPlan]:
+        plans = {}
+        for layer in layers:
+            out, inp = mode_energies(layer, (calibration or {}).get(layer.name))
+            plans[layer.name] = _plan(self.rank(out), self.rank(inp), layer)
+        return plans
+
+
+def _evb_objective(noise: float, rows: int, cols: int, s2: np.ndarray, residual: float, x_bar: float) -> float:
+    """Nakajima et al. (2013) free energy of empirical VBMF as a function of the noise variance."""
+    alpha = rows / cols
+    x = s2 / (cols * noise)
+    big, small = x[x > x_bar], x[x <= x_bar]
+    tau = 0.5 * (big - (1 + alpha) + np.sqrt((big - (1 + alpha)) ** 2 - 4 * alpha))
+    return float(np.sum(small - np.log(small)) + np.sum(big - tau) + np.sum(np.log((tau + 1) / big))
+                 + alpha * np.sum(np.log(tau / alpha + 1)) + residual / (cols * noise)
+                 + (rows - len(s2)) * np.log(noise))
+
+
+def evbmf_rank(matrix: np.ndarray) -> int:
+    """The rank empirical variational Bayesian matrix factorisation keeps (Nakajima et al. 2013, global
+    analytic solution): singular values above the EVB threshold for the estimated noise variance."""
+    from scipy.optimize import minimize_scalar
+    rows, cols = matrix.shape
+    if rows > cols:
+        matrix, (rows, cols) = matrix.T, (cols, rows)
+    s = np.linalg.svd(matrix, compute_uv=False)
+    s2 = s ** 2
+    alpha = rows / cols
+    tau_bar = 2.5129 * np.sqrt(alpha)
+    x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
+    residual = max(float((matrix ** 2).sum() - s2.sum()), 0.0)
+    h_bar = min(int(np.ceil(rows / (1 + alpha))) - 1, len(s) - 1)
+    upper = (s2.sum() + residual) / (rows * cols)
+    lower = max(s2[h_bar] / (cols * x_bar) if h_bar >= 0 else 0.0, float(np.mean(s2[h_bar:])) / cols if h_bar >= 0 else 0.0)
+    if not 0 < lower < upper:
+        return len(s)
+    noise = minimize_scalar(_evb_objective, args=(rows, cols, s2, residual, x_bar), bounds=(lower, upper),
+                            method="bounded").x
+    threshold = np.sqrt(cols * noise * (1 + tau_bar) * (1 + alpha / tau_bar))
+    return max(1, int(np.sum(s > threshold)))
+
+
+class VBMFPolicy(RankPolicy):
+    """Ranks from empirical VBMF on each channel-mode unfolding of the kernel, as Kim et al. (2016) and
+    MUSCO choose Tucker-2 ranks."""
+
+    name = "vbmf"
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def plan(self, layers: Sequence[LayerInfo], calibration: Mapping[str, Any] | None = None) -> dict[str, LayerPlan]:
+        plans = {}
+        for layer in layers:
+            mode_out, mode_in = _modes(layer)
+            r_out = evbmf_rank(_unfold(layer.weight, mode_out).numpy())
+            r_in = evbmf_rank(_unfold(layer.weight, mode_in).numpy())
+            plans[layer.name] = _plan(r_out, r_in, layer)
+        return plans
+
+
+@dataclass(frozen=True)
+class _Option:
+    plan: LayerPlan
+    flops: float
+    params: float
+    error: float
+
+
+def _rank_grid(channels: int, steps: int = 64) -> list[int]:
+    """Candidate ranks 1 … channels: all of them for narrow layers, ``steps`` evenly spaced otherwise."""
+    if channels <= steps:
+        return list(range(1, channels + 1))
+    return sorted({max(1, round(channels * (i + 1) / steps)) for i in range(steps)})
+
+
+def layer_options(info: LayerInfo, stats: Any = None) -> list[_Option]:
+    """Every form and rank pair of a layer with its FLOPs, parameters and relative error (energy lost in
+    each channel mode; of the output when ``stats`` is given), reduced to the lower convex hull of
+    (cost, error) starting at the dense layer; forms that cost more than dense are left out."""
+    if info.flops is None or info.input_shape is None or info.output_shape is None:
+        raise PolicyError("a budget needs each layer's FLOPs: pass example_input (the network's input shape)")
+    out_e, in_e = mode_energies(info, stats)
+    lost_out, lost_in = _discarded(out_e), _discarded(in_e)
+    taps = math.prod(info.kernel_size)
+    in_vox, out_vox = math.prod(info.input_shape[2:]), math.prod(info.output_shape[2:])
+    options = []
+    for r_out in [*_rank_grid(info.c_out)[:-1], None]:
+        for r_in in [*_rank_grid(info.c_in)[:-1], None]:
+            a, b = r_in or info.c_in, r_out or info.c_out
+            flops = info.flops * a * b / (info.c_in * info.c_out) + 2 * (r_in or 0) * info.c_in * in_vox \
+                + 2 * (r_out or 0) * info.c_out * out_vox
+            params = taps * a * b + (r_in or 0) * info.c_in + (r_out or 0) * info.c_out
+            error = (lost_out[min(r_out, len(out_e))] if r_out else 0.0) + (lost_in[min(r_in, len(in_e))] if r_in else 0.0)
+            options.append(_Option(LayerPlan(rank_out=r_out, rank_in=r_in), flops, params, float(error)))
+    return options
+
+
+def _hull(options: list[_Option], cost: str) -> list[_Option]:
+    """Lower convex hull of (cost saved, error) from the dense option towards cheaper ones: along it the
+    error added per unit of cost saved only grows (Andrew's monotone chain)."""
+    dense = next(o for o in options if o.plan.form == "dense")
+    base = getattr(dense, cost)
+    points = sorted(((base - getattr(o, cost), o.error, o) for o in options if getattr(o, cost) < base),
+                    key=lambda p: (p[0], p[1]))
+    hull = [(0.0, 0.0, dense)]
+    for x, y, option in points:
+        if x == hull[-1][0]:
+            continue  # same saving, no better error
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
+            if (x1 - x0) * (y - y0) - (y1 - y0) * (x - x0) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append((x, y, option))
+    return [option for *_, option in hull]
+
+
+class BudgetPolicy(RankPolicy):
+    """A global allocator: keep ``target_flops`` (and/or ``target_params``) of the original, each a
+    fraction, with the least total error. Every layer's options lie on the convex hull of (cost,
+    relative error); starting from the dense network, the move that adds the least error per unit of
+    cost saved is taken until the budget is met, so the budget holds within one rank step and a layer
+    stays dense where decomposing it does not pay. With calibration statistics the error is the
+    layer's output error (activation-aware)."""
+
+    name = "budget"
+
+    def __init__(self, target_flops: float | None = None, target_params: float | None = None) -> None:
+        for label, value in (("target_flops", target_flops), ("target_params", target_params)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+                raise PolicyError(f"{label} must be a fraction of the original in (0, 1], got {value!r} "
+                                  "(e.g. 0.3 keeps 30 %)")
+        if target_flops is None and target_params is None:
+            raise PolicyError("a budget needs target_flops or target_params (fractions of the original to keep)")
+        self.target_flops = None if target_flops is None else float(target_flops)
+        self.target_params = None if target_params is None else float(target_params)
+
+    def params(self) -> dict[str, Any]:
+        return {"target_flops": self.target_flops, "target_params": self.target_params}
+
+    def plan(self, layers: Sequence[LayerInfo], calibration: Mapping[str, Any] | None = None) -> dict[str, LayerPlan]:
+        options = {layer.name: layer_options(layer, (calibration or {}).get(layer.name)) for layer in layers}
+        chosen = {name: next(o for o in opts if o.plan.form == "dense") for name, opts in options.items()}
+        for cost, target in (("flops", self.target_flops), ("params", self.target_params)):
+            if target is not None:
+                self._allocate(options, chosen, cost, target * sum(getattr(o, cost) for o in
+                                                                    (next(p for p in opts if p.plan.form == "dense")
+                                                                     for opts in options.values())))
+        return {name: option.plan for name, option in chosen.items()}
+
+    @staticmethod
+    def _allocate(options: Mapping[str, list[_Option]], chosen: dict[str, _Option], cost: str, budget: float) -> None:
+        """Greedy descent along each layer's hull until the summed ``cost`` is within ``budget``."""
+        hulls = {}
+        for name, opts in options.items():
+            current = chosen[name]
+            hulls[name] = [o for o in _hull(opts, cost) if getattr(o, cost) <= getattr(current, cost)]
+            if hulls[name][0] is not current:
+                hulls[name].insert(0, current)
+        position = dict.fromkeys(hulls, 0)
+        total = sum(getattr(o, cost) for o in chosen.values())
+        while total > budget:
+            best, best_slope = None, math.inf
+            for name, hull in hulls.items():
+                i = position[name]
+                if i + 1 < len(hull):
+                    saved = getattr(hull[i], cost) - getattr(hull[i + 1], cost)
+                    slope = (hull[i + 1].error - hull[i].error) / saved if saved > 0 else math.inf
+                    if slope < best_slope:
+                        best, best_slope = name, slope
+            if best is None:
+                raise PolicyError(f"the {cost} budget cannot be met even at rank 1 everywhere; choose a larger target")
+            position[best] += 1
+            nxt = hulls[best][position[best]]
+            total += getattr(nxt, cost) - getattr(chosen[best], cost)
+            chosen[best] = nxt

@@ -32,11 +32,12 @@ class NetworkStats:
 
 @dataclass
 class Trace:
-    """What one forward pass touched: total FLOPs, the modules called and each one's input shape."""
+    """What one forward pass touched: total FLOPs, the modules called and each one's input and output shape."""
 
     flops: int
     called: set[int] = field(default_factory=set)
     input_shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    output_shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,13 @@ def trace(module: nn.Module, example_input: torch.Tensor) -> Trace:
         if args and isinstance(args[0], torch.Tensor):
             result.input_shapes.setdefault(key, tuple(args[0].shape))
 
+    def after(mod: nn.Module, args: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            result.output_shapes.setdefault(original_id[id(mod)], tuple(output.shape))
+
     for sub in shadow.modules():
         sub.register_forward_pre_hook(hook)
+        sub.register_forward_hook(after)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         shadow(_meta_like(example_input))
     result.flops = int(counter.get_total_flops())
