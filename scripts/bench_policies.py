@@ -28,7 +28,7 @@ from TuckerSegmentLib.demo_data import chest_sample, holdout_mask
 from TuckerSegmentLib.inference import Segmenter
 from TuckerSegmentLib.model_folder import ModelFolder
 from TuckerSegmentLib.models import bundled_models
-from TuckerSegmentLib.policies import BudgetPolicy, RankPolicy, UniformPolicy
+from TuckerSegmentLib.policies import BudgetPolicy, RankPolicy, UniformPolicy, policy_from_dict
 from TuckerSegmentLib.stats import FLOP_CONVENTION, network_stats
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -78,7 +78,8 @@ def main() -> None:
             network = folder.load_network(0)
             start = time.perf_counter()
             report = compress_network(network, policy, folder.example_input(), calibration=calibration)
-            rows.append({"budget": budget, "method": method, "policy": repr(policy),
+            chosen = policy_from_dict(report.policy)  # "auto" resolved to the exponent compress_network picked
+            rows.append({"budget": budget, "method": method, "policy": repr(chosen),
                          "flops_fraction": report.after.flops / base, "params": report.after.params,
                          "compress_seconds": round(time.perf_counter() - start, 1),
                          "dice": held_out_dice(folder, network, policy, sample, held)})

@@ -11,7 +11,7 @@ from torch import nn
 from TuckerSegmentLib import (BudgetPolicy, EnergyPolicy, UniformPolicy, VBMFPolicy, collect_statistics,
                               compress_network, network_stats, policy_from_dict)
 from TuckerSegmentLib.cli import main
-from TuckerSegmentLib.compression import decomposable_layers, survey
+from TuckerSegmentLib.compression import SENSITIVITY_EXPONENTS, decomposable_layers, survey
 from TuckerSegmentLib.decomposition import decompose_conv
 from TuckerSegmentLib.errors import PolicyError
 from TuckerSegmentLib.example_models import EXAMPLE_SPECS, example_model
@@ -165,18 +165,41 @@ def test_compress_cli_default_is_an_activation_aware_budget(tmp_path, capsys):
     ct = slicerio.get_testdata_file("CTChest4.nrrd")
     assert main(["compress", str(source), str(out), "--calibration", ct, "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "budget {'target_flops': 0.5, 'target_params': None} (activation-aware, 4 calibration patches)" in text
     record = json.loads(next(out.rglob("tucker.json")).read_text())
-    assert record["policy"] == {"name": "budget", "params": {"target_flops": 0.5, "target_params": None}}
+    chosen = record["policy"]["params"]["sensitivity"]
+    assert chosen in SENSITIVITY_EXPONENTS  # "auto" resolved, label-free, to one exponent
+    assert record["policy"] == {"name": "budget",
+                                "params": {"target_flops": 0.5, "target_params": None, "sensitivity": chosen}}
+    assert f"(activation-aware, 4 calibration patches; agreement with the original {record['agreement']:.3f})" in text
     assert record["calibration_inputs"] == 4 and record["after"]["flops"] <= 0.5 * record["before"]["flops"]
+    assert 0.5 < record["agreement"] <= 1
     segmenter = Segmenter(out, device="cpu")
-    assert segmenter.policy == "BudgetPolicy(target_flops=0.5, target_params=None)"
+    assert segmenter.policy == f"BudgetPolicy(target_flops=0.5, target_params=None, sensitivity={chosen})"
     with torch.no_grad():
         assert torch.isfinite(ModelFolder.open(out).load_network(0)(torch.zeros(1, 1, 16, 128, 128))).all()
     assert main(["compress", str(source), str(tmp_path / "bad"), "--calibration", str(tmp_path / "none.nrrd")]) == 2
     assert "none.nrrd" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["compress", str(source), str(tmp_path / "u"), "--policy", "uniform"]) == 2
     assert "needs --factor" in capsys.readouterr().err
+
+
+def seeded_unet() -> SmallUNet3d:
+    torch.manual_seed(0)
+    return SmallUNet3d().eval()
+
+
+def test_sensitivity_selection_keeps_the_plan_that_agrees_best_with_the_original():
+    network = seeded_unet()
+    x = torch.zeros(1, 1, 16, 16, 16)
+    inputs = smooth_inputs(2)
+    report = compress_network(network, BudgetPolicy(target_flops=0.3), x, calibration=inputs)
+    chosen = report.policy["params"]["sensitivity"]
+    assert chosen in SENSITIVITY_EXPONENTS and report.agreement is not None
+    for exponent in SENSITIVITY_EXPONENTS:  # every other exponent agrees no better on the calibration inputs
+        trial = seeded_unet()
+        other = compress_network(trial, BudgetPolicy(target_flops=0.3, sensitivity=exponent), x, calibration=inputs)
+        assert other.agreement <= report.agreement + 1e-9
+    assert compress_network(SmallUNet3d(), BudgetPolicy(target_flops=0.5), x).policy["params"]["sensitivity"] is None
 
 
 def test_layers_report_their_shapes_for_budget_costs():

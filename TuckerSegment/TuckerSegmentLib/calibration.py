@@ -27,6 +27,7 @@ class LayerStatistics:
     out_cov: torch.Tensor
     voxels: int = 0
     calls: int = 0
+    gain: float | None = None  # output sensitivity (see ``output_sensitivity``), when measured
 
 
 def _channels_by_voxels(tensor: torch.Tensor, limit: int) -> torch.Tensor:
@@ -83,3 +84,44 @@ def collect_statistics(network: nn.Module, layers: Sequence[tuple[str, nn.Module
         entry.in_cov /= max(entry.voxels, 1)
         entry.out_cov /= max(entry.voxels, 1)
     return stats
+
+
+def output_sensitivity(network: nn.Module, layers: Sequence[tuple[str, nn.Module]], inputs: Sequence[torch.Tensor],
+                       noise: float = 0.1, seed: int = 0) -> dict[str, float]:
+    """How strongly each layer's errors reach the network's output: the relative output energy change per
+    relative energy of Gaussian noise added to the layer's output (``noise`` times its standard deviation)."""
+    generator = torch.Generator().manual_seed(seed)
+    was_training = network.training
+    network.eval()
+    gains: dict[str, float] = {}
+    try:
+        with torch.no_grad():
+            references = [network(x) for x in inputs]
+            for name, module in layers:
+                def perturb(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                    scale = noise * float(output.std())
+                    return output + scale * torch.randn(output.shape, generator=generator).to(output)
+                handle = module.register_forward_hook(perturb)
+                try:
+                    changes = [float((network(x) - ref).norm() ** 2 / ref.norm().clamp_min(1e-12) ** 2)
+                               for x, ref in zip(inputs, references, strict=True)]
+                finally:
+                    handle.remove()
+                gains[name] = sum(changes) / len(changes) / noise ** 2
+    finally:
+        network.train(was_training)
+    return gains
+
+
+def prediction_agreement(network: nn.Module, reference: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
+    """Label-free agreement of two segmentation networks on ``inputs``: mean Dice, over the foreground
+    classes either predicts, between their arg-max label maps."""
+    scores = []
+    with torch.no_grad():
+        for x in inputs:
+            a, b = network(x).argmax(1), reference(x).argmax(1)
+            for value in torch.unique(torch.cat([a.unique(), b.unique()])).tolist():
+                if value != 0:
+                    both = int(((a == value) & (b == value)).sum())
+                    scores.append(2 * both / (int((a == value).sum()) + int((b == value).sum())))
+    return sum(scores) / len(scores) if scores else 1.0

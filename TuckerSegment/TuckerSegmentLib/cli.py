@@ -62,8 +62,8 @@ def _print_info(info: dict[str, Any]) -> None:
 
 def _print_report(fold: str, report: CompressionReport) -> None:
     before, after = report.before, report.after
-    source = (f"activation-aware, {report.calibration_inputs} calibration patches" if report.calibration_inputs
-              else "weight-only")
+    source = (f"activation-aware, {report.calibration_inputs} calibration patches; agreement with the original "
+              f"{report.agreement:.3f}" if report.calibration_inputs else "weight-only")
     print(f"fold {fold}: {report.policy['name']} {report.policy['params']} ({source}): {len(report.plans)} layers "
           f"decomposed, {len(report.unused_layers)} unused layers kept dense")
     print(f"  {'':<12} {'original':>12} {'compressed':>12} {'ratio':>7}")

@@ -1,6 +1,7 @@
 """Compress a whole network in place: every decomposable layer replaced once, by object identity."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import LayerStatistics, collect_statistics
+from .calibration import LayerStatistics, collect_statistics, output_sensitivity, prediction_agreement
 from .decomposition import LayerPlan, channel_dims, decompose_conv, factorized_like, is_decomposable, relative_error
 from .errors import PolicyError, RankMismatchError
 from .policies import LayerInfo, RankPolicy
@@ -49,9 +50,10 @@ class CompressionReport:
     after: NetworkStats | None = None
     unused_layers: list[str] = field(default_factory=list)
     calibration_inputs: int = 0  # unlabeled inputs the layer statistics came from (0: weight-only)
+    agreement: float | None = None  # label-free Dice agreement with the original on the calibration inputs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "calibration_inputs": self.calibration_inputs,
+        return {"policy": self.policy, "calibration_inputs": self.calibration_inputs, "agreement": self.agreement,
                 "before": self.before.to_dict() if self.before else None,
                 "after": self.after.to_dict() if self.after else None,
                 "unused_layers": self.unused_layers,
@@ -130,6 +132,10 @@ def plan_layers(network: nn.Module, policy: RankPolicy, example_input: torch.Ten
     return policy.plan(survey(network, example_input).infos)
 
 
+SENSITIVITY_EXPONENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SENSITIVITY_INPUTS = 2  # calibration inputs used to measure sensitivity (one forward pass per layer and input)
+
+
 def compress_network(network: nn.Module, policy: RankPolicy, example_input: torch.Tensor | None = None,
                      calibration: Iterable[torch.Tensor] | None = None,
                      progress: Progress | None = None) -> CompressionReport:
@@ -138,12 +144,43 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
     ``example_input`` is as for ``survey``: with it, FLOPs are reported (and budgets can be planned)
     and unused layers stay dense. ``calibration`` (unlabeled input tensors, e.g. patches of the user's
     own CTs) makes compression activation-aware: the policy sees each layer's input/output statistics
-    and every factorised layer minimises its output error on them instead of the kernel error.
+    and every factorised layer minimises its output error on them instead of the kernel error. A
+    budget policy with ``sensitivity="auto"`` also gets each layer's output sensitivity, and the
+    weighting exponent whose compressed network agrees best with the original's predictions on the
+    calibration inputs is kept (``report.policy`` records it; ``report.agreement`` is that agreement).
     """
     found = survey(network, example_input)
     stats: dict[str, LayerStatistics] = {}
-    if calibration is not None:
-        stats = collect_statistics(network, found.layers, calibration)
+    inputs = list(calibration) if calibration is not None else None
+    sensitivity = getattr(policy, "sensitivity", None)
+    original = None
+    if inputs is not None:
+        stats = collect_statistics(network, found.layers, inputs)
+        original = copy.deepcopy(network)
+        if sensitivity is not None:
+            measured = [(name, module) for name, module in found.layers if name in stats]
+            for name, gain in output_sensitivity(network, measured, inputs[:SENSITIVITY_INPUTS]).items():
+                stats[name].gain = gain
+            if sensitivity == "auto":
+                policy = max((policy.weighted(e) for e in SENSITIVITY_EXPONENTS),
+                             key=lambda p: _trial_agreement(original, p, stats, inputs, example_input))
+    elif sensitivity == "auto":
+        policy = policy.weighted(None)  # nothing to weigh by without calibration
+    report = _apply(network, policy, found, stats, example_input, progress)
+    if original is not None:
+        report.agreement = prediction_agreement(network, original, inputs)
+    return report
+
+
+def _trial_agreement(original: nn.Module, policy: RankPolicy, stats: Mapping[str, LayerStatistics],
+                     inputs: list[torch.Tensor], example_input: torch.Tensor | None) -> float:
+    trial = copy.deepcopy(original)
+    _apply(trial, policy, survey(trial, example_input), stats, example_input, None)
+    return prediction_agreement(trial, original, inputs)
+
+
+def _apply(network: nn.Module, policy: RankPolicy, found: Survey, stats: Mapping[str, LayerStatistics],
+           example_input: torch.Tensor | None, progress: Progress | None) -> CompressionReport:
     plans = policy.plan(found.infos, stats or None)
     unknown = sorted(set(plans) - {name for name, _ in found.layers})
     if unknown:

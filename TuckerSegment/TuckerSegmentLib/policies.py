@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -292,25 +292,45 @@ class BudgetPolicy(RankPolicy):
     relative error); starting from the dense network, the move that adds the least error per unit of
     cost saved is taken until the budget is met, so the budget holds within one rank step and a layer
     stays dense where decomposing it does not pay. With calibration statistics the error is the
-    layer's output error (activation-aware)."""
+    layer's output error (activation-aware), weighted by how strongly the layer's errors reach the
+    network output (its measured gain to the power ``sensitivity``); ``"auto"`` lets
+    ``compress_network`` pick the exponent whose compressed network best agrees with the original's
+    predictions on the calibration inputs (no labels)."""
 
     name = "budget"
 
-    def __init__(self, target_flops: float | None = None, target_params: float | None = None) -> None:
+    def __init__(self, target_flops: float | None = None, target_params: float | None = None,
+                 sensitivity: float | str | None = "auto") -> None:
         for label, value in (("target_flops", target_flops), ("target_params", target_params)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
                 raise PolicyError(f"{label} must be a fraction of the original in (0, 1], got {value!r} "
                                   "(e.g. 0.3 keeps 30 %)")
         if target_flops is None and target_params is None:
             raise PolicyError("a budget needs target_flops or target_params (fractions of the original to keep)")
+        if not (sensitivity is None or sensitivity == "auto" or
+                (isinstance(sensitivity, (int, float)) and not isinstance(sensitivity, bool) and 0 <= sensitivity <= 2)):
+            raise PolicyError(f"sensitivity must be 'auto', None or an exponent in [0, 2], got {sensitivity!r}")
         self.target_flops = None if target_flops is None else float(target_flops)
         self.target_params = None if target_params is None else float(target_params)
+        self.sensitivity = sensitivity if sensitivity in (None, "auto") else float(sensitivity)
 
     def params(self) -> dict[str, Any]:
-        return {"target_flops": self.target_flops, "target_params": self.target_params}
+        return {"target_flops": self.target_flops, "target_params": self.target_params,
+                "sensitivity": self.sensitivity}
+
+    def weighted(self, sensitivity: float | None) -> BudgetPolicy:
+        """The same budget with layer errors weighted by output sensitivity to the power ``sensitivity``."""
+        return BudgetPolicy(self.target_flops, self.target_params, sensitivity)
 
     def plan(self, layers: Sequence[LayerInfo], calibration: Mapping[str, Any] | None = None) -> dict[str, LayerPlan]:
-        options = {layer.name: layer_options(layer, (calibration or {}).get(layer.name)) for layer in layers}
+        options = {}
+        for layer in layers:
+            stats = (calibration or {}).get(layer.name)
+            found = layer_options(layer, stats)
+            gain = getattr(stats, "gain", None)
+            if isinstance(self.sensitivity, float) and gain is not None:
+                found = [replace(o, error=o.error * max(gain, 1e-12) ** self.sensitivity) for o in found]
+            options[layer.name] = found
         chosen = {name: next(o for o in opts if o.plan.form == "dense") for name, opts in options.items()}
         for cost, target in (("flops", self.target_flops), ("params", self.target_params)):
             if target is not None:
