@@ -69,9 +69,10 @@ def main() -> None:
         print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     print(f"\nwrote {output} (open it in 3D Slicer with {sample}) and {png}")
 
-    compressed = OUT / "chest-demo-tucker-0.4"
+    compressed = OUT / "chest-demo-budget-0.3"
     original_dir = next(e["path"] for e in bundled_models() if e["policy"] == "original")
-    tuckersegment("compress", str(original_dir), str(compressed), "--factor", "0.4", "--quiet")
+    tuckersegment("compress", str(original_dir), str(compressed), "--target-flops", "0.3", "--calibration", sample,
+                  "--quiet")
     tuckersegment("info", str(compressed))
     tuckersegment("variants")
 

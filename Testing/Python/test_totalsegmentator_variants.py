@@ -101,6 +101,7 @@ def test_full_size_297_builds_verifies_and_segments(ts_home, fast_297, capsys):
     assert variant.availability == "built"
     manifest = json.loads((variant_dir(variant) / MANIFEST).read_text())
     assert {Path(f).name for f in manifest["models"][0]["files"]} >= {"tucker.json", "weights.safetensors", "plans.json"}
+    assert (manifest["models"][0]["params"], manifest["models"][0]["flops"]) == (variant.params, variant.flops)
     variant_build.verify_built(variant)
     choice = choose_model("fast-tucker-0.3", variants=catalogue(), devices=[CPU])
     segmenter = Segmenter(choice.folders[0], device="cpu")

@@ -143,12 +143,12 @@ def tucker_factors(conv: _ConvNd, plan: LayerPlan) -> tuple[torch.Tensor, torch.
     return as_tensor(core), as_tensor(by_mode.get(mode_out)), as_tensor(by_mode.get(mode_in))
 
 
-def _contract(tensor: torch.Tensor, mode: int, matrix: torch.Tensor) -> torch.Tensor:
+def contract_mode(tensor: torch.Tensor, mode: int, matrix: torch.Tensor) -> torch.Tensor:
     """``tensor`` with its ``mode`` replaced by ``matrix``ᵀ applied to it: out[..j..] = Σ_c tensor[..c..] matrix[c, j]."""
     return torch.tensordot(tensor, matrix, dims=([mode], [0])).movedim(-1, mode)
 
 
-def _sqrt_and_inverse(cov: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+def sqrt_and_inverse(cov: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ^½ and Σ^-½ of a covariance, with eigenvalues floored relative to the largest (rank-deficient inputs)."""
     values, vectors = torch.linalg.eigh(cov)
     values = values.clamp_min(float(values.max().clamp_min(1e-30)) * floor)
@@ -173,11 +173,11 @@ def output_aware_factors(conv: _ConvNd, plan: LayerPlan, in_cov: torch.Tensor | 
     if plan.rank_in is not None:
         c_in = weight.shape[mode_in]
         root, inverse_root = (torch.eye(c_in, dtype=torch.float64),) * 2 if in_cov is None else \
-            _sqrt_and_inverse(in_cov.to(torch.float64))
-        whitened = _contract(weight, mode_in, root)
+            sqrt_and_inverse(in_cov.to(torch.float64))
+        whitened = contract_mode(weight, mode_in, root)
         unfolded = whitened.movedim(mode_in, 0).reshape(c_in, -1)
         basis = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :plan.rank_in]  # Cin × r_in
-        core = _contract(whitened, mode_in, basis)
+        core = contract_mode(whitened, mode_in, basis)
         a_t = inverse_root @ basis  # Cin × r_in: the input factor's weight, transposed
     if plan.rank_out is not None:
         c_out = weight.shape[mode_out]
@@ -186,7 +186,7 @@ def output_aware_factors(conv: _ConvNd, plan: LayerPlan, in_cov: torch.Tensor | 
             out_cov = unfolded @ unfolded.T
         values, vectors = torch.linalg.eigh(out_cov.to(torch.float64))
         u_out = vectors[:, values.argsort(descending=True)[:plan.rank_out]]  # Cout × r_out
-        core = _contract(core, mode_out, u_out)
+        core = contract_mode(core, mode_out, u_out)
     return core, u_out, a_t
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .decomposition import LayerPlan
+from .decomposition import LayerPlan, contract_mode, sqrt_and_inverse
 from .errors import PolicyError
 
 
@@ -129,10 +129,8 @@ def mode_energies(info: LayerInfo, stats: Any = None) -> tuple[np.ndarray, np.nd
         inp = torch.linalg.svdvals(_unfold(info.weight, mode_in)) ** 2
     else:
         out = torch.linalg.eigvalsh(stats.out_cov).flip(0).clamp_min(0)
-        values, vectors = torch.linalg.eigh(stats.in_cov)
-        root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
-        weight = info.weight.detach().to("cpu", torch.float64)
-        whitened = torch.tensordot(weight, root, dims=([mode_in], [0])).movedim(-1, mode_in)
+        root = sqrt_and_inverse(stats.in_cov.to(torch.float64))[0]
+        whitened = contract_mode(info.weight.detach().to("cpu", torch.float64), mode_in, root)
         inp = torch.linalg.svdvals(_unfold(whitened, mode_in)) ** 2
     return out.numpy(), inp.numpy()
 

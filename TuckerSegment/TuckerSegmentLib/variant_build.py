@@ -17,7 +17,7 @@ from .atomic import atomic_output_file
 from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
 from .checkpoint import sha256_file
 from .errors import CheckpointError, ModelFolderError
-from .folder_compression import compress_model_folder
+from .folder_compression import compress_model_folder, describe_model
 from .model_folder import CHECKPOINT_NAME, ModelFolder, fold_dir_name
 from .policies import policy_from_dict
 from .totalsegmentator import download_task, find_task, weights_dirs
@@ -96,8 +96,10 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
         else:
             say(f"{prefix}: compressing ({policy!r})")
             compress_model_folder(source, target, policy, folds=(model.fold,), overwrite=True)
+        built = describe_model(target)  # the real figures of these weights' plans (the catalogue's may be assumed)
         models.append({"dataset": model.dataset, "folder": model.dataset, "source": str(source),
-                       "source_sha256": digest, "files": _files(target)})
+                       "source_sha256": digest, "params": built["params"], "flops": built["flops"],
+                       "files": _files(target)})
     manifest = {"id": variant.id, "task": variant.task, "policy": variant.policy, "tuckersegment_version": __version__,
                 "models": models}
     with atomic_output_file(folder / MANIFEST) as staging:
