@@ -44,7 +44,7 @@ def collect_statistics(network: nn.Module, layers: Sequence[tuple[str, nn.Module
     stats: dict[str, LayerStatistics] = {}
     handles = []
 
-    def hook_for(name: str, module: nn.Module):
+    def hook_for(name: str):
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = _channels_by_voxels(args[0], max_voxels)
             y = output.detach()
@@ -65,7 +65,7 @@ def collect_statistics(network: nn.Module, layers: Sequence[tuple[str, nn.Module
     for name, module in layers:
         if id(module) not in seen:
             seen.add(id(module))
-            handles.append(module.register_forward_hook(hook_for(name, module)))
+            handles.append(module.register_forward_hook(hook_for(name)))
     count = 0
     was_training = network.training
     try:

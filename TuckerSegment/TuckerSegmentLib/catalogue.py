@@ -16,7 +16,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,11 @@ class Variant:
     def original(self) -> bool:
         return self.policy == "original"
 
+    @property
+    def bundled(self) -> bool:
+        """Shipped in ``Resources/Models`` (nothing to build or download)."""
+        return "bundled" in self.source
+
     def dice_loss(self) -> float | None:
         """Mean Dice lost against the original (same source), or ``None`` when unmeasured."""
         if self.original:
@@ -79,10 +84,6 @@ class Variant:
         voxels = standard_voxels(self.spacing_mm) if voxels is None else voxels
         return int(entry["tile_bytes"] + entry["bytes_per_voxel"] * voxels), how
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["folders"] = [str(f) for f in self.folders]
-        return data
 
 
 def standard_voxels(spacing_mm: float) -> int:
@@ -120,7 +121,7 @@ def variant_dir(variant: Variant, cache: Path | None = None) -> Path:
 
 def task_of(variant: Variant) -> Task | None:
     """The TotalSegmentator task a variant belongs to (``None`` for bundled models)."""
-    return tasks().get(variant.task) if "bundled" not in variant.source else None
+    return None if variant.bundled else tasks().get(variant.task)
 
 
 def read_manifest(variant: Variant, cache: Path | None = None) -> dict[str, Any] | None:
@@ -142,7 +143,7 @@ def read_manifest(variant: Variant, cache: Path | None = None) -> dict[str, Any]
 
 def with_availability(variant: Variant, weights_roots: list[Path] | None = None, cache: Path | None = None) -> Variant:
     """``variant`` with its availability on this machine, the folders to run, and a short explanation."""
-    if "bundled" in variant.source:
+    if variant.bundled:
         folder = BUNDLED_DIR / variant.source["bundled"]
         if folder.is_dir():
             return replace(variant, availability="bundled", folders=(folder,), detail=str(folder))

@@ -197,7 +197,7 @@ def _build_variants(args: argparse.Namespace) -> int:
     if args.variant:
         chosen = [find_variant(variants, v) for v in args.variant]
     else:  # every compressed TotalSegmentator variant whose source weights are here or can be downloaded
-        candidates = [v for v in variants if not v.original and "bundled" not in v.source
+        candidates = [v for v in variants if not v.original and not v.bundled
                       and (args.task is None or v.task == args.task)]
         chosen = [v for v in candidates if v.availability in ("buildable", "built")]
         if not chosen:
@@ -207,7 +207,7 @@ def _build_variants(args: argparse.Namespace) -> int:
                 print(f"{variant.id}: skipped, {variant.detail}")
     say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     for variant in chosen:
-        if variant.original or "bundled" in variant.source:
+        if variant.original or variant.bundled:
             print(f"{variant.id}: {variant.availability} (nothing to build)")
             continue
         folder = build_variant(variant, weights_roots=roots, report=say)

@@ -143,6 +143,11 @@ def tucker_factors(conv: _ConvNd, plan: LayerPlan) -> tuple[torch.Tensor, torch.
     return as_tensor(core), as_tensor(by_mode.get(mode_out)), as_tensor(by_mode.get(mode_in))
 
 
+def unfold_mode(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """The mode-``mode`` unfolding: a (size of that mode) × (everything else) matrix."""
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
+
+
 def contract_mode(tensor: torch.Tensor, mode: int, matrix: torch.Tensor) -> torch.Tensor:
     """``tensor`` with its ``mode`` replaced by ``matrix``ᵀ applied to it: out[..j..] = Σ_c tensor[..c..] matrix[c, j]."""
     return torch.tensordot(tensor, matrix, dims=([mode], [0])).movedim(-1, mode)
@@ -175,14 +180,12 @@ def output_aware_factors(conv: _ConvNd, plan: LayerPlan, in_cov: torch.Tensor | 
         root, inverse_root = (torch.eye(c_in, dtype=torch.float64),) * 2 if in_cov is None else \
             sqrt_and_inverse(in_cov.to(torch.float64))
         whitened = contract_mode(weight, mode_in, root)
-        unfolded = whitened.movedim(mode_in, 0).reshape(c_in, -1)
-        basis = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :plan.rank_in]  # Cin × r_in
+        basis = torch.linalg.svd(unfold_mode(whitened, mode_in), full_matrices=False)[0][:, :plan.rank_in]  # Cin × r_in
         core = contract_mode(whitened, mode_in, basis)
         a_t = inverse_root @ basis  # Cin × r_in: the input factor's weight, transposed
     if plan.rank_out is not None:
-        c_out = weight.shape[mode_out]
         if out_cov is None:
-            unfolded = weight.movedim(mode_out, 0).reshape(c_out, -1)
+            unfolded = unfold_mode(weight, mode_out)
             out_cov = unfolded @ unfolded.T
         values, vectors = torch.linalg.eigh(out_cov.to(torch.float64))
         u_out = vectors[:, values.argsort(descending=True)[:plan.rank_out]]  # Cout × r_out
@@ -191,17 +194,16 @@ def output_aware_factors(conv: _ConvNd, plan: LayerPlan, in_cov: torch.Tensor | 
 
 
 def decompose_conv(conv: _ConvNd, rank_out: int | None, rank_in: int | None,
-                   in_cov: torch.Tensor | None = None, out_cov: torch.Tensor | None = None,
-                   output_aware: bool = False) -> TuckerConv:
+                   in_cov: torch.Tensor | None = None, out_cov: torch.Tensor | None = None) -> TuckerConv:
     """Tucker-2 (or one-sided, when a rank is ``None``) factorisation of ``conv`` as a ``TuckerConv``.
 
-    By default the kernel is decomposed by HOOI (the paper's ``partial_tucker``); with
-    ``output_aware`` (or any covariance given) by ``output_aware_factors``. At full rank either
+    By default the kernel is decomposed by HOOI (the paper's ``partial_tucker``); with calibration
+    covariances by ``output_aware_factors``. At full rank either
     computes the same function as ``conv`` up to float rounding.
     """
     plan = LayerPlan(rank_out=rank_out, rank_in=rank_in)
     module = factorized_like(conv, plan)
-    if output_aware or in_cov is not None or out_cov is not None:
+    if in_cov is not None or out_cov is not None:
         core, u_out, u_in = output_aware_factors(conv, plan, in_cov, out_cov)
     else:
         core, u_out, u_in = tucker_factors(conv, plan)

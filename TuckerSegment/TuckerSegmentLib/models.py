@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalogue import BUNDLED_DIR, READY, Variant, catalogue, task_of
+from .devices import DEVICE_CHOICES
 from .errors import ModelFolderError
 from .hardware import DeviceInfo, detect_devices
 from .selection import Selection, select_variant
@@ -51,7 +52,7 @@ def usable_devices(device: str, devices: Sequence[DeviceInfo]) -> list[DeviceInf
     if name == "auto":
         return list(devices)
     kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+    if kind not in DEVICE_CHOICES or (index and (kind != "cuda" or not index.isdigit())):
         raise ModelFolderError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
     chosen = [d for d in devices if d.kind == kind and (not index or d.index == int(index))]
     if not chosen:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .decomposition import LayerPlan, contract_mode, sqrt_and_inverse
+from .decomposition import LayerPlan, contract_mode, sqrt_and_inverse, unfold_mode
 from .errors import PolicyError
 
 
@@ -111,8 +111,8 @@ def _modes(info: LayerInfo) -> tuple[int, int]:
     return (1, 0) if info.transposed else (0, 1)
 
 
-def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
-    return weight.detach().to("cpu", torch.float64).movedim(mode, 0).reshape(weight.shape[mode], -1)
+def _kernel(info: LayerInfo) -> torch.Tensor:
+    return info.weight.detach().to("cpu", torch.float64)
 
 
 def mode_energies(info: LayerInfo, stats: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -124,14 +124,14 @@ def mode_energies(info: LayerInfo, stats: Any = None) -> tuple[np.ndarray, np.nd
     kernel whitened by the input covariance (see ``decomposition.output_aware_factors``).
     """
     mode_out, mode_in = _modes(info)
+    weight = _kernel(info)
     if stats is None:
-        out = torch.linalg.svdvals(_unfold(info.weight, mode_out)) ** 2
-        inp = torch.linalg.svdvals(_unfold(info.weight, mode_in)) ** 2
+        out = torch.linalg.svdvals(unfold_mode(weight, mode_out)) ** 2
+        inp = torch.linalg.svdvals(unfold_mode(weight, mode_in)) ** 2
     else:
         out = torch.linalg.eigvalsh(stats.out_cov).flip(0).clamp_min(0)
         root = sqrt_and_inverse(stats.in_cov.to(torch.float64))[0]
-        whitened = contract_mode(info.weight.detach().to("cpu", torch.float64), mode_in, root)
-        inp = torch.linalg.svdvals(_unfold(whitened, mode_in)) ** 2
+        inp = torch.linalg.svdvals(unfold_mode(contract_mode(weight, mode_in, root), mode_in)) ** 2
     return out.numpy(), inp.numpy()
 
 
@@ -220,8 +220,8 @@ class VBMFPolicy(RankPolicy):
         plans = {}
         for layer in layers:
             mode_out, mode_in = _modes(layer)
-            r_out = evbmf_rank(_unfold(layer.weight, mode_out).numpy())
-            r_in = evbmf_rank(_unfold(layer.weight, mode_in).numpy())
+            r_out = evbmf_rank(unfold_mode(_kernel(layer), mode_out).numpy())
+            r_in = evbmf_rank(unfold_mode(_kernel(layer), mode_in).numpy())
             plans[layer.name] = _plan(r_out, r_in, layer)
         return plans
 
@@ -329,12 +329,11 @@ class BudgetPolicy(RankPolicy):
             if isinstance(self.sensitivity, float) and gain is not None:
                 found = [replace(o, error=o.error * max(gain, 1e-12) ** self.sensitivity) for o in found]
             options[layer.name] = found
-        chosen = {name: next(o for o in opts if o.plan.form == "dense") for name, opts in options.items()}
+        dense = {name: next(o for o in opts if o.plan.form == "dense") for name, opts in options.items()}
+        chosen = dict(dense)
         for cost, target in (("flops", self.target_flops), ("params", self.target_params)):
             if target is not None:
-                self._allocate(options, chosen, cost, target * sum(getattr(o, cost) for o in
-                                                                    (next(p for p in opts if p.plan.form == "dense")
-                                                                     for opts in options.values())))
+                self._allocate(options, chosen, cost, target * sum(getattr(o, cost) for o in dense.values()))
         return {name: option.plan for name, option in chosen.items()}
 
     @staticmethod

@@ -93,7 +93,7 @@ class SafeTask:
                 self.task.max_voxels = slab
             try:
                 return self.task.segment(volume, progress, cancel, subset)
-            except (torch.OutOfMemoryError, RuntimeError) as error:
+            except RuntimeError as error:  # torch.OutOfMemoryError included
                 if self.choice.device == "cpu" or not _is_out_of_memory(error):
                     raise
                 self._fall_back()

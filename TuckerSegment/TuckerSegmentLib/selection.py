@@ -104,14 +104,11 @@ def select_variant(variants: Sequence[Variant], devices: Sequence[DeviceInfo], t
     good = [v for v in ready if (loss := v.dice_loss()) is not None and loss <= dice_limit + 1e-9]
     notes = []
     for device in devices:
-        candidates = []
-        for variant in good:
-            ok, need, how = fits(variant, device, voxels)
-            if ok:
-                candidates.append((expected_time(variant, device)[0] or 1.0, variant.dice_loss(), not variant.original,
-                                   variant, need, how))
+        checked = [(variant, *fits(variant, device, voxels)) for variant in good]
+        candidates = [(expected_time(variant, device)[0] or 1.0, variant.dice_loss(), not variant.original,
+                       variant, need, how) for variant, ok, need, how in checked if ok]
         if not candidates:
-            needs = [n for v in good if (n := fits(v, device, voxels)[1]) is not None]
+            needs = [need for _, _, need, _ in checked if need is not None]
             smallest = f"the smallest needs {min(needs) / GB:.1f} GiB" if needs else "no memory figure"
             notes.append(f"{device.name}: nothing fits in {device.free_bytes / GB:.1f} GiB free with a "
                          f"{MEMORY_MARGIN:.0%} margin ({smallest})")

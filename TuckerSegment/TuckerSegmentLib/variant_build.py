@@ -18,7 +18,7 @@ from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
 from .checkpoint import sha256_file
 from .errors import CheckpointError, ModelFolderError
 from .folder_compression import compress_model_folder, describe_model
-from .model_folder import CHECKPOINT_NAME, ModelFolder, fold_dir_name
+from .model_folder import CHECKPOINT_NAME, fold_dir_name
 from .policies import policy_from_dict
 from .totalsegmentator import download_task, find_task, weights_dirs
 from .tucker_format import TUCKER_JSON
@@ -47,13 +47,13 @@ def source_folders(variant: Variant, weights_roots: list[Path] | None = None, do
 
 
 def check_source(folder: Path, fold: int, expected_sha256: str | None) -> str:
-    """Refuse source weights that are corrupt or do not fit their plans; return the checkpoint's sha256."""
+    """Refuse a source checkpoint whose sha256 differs from the release's (when known); return its sha256.
+    Shapes are checked against plans.json when the checkpoint is loaded for compression."""
     checkpoint = folder / fold_dir_name(fold) / CHECKPOINT_NAME
     digest = sha256_file(checkpoint)
     if expected_sha256 and digest != expected_sha256:
         raise CheckpointError(f"{checkpoint} has sha256 {digest[:12]}…, the release's is {expected_sha256[:12]}…: the "
                               "download is corrupt or from another release; delete the folder and download it again")
-    ModelFolder.open(folder).load_original(fold)  # shapes against plans.json, named on mismatch
     return digest
 
 
