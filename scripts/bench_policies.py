@@ -19,12 +19,12 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from TuckerSegmentLib.calibration_data import calibration_patches
 from TuckerSegmentLib.compression import apply_plans, compress_network, plan_layers
 from TuckerSegmentLib.demo_data import chest_sample, holdout_mask
+from TuckerSegmentLib.demo_data import held_out_dice as mean_dice
 from TuckerSegmentLib.inference import Segmenter
 from TuckerSegmentLib.model_folder import ModelFolder
 from TuckerSegmentLib.models import bundled_models
@@ -50,12 +50,7 @@ def uniform_within(folder: ModelFolder, budget: float, base_flops: int) -> Unifo
 
 def held_out_dice(folder: ModelFolder, network: torch.nn.Module, policy: RankPolicy, sample, held) -> float:
     labels = Segmenter(folder, device="cpu", network=network, policy=repr(policy)).segment(sample.ct).labels
-    scores = []
-    for value in np.unique(sample.labels[sample.labels > 0]):
-        a, b = labels[held] == value, sample.labels[held] == value
-        if a.sum() + b.sum():
-            scores.append(2 * float((a & b).sum()) / float(a.sum() + b.sum()))
-    return float(np.mean(scores))
+    return mean_dice(labels, sample, held)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from .errors import TuckerSegmentError
 from .folder_compression import compress_model_folder, describe_model
 from .catalogue import STANDARD_VOLUME_MM, Variant, catalogue, find_variant
 from .hardware import GB, detect_devices
+from .inference import EXECUTIONS
 from .label_output import plan_outputs, write_result
 from .models import choose_model, usable_devices
 from .runner import SafeTask
@@ -71,6 +72,10 @@ def _print_report(fold: str, report: CompressionReport) -> None:
                              ("FLOPs/patch", before.flops, after.flops, _giga),
                              ("weights", before.weight_bytes, after.weight_bytes, _megabytes)):
         print(f"  {label:<12} {fmt(a):>12} {fmt(b):>12} {b / a:>7.3f}")
+    if report.latency:
+        timing = report.latency
+        print(f"  {'time/patch':<12} {timing['original_seconds']:>10.3f} s {timing['compressed_seconds']:>10.3f} s "
+              f"{timing['ratio']:>7.3f}  (target {timing['target']}, {timing['device']})")
     worst = max(report.layers, key=lambda layer: layer.rel_error)
     print(f"  largest relative weight error: {worst.rel_error:.3f} ({worst.name})")
 
@@ -92,9 +97,10 @@ def _policy(args: argparse.Namespace) -> RankPolicy:
         return EnergyPolicy(args.keep)
     if name == "vbmf":
         return VBMFPolicy()
-    if args.target_flops is None and args.target_params is None:
+    if args.target_flops is None and args.target_params is None and args.target_latency is None:
         return BudgetPolicy(target_flops=DEFAULT_TARGET_FLOPS)
-    return BudgetPolicy(target_flops=args.target_flops, target_params=args.target_params)
+    return BudgetPolicy(target_flops=args.target_flops, target_params=args.target_params,
+                        target_latency=args.target_latency, device=args.device)
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -131,7 +137,8 @@ def _segment(args: argparse.Namespace) -> int:
     print(f"model: {choice.reason}", file=sys.stderr)
     segmenter = SafeTask(choice, variants, usable_devices(args.device, devices),
                          notify=lambda message: print(f"tuckersegment: {message}", file=sys.stderr),
-                         fold=args.fold, tile_step=args.tile_step, mirroring=args.mirroring)
+                         fold=args.fold, tile_step=args.tile_step, mirroring=args.mirroring,
+                         execution=args.execution)
     segmenter.check_subset(args.subset)  # unknown names fail before any volume is read
     failures = 0
     for source, target in jobs:
@@ -239,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--target-flops", type=float,
                           help=f"budget: fraction of the original FLOPs to keep (default {DEFAULT_TARGET_FLOPS})")
     compress.add_argument("--target-params", type=float, help="budget: fraction of the original parameters to keep")
+    compress.add_argument("--target-latency", type=float,
+                          help="budget: fraction of the original's time per patch to keep, measured on --device "
+                               "(e.g. 0.5: twice as fast); each layer's form and ranks are chosen from timings")
+    compress.add_argument("--device", default="auto",
+                          help="where --target-latency is timed: auto (default: the device inference would use), "
+                               "cpu, cuda, cuda:N or mps")
     compress.add_argument("--calibration", nargs="+", metavar="CT",
                           help="unlabeled CT volumes (NIfTI/NRRD) for activation-aware compression: factors and ranks "
                                "then minimise each layer's output error on them (recommended)")
@@ -281,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--tile-step", type=float, default=0.8,
                          help="sliding-window step as a fraction of the patch (default 0.8, as TotalSegmentator)")
     segment.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower; off by default)")
+    segment.add_argument("--execution", choices=EXECUTIONS, default="fastest",
+                         help="fastest (default): each layer in its fastest exact form on this device, timed once "
+                              "and cached; reference: as stored")
     segment.add_argument("--quiet", action="store_true", help="no progress on stderr")
     segment.set_defaults(func=_segment)
 

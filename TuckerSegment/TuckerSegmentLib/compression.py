@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from .calibration import LayerStatistics, collect_statistics, output_sensitivity, prediction_agreement
-from .decomposition import LayerPlan, channel_dims, decompose_conv, factorized_like, is_decomposable, relative_error
+from .decomposition import (LayerPlan, channel_dims, decompose_conv, factorized_like, is_decomposable, relative_error,
+                            replace_modules)
+from .devices import resolve_device
 from .errors import PolicyError, RankMismatchError
+from .execution import compare_latency, measure_network_latency
+from .latency import LatencyTable, conv_op
 from .policies import LayerInfo, RankPolicy
 from .stats import NetworkStats, count_flops, network_stats, stats_from_trace, trace
 
@@ -51,9 +55,11 @@ class CompressionReport:
     unused_layers: list[str] = field(default_factory=list)
     calibration_inputs: int = 0  # unlabeled inputs the layer statistics came from (0: weight-only)
     agreement: float | None = None  # label-free Dice agreement with the original on the calibration inputs
+    latency: dict[str, Any] | None = None  # latency budgets: measured time of original and compressed per patch
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "calibration_inputs": self.calibration_inputs, "agreement": self.agreement,
+                "latency": self.latency,
                 "before": self.before.to_dict() if self.before else None,
                 "after": self.after.to_dict() if self.after else None,
                 "unused_layers": self.unused_layers,
@@ -69,28 +75,14 @@ def decomposable_layers(network: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in network.named_modules() if is_decomposable(module)]
 
 
-def replace_modules(network: nn.Module, replacements: Mapping[int, nn.Module]) -> int:
-    """Swap children by identity: every attribute that holds ``old`` now holds ``replacements[id(old)]``.
-
-    Returns the number of attributes rewritten (≥ the number of replaced modules when aliased).
-    """
-    parents = [module for _, module in network.named_modules()]  # each parent once, before any swap
-    rewritten = 0
-    for parent in parents:
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                parent._modules[key] = replacements[id(child)]
-                rewritten += 1
-    return rewritten
-
-
 def _layer_info(name: str, module: nn.Module, input_shape: tuple[int, ...] | None,
                 output_shape: tuple[int, ...] | None) -> LayerInfo:
     c_out, c_in = channel_dims(module)
     flops = count_flops(module, input_shape, module.weight.dtype) if input_shape else None
     return LayerInfo(name=name, weight=module.weight.detach(), layer_type=type(module).__name__,
                      c_out=c_out, c_in=c_in, kernel_size=tuple(module.kernel_size),
-                     flops=flops, input_shape=input_shape, output_shape=output_shape)
+                     flops=flops, input_shape=input_shape, output_shape=output_shape,
+                     op=conv_op(module, input_shape) if input_shape else None)
 
 
 def _param_count(module: nn.Module) -> int:
@@ -150,13 +142,18 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
     calibration inputs is kept (``report.policy`` records it; ``report.agreement`` is that agreement).
     """
     found = survey(network, example_input)
+    if getattr(policy, "target_latency", None) is not None:
+        if example_input is None:
+            raise PolicyError("a latency budget needs example_input (the network's input shape) to time the layers")
+        table = LatencyTable.for_device(resolve_device(policy.device))
+        policy = policy.with_latency(measure_network_latency(network, example_input, table))
     stats: dict[str, LayerStatistics] = {}
     inputs = list(calibration) if calibration is not None else None
     sensitivity = getattr(policy, "sensitivity", None)
-    original = None
+    timed = getattr(policy, "latency", None) is not None
+    original = copy.deepcopy(network) if inputs is not None or timed else None
     if inputs is not None:
         stats = collect_statistics(network, found.layers, inputs)
-        original = copy.deepcopy(network)
         if sensitivity is not None:
             measured = [(name, module) for name, module in found.layers if name in stats]
             for name, gain in output_sensitivity(network, measured, inputs[:SENSITIVITY_INPUTS]).items():
@@ -167,8 +164,34 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
     elif sensitivity == "auto":
         policy = policy.weighted(None)  # nothing to weigh by without calibration
     report = _apply(network, policy, found, stats, example_input, progress)
-    if original is not None:
+    if timed:
+        report = _meet_latency(network, original, policy, report, stats, example_input)
+    if inputs is not None:
         report.agreement = prediction_agreement(network, original, inputs)
+    return report
+
+
+LATENCY_ATTEMPTS = 3  # plans tried for a latency target, each budget corrected by the last measured miss
+LATENCY_TOLERANCE = 0.05  # a measured ratio within 5 % of the target counts as met (timing noise)
+
+
+def _meet_latency(network: nn.Module, original: nn.Module, policy: RankPolicy, report: CompressionReport,
+                  stats: Mapping[str, LayerStatistics], example_input: torch.Tensor) -> CompressionReport:
+    """Measure the compressed network against the original (fastest execution, interleaved); while it
+    misses the latency target, re-plan with the layer budget scaled by the miss. ``network`` ends up
+    with the last plan; ``report.latency`` records the measurement."""
+    target, table = policy.target_latency, policy.latency.table
+    for attempt in range(1, LATENCY_ATTEMPTS + 1):
+        base, seconds = compare_latency(original, network, example_input, table)
+        report.latency = {"device": table.name, "target": target, "original_seconds": base,
+                          "compressed_seconds": seconds, "ratio": seconds / base, "attempts": attempt}
+        if seconds / base <= target * (1 + LATENCY_TOLERANCE) or attempt == LATENCY_ATTEMPTS:
+            return report
+        latency = policy.latency
+        policy = policy.with_latency(replace(latency, scale=latency.scale * target * base / seconds))
+        trial = copy.deepcopy(original)
+        report = _apply(trial, policy, survey(trial, example_input), stats, example_input, None)
+        network._modules, network._parameters, network._buffers = trial._modules, trial._parameters, trial._buffers
     return report
 
 

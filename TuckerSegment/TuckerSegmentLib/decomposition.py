@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,26 +99,31 @@ def factorized_like(conv: _ConvNd, plan: LayerPlan) -> TuckerConv:
     """The factorised structure for ``conv`` under ``plan``, weights uninitialised (for loading)."""
     _check(conv, plan)
     c_out, c_in = channel_dims(conv)
-    dims = len(conv.kernel_size)
-    pointwise = _POINTWISE[dims]
-    kwargs = {"device": conv.weight.device, "dtype": conv.weight.dtype}
     has_bias = conv.bias is not None
     core_in = plan.rank_in if plan.rank_in is not None else c_in
     core_out = plan.rank_out if plan.rank_out is not None else c_out
-    core_kwargs = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                       dilation=conv.dilation, bias=has_bias and plan.rank_out is None,
-                       padding_mode=conv.padding_mode, **kwargs)
-    if conv.transposed:
-        core = type(conv)(core_in, core_out, output_padding=conv.output_padding, **core_kwargs)
-    else:
-        core = type(conv)(core_in, core_out, **core_kwargs)
     parts: OrderedDict[str, nn.Module] = OrderedDict()
     if plan.rank_in is not None:
-        parts["input_factor"] = pointwise(c_in, plan.rank_in, 1, bias=False, **kwargs)
-    parts["core"] = core
+        parts["input_factor"] = pointwise_like(conv, c_in, plan.rank_in, bias=False)
+    parts["core"] = conv_like(conv, core_in, core_out, bias=has_bias and plan.rank_out is None)
     if plan.rank_out is not None:
-        parts["output_factor"] = pointwise(plan.rank_out, c_out, 1, bias=has_bias, **kwargs)
+        parts["output_factor"] = pointwise_like(conv, plan.rank_out, c_out, bias=has_bias)
     return TuckerConv(parts)
+
+
+def conv_like(conv: _ConvNd, c_in: int, c_out: int, bias: bool) -> _ConvNd:
+    """A convolution of ``conv``'s type, geometry, device and dtype with other channels, weights uninitialised."""
+    kwargs = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                  bias=bias, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    if conv.transposed:
+        return type(conv)(c_in, c_out, output_padding=conv.output_padding, **kwargs)
+    return type(conv)(c_in, c_out, **kwargs)
+
+
+def pointwise_like(conv: _ConvNd, c_in: int, c_out: int, bias: bool) -> _ConvNd:
+    """A 1×…×1 convolution with ``conv``'s dimensionality, device and dtype."""
+    return _POINTWISE[len(conv.kernel_size)](c_in, c_out, 1, bias=bias, device=conv.weight.device,
+                                             dtype=conv.weight.dtype)
 
 
 def tucker_factors(conv: _ConvNd, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -181,6 +187,8 @@ def output_aware_factors(conv: _ConvNd, plan: LayerPlan, in_cov: torch.Tensor | 
             sqrt_and_inverse(in_cov.to(torch.float64))
         whitened = contract_mode(weight, mode_in, root)
         basis = torch.linalg.svd(unfold_mode(whitened, mode_in), full_matrices=False)[0][:, :plan.rank_in]  # Cin × r_in
+        if basis.shape[1] < plan.rank_in:  # a rank above the unfolding's (e.g. r_in 12 on a 16→8 1×1×1 head)
+            basis = torch.cat([basis, basis.new_zeros(c_in, plan.rank_in - basis.shape[1])], dim=1)
         core = contract_mode(whitened, mode_in, basis)
         a_t = inverse_root @ basis  # Cin × r_in: the input factor's weight, transposed
     if plan.rank_out is not None:
@@ -220,17 +228,18 @@ def decompose_conv(conv: _ConvNd, rank_out: int | None, rank_in: int | None,
     return module
 
 
-def reconstruct_weight(module: TuckerConv) -> torch.Tensor:
-    """The dense kernel a ``TuckerConv`` computes, in the layout of its core convolution's type."""
+def reconstruct_weight(module: TuckerConv, inputs: bool = True, outputs: bool = True) -> torch.Tensor:
+    """The kernel of ``module``'s core with its input and/or output factor folded in (float64, in the layout
+    of the core's type); both folded, the dense kernel the ``TuckerConv`` computes."""
     core = module.core
     weight = core.weight.detach().to(torch.float64)
     mode_out, mode_in = _modes(core)
-    if "input_factor" in module._modules:
-        u_in = module.input_factor.weight.detach().to(torch.float64).flatten(1).T  # Cin × r_in
-        weight = torch.tensordot(weight, u_in, dims=([mode_in], [1])).movedim(-1, mode_in)
-    if "output_factor" in module._modules:
-        u_out = module.output_factor.weight.detach().to(torch.float64).flatten(1)  # Cout × r_out
-        weight = torch.tensordot(weight, u_out, dims=([mode_out], [1])).movedim(-1, mode_out)
+    if inputs and "input_factor" in module._modules:
+        u_in = module.input_factor.weight.detach().to(torch.float64).flatten(1)  # r_in × Cin
+        weight = contract_mode(weight, mode_in, u_in)
+    if outputs and "output_factor" in module._modules:
+        u_out = module.output_factor.weight.detach().to(torch.float64).flatten(1).T  # r_out × Cout
+        weight = contract_mode(weight, mode_out, u_out)
     return weight
 
 
@@ -240,3 +249,18 @@ def relative_error(conv: _ConvNd, module: TuckerConv) -> float:
     norm = torch.linalg.vector_norm(original).item()
     diff = torch.linalg.vector_norm(original - reconstruct_weight(module)).item()
     return diff / norm if norm > 0 else diff
+
+
+def replace_modules(network: nn.Module, replacements: Mapping[int, nn.Module]) -> int:
+    """Swap children by identity: every attribute that holds ``old`` now holds ``replacements[id(old)]``.
+
+    Returns the number of attributes rewritten (≥ the number of replaced modules when aliased).
+    """
+    parents = [module for _, module in network.named_modules()]  # each parent once, before any swap
+    rewritten = 0
+    for parent in parents:
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[key] = replacements[id(child)]
+                rewritten += 1
+    return rewritten

@@ -44,3 +44,13 @@ def holdout_mask(shape: tuple[int, int, int], blocks: tuple[int, int, int] = HOL
     index = [np.minimum(np.arange(n) * b // n, b - 1) for n, b in zip(shape, blocks, strict=True)]
     k, j, i = np.meshgrid(*index, indexing="ij")
     return (k + j + i) % 2 == 1
+
+
+def held_out_dice(labels: np.ndarray, sample: ChestSample, held: np.ndarray) -> float:
+    """Mean Dice over the sample's structures of ``labels`` (on the CT grid) within the ``held`` mask."""
+    scores = []
+    for value in np.unique(sample.labels[sample.labels > 0]):
+        a, b = labels[held] == value, sample.labels[held] == value
+        if a.sum() + b.sum():
+            scores.append(2 * float((a & b).sum()) / float(a.sum() + b.sum()))
+    return float(np.mean(scores))

@@ -20,9 +20,11 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from .devices import resolve_device
-from .errors import SegmentationCancelled
+from .errors import SegmentationCancelled, TuckerSegmentError
+from .execution import ExecutionReport, optimise_execution
 from .geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
 from .labels import SegmentLabel, label_values, segment_labels
+from .latency import LatencyTable
 from .model_folder import Fold, ModelFolder
 from .policies import policy_from_dict
 from .volume import Volume, checked_volume
@@ -30,6 +32,7 @@ from .volume import Volume, checked_volume
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 TOTALSEGMENTATOR_MAX_VOXELS = 512 * 512 * 900  # TotalSegmentator splits larger volumes in three along z
+EXECUTIONS = ("fastest", "reference")
 SLAB_OVERLAP = 20  # voxels of context on each side of a slab (TotalSegmentator's margin)
 
 
@@ -105,9 +108,14 @@ class Segmenter:
     def __init__(self, model: str | Path | ModelFolder, fold: Fold | None = None, device: str = "auto",
                  tile_step: float = 0.8, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
                  trust_checkpoint: bool = False, name: str | None = None, network: torch.nn.Module | None = None,
-                 policy: str = "original") -> None:
+                 policy: str = "original", execution: str = "fastest") -> None:
         """``network``: run this network (e.g. compressed in memory, described by ``policy``) instead of the
-        fold's saved weights; the folder then only supplies plans and labels."""
+        fold's saved weights; the folder then only supplies plans and labels. ``execution``: "fastest"
+        runs every layer in its fastest exact form on this device (timed once, cached: see
+        ``execution.optimise_execution``), "reference" exactly as stored (three convolutions per
+        factorised layer)."""
+        if execution not in EXECUTIONS:
+            raise TuckerSegmentError(f"unknown execution {execution!r}; choose one of {', '.join(EXECUTIONS)}")
         self.model = model if isinstance(model, ModelFolder) else ModelFolder.open(model)
         self.name = name or self.model.name
         self.fold = str(fold) if fold is not None else (self.model.folds[0] if network is None else "0")
@@ -125,6 +133,9 @@ class Segmenter:
             self.policy = "original"
             network, checkpoint = self.model.load_original(self.fold, trust=trust_checkpoint)
             axes = checkpoint.get("inference_allowed_mirroring_axes")
+        self.execution: ExecutionReport | None = None
+        if execution == "fastest":
+            self.execution = optimise_execution(network, self.model.example_input(), LatencyTable.for_device(self.device))
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
             self._predictor = _Predictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
                                          perform_everything_on_device=self.device.type == "cuda", device=self.device,
