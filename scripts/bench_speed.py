@@ -14,7 +14,9 @@ held-out Dice of each variant is reported too (budget variants calibrated on the
 Writes ``docs/speed.json`` and ``docs/speed.md``.
 
 Usage: python scripts/bench_speed.py [--runs 5] [--models Dataset291 Dataset297 demo] [--device cpu]
-(about 40 min on 2 CPU cores; the first run also times each layer's forms, cached afterwards)
+(Dataset291 alone takes about 30 min on 2 CPU cores, Dataset297 longer: its 117-class end-to-end runs
+dominate; the first run also times each layer's forms and the latency budget's options, cached
+afterwards; results are written after each model)
 """
 from __future__ import annotations
 
@@ -187,15 +189,19 @@ def main() -> None:
                     row["volume_seconds"] = statistics.median(variant.volume_seconds)
                     row["volume_ratio"] = row["volume_seconds"] / statistics.median(base.volume_seconds)
                 results.append(row)
-                print(f"  {variant.name}: patch {patch:.3f} s ({row['patch_ratio']:.2f}×)"
+                print(f"  {variant.name}: FLOPs {row['flops_fraction']:.3f}, patch {patch:.3f} s ({row['patch_ratio']:.2f}×)"
                       + (f", volume {row['volume_seconds']:.2f} s ({row['volume_ratio']:.2f}×)"
                          if variant.volume_seconds else "") + (f", Dice {variant.dice:.3f}" if variant.dice else ""),
                       flush=True)
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "speed.json").write_text(json.dumps({"machine": machine, "runs": args.runs,
-                                                 "flop_convention": FLOP_CONVENTION, "rows": results}, indent=1) + "\n")
-    write_markdown(results, machine, args.runs)
+            write_results(results, machine, args.runs)  # after each model: a long run leaves what it measured
     print(f"wrote {DOCS / 'speed.md'}")
+
+
+def write_results(results: list[dict[str, Any]], machine: str, runs: int) -> None:
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "speed.json").write_text(json.dumps({"machine": machine, "runs": runs,
+                                                 "flop_convention": FLOP_CONVENTION, "rows": results}, indent=1) + "\n")
+    write_markdown(results, machine, runs)
 
 
 def write_markdown(rows: list[dict[str, Any]], machine: str, runs: int) -> None:

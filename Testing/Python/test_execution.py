@@ -147,11 +147,16 @@ def test_latency_table_is_kept_per_device(tmp_path):
     assert json.loads(path.read_text())["device"] == table.name
     again = LatencyTable("cpu", path, measure=measure)
     assert again.seconds(op) == 0.25 and len(calls) == 1  # read back, not measured
+    other = conv_op(nn.Conv3d(4, 2, 1), (1, 4, 8, 8, 8))
+    again.seconds(other)
+    again.save()
+    table.save()  # an older instance saving later keeps what the newer one added
+    assert LatencyTable("cpu", path, measure=measure).seconds(other) == 0.25 and len(calls) == 2
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data | {"device": "another machine"}))
-    assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 2  # other device: re-timed
+    assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 3  # other device: re-timed
     path.write_text("{not json")
-    assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 3  # corrupt: re-timed
+    assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 4  # corrupt: re-timed
     real = LatencyTable("cpu")  # a real measurement of a small convolution
     assert 0 < real.seconds(op) < 5
 

@@ -140,6 +140,8 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
     budget policy with ``sensitivity="auto"`` also gets each layer's output sensitivity, and the
     weighting exponent whose compressed network agrees best with the original's predictions on the
     calibration inputs is kept (``report.policy`` records it; ``report.agreement`` is that agreement).
+    A budget with ``target_latency`` is timed on its device (``execution.measure_network_latency``),
+    and the result is checked against the original's measured time (``report.latency``).
     """
     found = survey(network, example_input)
     if getattr(policy, "target_latency", None) is not None:

@@ -216,12 +216,7 @@ class LatencyTable:
         self.name = device_name(self.device)
         self.measured = 0
         self._measure = measure or self._time_op
-        self._seconds: dict[str, float] = {}
-        if path is not None and path.is_file():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                data = json.loads(path.read_text())
-                if data["version"] == TABLE_VERSION and data["device"] == self.name:
-                    self._seconds = {str(k): float(v) for k, v in data["seconds"].items()}
+        self._seconds = self._stored()
 
     @classmethod
     def for_device(cls, device: torch.device | str, cache: Path | None = None) -> LatencyTable:
@@ -258,10 +253,21 @@ class LatencyTable:
         return time_call(lambda: module(x), self.device, self.repeats * (3 if quick else 1),
                          warmup=2 if quick else 0, enough=0.5)
 
+    def _stored(self) -> dict[str, float]:
+        """The timings in ``path`` for this device (none when missing, unreadable or another device's)."""
+        if self.path is not None and self.path.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+                data = json.loads(self.path.read_text())
+                if data["version"] == TABLE_VERSION and data["device"] == self.name:
+                    return {str(k): float(v) for k, v in data["seconds"].items()}
+        return {}
+
     def save(self) -> None:
-        """Write the table atomically (a no-op without ``path``); unwritable caches are not an error."""
+        """Merge this table into ``path`` (another process may have added timings) and write it atomically;
+        a no-op without ``path``; unwritable caches are not an error."""
         if self.path is None:
             return
+        self._seconds = self._stored() | self._seconds
         with contextlib.suppress(OSError, TuckerSegmentError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output_file(self.path) as staging:
