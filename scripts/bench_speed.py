@@ -38,9 +38,9 @@ from TuckerSegmentLib.compression import compress_network
 from TuckerSegmentLib.demo_data import chest_sample, held_out_dice, holdout_mask
 from TuckerSegmentLib.devices import resolve_device
 from TuckerSegmentLib.example_models import write_example_model
-from TuckerSegmentLib.execution import optimise_execution
+from TuckerSegmentLib.execution import interleaved_seconds, optimise_execution
 from TuckerSegmentLib.inference import Segmenter
-from TuckerSegmentLib.latency import LatencyTable, device_name, synchronize
+from TuckerSegmentLib.latency import LatencyTable, device_name
 from TuckerSegmentLib.model_folder import ModelFolder
 from TuckerSegmentLib.models import bundled_models
 from TuckerSegmentLib.policies import BudgetPolicy, RankPolicy, UniformPolicy, policy_from_dict
@@ -122,18 +122,9 @@ def build_variants(folder: ModelFolder, device: torch.device, calibration: list[
 
 
 def time_patches(variants: list[Variant], shape: tuple[int, ...], device: torch.device, runs: int) -> None:
-    x = torch.randn(shape, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.inference_mode(), autocast:
-        for variant in variants:
-            variant.network(x)  # warm-up (oneDNN/cuDNN primitive creation)
-        for _ in range(runs):
-            for variant in variants:
-                synchronize(device)
-                start = time.perf_counter()
-                variant.network(x)
-                synchronize(device)
-                variant.patch_seconds.append(time.perf_counter() - start)
+    times = interleaved_seconds([v.network for v in variants], torch.randn(shape, device=device), device, runs)
+    for variant, seconds in zip(variants, times, strict=True):
+        variant.patch_seconds = seconds
 
 
 def time_volumes(variants: list[Variant], folder: ModelFolder, volume: Volume, device: torch.device,

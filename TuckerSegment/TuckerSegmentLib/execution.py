@@ -15,9 +15,9 @@ import copy
 import statistics
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -158,11 +158,6 @@ class LayerExecution:
     reference_seconds: float  # stored three-convolution form
     dense_seconds: float  # both factors folded back: the original layer's cost
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **self.plan.to_dict(), "execution": self.execution.label,
-                "seconds": self.seconds, "reference_seconds": self.reference_seconds,
-                "dense_seconds": self.dense_seconds}
-
 
 @dataclass
 class ExecutionReport:
@@ -183,18 +178,6 @@ class ExecutionReport:
     @property
     def dense_seconds(self) -> float:
         return sum(layer.dense_seconds for layer in self.layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "measured": self.measured, "seconds": self.seconds,
-                "reference_seconds": self.reference_seconds, "dense_seconds": self.dense_seconds,
-                "layers": [layer.to_dict() for layer in self.layers]}
-
-
-def folded_execution(dense: ConvOp, output_shape: tuple[int, ...], plan: LayerPlan,
-                     seconds: Callable[[ConvOp], float]) -> Execution:
-    """The original layer's cost: both factors folded back, the core in its faster form by ``seconds``."""
-    folded = [e for e in executions(plan, dense) if e.input in (None, "folded") and e.output in (None, "folded")]
-    return min(folded, key=lambda e: execution_seconds(dense, output_shape, plan, e, seconds))
 
 
 def optimise_execution(network: nn.Module, example_input: torch.Tensor, table: LatencyTable,
@@ -217,19 +200,18 @@ def optimise_execution(network: nn.Module, example_input: torch.Tensor, table: L
     candidates: dict[str, list[Execution]] = {}
     folded: dict[str, Execution] = {}
     keys: dict[str, str] = {}
+    estimated: dict[str, dict[Execution, float]] = {}
     for name, module in layers:
         dense = dense_op(module, probe.input_shapes[id(module)])
         out_shape, plan = probe.output_shapes[id(module)], _plan(module)
-        folded[name] = folded_execution(dense, out_shape, plan, table.seconds)
-        ranked = [fastest(dense, out_shape, plan, table.seconds)[0], reference_execution(plan), folded[name]]
+        times = {e: execution_seconds(dense, out_shape, plan, e, table.seconds) for e in executions(plan, dense)}
+        folded[name] = min((e for e in times if e.input in (None, "folded") and e.output in (None, "folded")),
+                           key=times.__getitem__)  # the original layer's cost, core in its faster form
+        ranked = [min(times, key=times.__getitem__), reference_execution(plan), folded[name]]
         candidates[name] = list(dict.fromkeys(ranked))
+        estimated[name] = {e: times[e] for e in candidates[name]}
         keys[name] = f"in-network|{dense.key()}|{plan.rank_out}|{plan.rank_in}"
-    if verify:
-        timed = in_network_seconds(network, example_input, table, candidates, keys, progress)
-    else:
-        timed = {name: {e: execution_seconds(dense_op(module, probe.input_shapes[id(module)]),
-                                             probe.output_shapes[id(module)], _plan(module), e, table.seconds)
-                        for e in candidates[name]} for name, module in layers}
+    timed = in_network_seconds(network, example_input, table, candidates, keys, progress) if verify else estimated
     report = ExecutionReport(device=table.name)
     replacements: dict[int, nn.Module] = {}
     for name, module in layers:
@@ -263,9 +245,11 @@ def in_network_seconds(network: nn.Module, example_input: torch.Tensor, table: L
     for index in range(rounds):
         copy_ = copy.deepcopy(network)
         config = {name: options[min(index, len(options) - 1)] for name, options in candidates.items()}
-        replace_modules(copy_, {id(copy_.get_submodule(name)): execute_as(copy_.get_submodule(name), e)
-                                for name, e in config.items() if e != reference_execution(_plan(copy_.get_submodule(name)))})
-        spent = _time_layers(copy_.to(device).eval(), [*config], x, device, repeats)
+        modules = {name: copy_.get_submodule(name) for name in config}
+        replace_modules(copy_, {id(modules[name]): execute_as(modules[name], e) for name, e in config.items()
+                                if e != reference_execution(_plan(modules[name]))})
+        _, per_pass = time_passes(copy_.to(device).eval(), x, device, repeats, [*config])
+        spent = {name: statistics.median(p[name] for p in per_pass) for name in config}
         for name, execution in config.items():
             found[name][execution] = table.record(f"{keys[name]}|{execution.label}", spent[name])
         if progress is not None:
@@ -273,10 +257,11 @@ def in_network_seconds(network: nn.Module, example_input: torch.Tensor, table: L
     return found
 
 
-def _time_layers(network: nn.Module, names: list[str], x: torch.Tensor, device: torch.device,
-                 repeats: int) -> dict[str, float]:
-    """Median seconds per pass spent in each named submodule over ``repeats`` forward passes (after one)."""
-    runs: dict[str, list[float]] = {name: [] for name in names}
+def time_passes(network: nn.Module, x: torch.Tensor, device: torch.device, repeats: int,
+                names: Sequence[str] = ()) -> tuple[list[float], list[dict[str, float]]]:
+    """Seconds of each of ``repeats`` forward passes of ``network`` on ``x`` (after a warm-up pass) and,
+    per pass, the seconds spent inside each named submodule (hooks, device synchronised)."""
+    inside: dict[str, float] = {}
     started: dict[str, float] = {}
     handles = []
     for name in names:
@@ -288,17 +273,25 @@ def _time_layers(network: nn.Module, names: list[str], x: torch.Tensor, device: 
 
         def after(mod: nn.Module, args: tuple, output: object, name: str = name) -> None:
             synchronize(device)
-            runs[name].append(time.perf_counter() - started[name])
+            inside[name] = inside.get(name, 0.0) + time.perf_counter() - started[name]
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    totals, per_pass = [], []
     try:
         with torch.inference_mode(), autocast(device):
-            for _ in range(repeats + 1):
+            network(x)
+            for _ in range(repeats):
+                inside.clear()
+                synchronize(device)
+                start = time.perf_counter()
                 network(x)
+                synchronize(device)
+                totals.append(time.perf_counter() - start)
+                per_pass.append({name: inside.get(name, 0.0) for name in names})
     finally:
         for handle in handles:
             handle.remove()
-    return {name: statistics.median(times[-repeats:]) for name, times in runs.items()}
+    return totals, per_pass
 
 
 @dataclass(frozen=True)
@@ -323,40 +316,19 @@ def measure_network_latency(network: nn.Module, example_input: torch.Tensor, tab
     """Time forward passes of ``network`` (unchanged) on ``table``'s device, and, in the same runs, the
     time spent inside its convolutions, so that the rest (norms, activations, copies) is known."""
     probe = trace(network, example_input)
-    convs = {id(m): m for m in network.modules() if is_decomposable(m) and id(m) in probe.called}
-    for module in convs.values():
-        table.seconds(conv_op(module, probe.input_shapes[id(module)]))
+    before = table.measured
+    convs = []
+    for name, module in network.named_modules():  # each module once, under its first name
+        if is_decomposable(module) and id(module) in probe.called:
+            table.seconds(conv_op(module, probe.input_shapes[id(module)]))
+            convs.append(name)
     device = table.device
     runner = network if next(network.parameters()).device == device else copy.deepcopy(network).to(device)
-    inside, started = [0.0], [0.0]
-
-    def before(module: nn.Module, args: tuple) -> None:
-        synchronize(device)
-        started[0] = time.perf_counter()
-
-    def after(module: nn.Module, args: tuple, output: object) -> None:
-        synchronize(device)
-        inside[0] += time.perf_counter() - started[0]
-
-    runner_convs = [m for m in runner.modules() if is_decomposable(m)]
-    handles = [h for m in runner_convs for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     x = torch.randn(example_input.shape, device=device)
-    totals, others = [], []
-    try:
-        with torch.inference_mode(), autocast(device):
-            runner(x)
-            for _ in range(repeats):
-                inside[0] = 0.0
-                synchronize(device)
-                start = time.perf_counter()
-                runner(x)
-                synchronize(device)
-                totals.append(time.perf_counter() - start)
-                others.append(totals[-1] - inside[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    table.save()
+    totals, per_pass = time_passes(runner, x, device, repeats, convs)
+    if table.measured > before:
+        table.save()
+    others = [total - sum(inside.values()) for total, inside in zip(totals, per_pass, strict=True)]
     return NetworkLatency(table, statistics.median(totals), max(0.0, statistics.median(others)))
 
 
@@ -368,16 +340,23 @@ def compare_latency(original: nn.Module, compressed: nn.Module, example_input: t
     fast = copy.deepcopy(compressed)
     optimise_execution(fast, example_input, table)
     networks = [copy.deepcopy(original).to(device).eval(), fast.to(device).eval()]
-    x = torch.randn(example_input.shape, device=device)
-    times: list[list[float]] = [[], []]
+    times = interleaved_seconds(networks, torch.randn(example_input.shape, device=device), device, repeats)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def interleaved_seconds(networks: Sequence[nn.Module], x: torch.Tensor, device: torch.device,
+                        rounds: int) -> list[list[float]]:
+    """Per network, the seconds of one forward pass in each of ``rounds`` rounds (each round runs every
+    network once, so slow drifts of the machine hit all alike), after a warm-up pass of each."""
+    times: list[list[float]] = [[] for _ in networks]
     with torch.inference_mode(), autocast(device):
         for network in networks:
             network(x)
-        for _ in range(repeats):
+        for _ in range(rounds):
             for network, spent in zip(networks, times, strict=True):
                 synchronize(device)
                 start = time.perf_counter()
                 network(x)
                 synchronize(device)
                 spent.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return times

@@ -225,9 +225,6 @@ class LatencyTable:
         device = torch.device(device)
         return cls(device, (cache or cache_dir()) / "latency" / f"{_slug(device_name(device))}.json")
 
-    def __len__(self) -> int:
-        return len(self._seconds)
-
     def seconds(self, op: ConvOp) -> float:
         key = op.key()
         if key not in self._seconds:
