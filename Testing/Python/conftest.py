@@ -35,3 +35,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dataset291_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TotalSegmentator's Dataset291 architecture (31.19 M parameters) with random weights."""
     return write_example_model(tmp_path_factory.mktemp("ts291"), "Dataset291", seed=0)
+
+
+@pytest.fixture
+def scene(tmp_path):
+    """A fresh headless Slicer scene (real MRML, slicer-core) as ``slicer.mrmlScene``."""
+    import headless_slicer
+    return headless_slicer.setup(tmp_path / "slicer_home")
+
+
+@pytest.fixture(scope="module")
+def logic():
+    """The module's Logic (the model it loads is kept for the module's tests)."""
+    import headless_slicer
+    headless_slicer.setup()
+    import TuckerSegment
+    return TuckerSegment.TuckerSegmentLogic()
+
+
+@pytest.fixture
+def ct_node(scene):
+    """The sample chest CT loaded with Slicer's volumes logic."""
+    import headless_slicer
+    import slicerio
+    return headless_slicer.load_volume(slicerio.get_testdata_file("CTChest4.nrrd"), "CT")

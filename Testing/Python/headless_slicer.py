@@ -57,7 +57,8 @@ class _ScriptedLoadableModuleLogic:
 
 
 class _ScriptedLoadableModuleTest(unittest.TestCase):
-    pass
+    def delayDisplay(self, message: str, msec: int = 0) -> None:
+        print(message)
 
 
 def _install_qt_stand_ins() -> None:
@@ -71,6 +72,9 @@ def _install_qt_stand_ins() -> None:
     def parameter_pack(cls: type) -> type:
         return cls
 
+    def within_range(minimum: float, maximum: float) -> tuple[float, float]:
+        return minimum, maximum
+
     stand_ins = {
         "qt": _module("qt"),
         "ctk": _module("ctk"),
@@ -81,7 +85,7 @@ def _install_qt_stand_ins() -> None:
             ScriptedLoadableModuleLogic=_ScriptedLoadableModuleLogic,
             ScriptedLoadableModuleTest=_ScriptedLoadableModuleTest),
         "slicer.parameterNodeWrapper": _module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameter_pack,
-                                               parameterPack=parameter_pack),
+                                               parameterPack=parameter_pack, WithinRange=within_range),
     }
     for name, module in stand_ins.items():
         if name in sys.modules:

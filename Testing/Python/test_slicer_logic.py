@@ -11,7 +11,6 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-import headless_slicer
 from test_task import bundled, renamed_copy
 from TuckerSegmentLib.errors import (CheckpointError, ModelFolderError, OutputPathError, SegmentationCancelled,
                                      VolumeError)
@@ -25,23 +24,6 @@ vtk = pytest.importorskip("vtk")
 CT_PATH = slicerio.get_testdata_file("CTChest4.nrrd")
 RIGHT_LUNG_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure"
                           "~SCT^39607008^Lung~SCT^24028007^Right~Anatomic codes - DICOM master list~^^~^^")
-
-
-@pytest.fixture
-def scene(tmp_path):
-    return headless_slicer.setup(tmp_path / "slicer_home")
-
-
-@pytest.fixture(scope="module")
-def logic():
-    headless_slicer.setup()
-    import TuckerSegment
-    return TuckerSegment.TuckerSegmentLogic()
-
-
-@pytest.fixture
-def ct_node(scene):
-    return headless_slicer.load_volume(CT_PATH, "CT")
 
 
 def matrix_of(node) -> np.ndarray:

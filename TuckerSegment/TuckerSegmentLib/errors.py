@@ -33,5 +33,9 @@ class VolumeError(TuckerSegmentError):
     """The input image cannot be segmented (not 3D, empty, not finite, unreadable)."""
 
 
-class SegmentationCancelled(TuckerSegmentError):
+class Cancelled(TuckerSegmentError):
+    """The user cancelled a running job; nothing was written."""
+
+
+class SegmentationCancelled(Cancelled):
     """The user cancelled a running segmentation; nothing was written."""

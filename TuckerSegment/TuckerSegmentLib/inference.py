@@ -74,6 +74,7 @@ class _Predictor(nnUNetPredictor):
         self.on_tile: Callable[[int, int], None] | None = None
         self.cancel: Cancel | None = None
         self.cancelled = False
+        self.half_precision = True  # False: no fp16 autocast on CUDA (nnU-Net enables it), float32 throughout
         self.tiles_total = self._tiles_done = 0
 
     def _internal_get_sliding_window_slicers(self, image_size):
@@ -86,7 +87,11 @@ class _Predictor(nnUNetPredictor):
             self.cancelled = True
         if self.cancelled:
             return torch.zeros((x.shape[0], self.label_manager.num_segmentation_heads, *x.shape[2:]), device=x.device)
-        prediction = super()._internal_maybe_mirror_and_predict(x)
+        if self.half_precision:
+            prediction = super()._internal_maybe_mirror_and_predict(x)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                prediction = super()._internal_maybe_mirror_and_predict(x.float())
         self._tiles_done += 1
         if self.on_tile is not None:
             self.on_tile(self._tiles_done, self.tiles_total)
@@ -108,12 +113,12 @@ class Segmenter:
     def __init__(self, model: str | Path | ModelFolder, fold: Fold | None = None, device: str = "auto",
                  tile_step: float = 0.8, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
                  trust_checkpoint: bool = False, name: str | None = None, network: torch.nn.Module | None = None,
-                 policy: str = "original", execution: str = "fastest") -> None:
+                 policy: str = "original", execution: str = "fastest", half_precision: bool = True) -> None:
         """``network``: run this network (e.g. compressed in memory, described by ``policy``) instead of the
         fold's saved weights; the folder then only supplies plans and labels. ``execution``: "fastest"
         runs every layer in its fastest exact form on this device (timed once, cached: see
         ``execution.optimise_execution``), "reference" exactly as stored (three convolutions per
-        factorised layer)."""
+        factorised layer). ``half_precision``: fp16 autocast on CUDA as nnU-Net does (False: float32)."""
         if execution not in EXECUTIONS:
             raise TuckerSegmentError(f"unknown execution {execution!r}; choose one of {', '.join(EXECUTIONS)}")
         self.model = model if isinstance(model, ModelFolder) else ModelFolder.open(model)
@@ -140,6 +145,7 @@ class Segmenter:
             self._predictor = _Predictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
                                          perform_everything_on_device=self.device.type == "cuda", device=self.device,
                                          verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        self._predictor.half_precision = half_precision
         self._predictor.manual_initialization(network, self.model.plans_manager, self.model.configuration_manager,
                                               [network.state_dict()], self.model.dataset_json,
                                               self.model.trainer_name or "nnUNetTrainer",

@@ -1,0 +1,92 @@
+"""Which Python packages the engine needs, and which are missing or of an untested version.
+
+Importable without any of them (the package's ``__init__`` imports nothing eagerly), so Slicer can
+check before the first use and offer to install; nothing is ever installed at import time.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A distribution (pip name), the module it provides, and the versions the engine is tested with."""
+
+    distribution: str
+    module: str
+    minimum: str
+    below: str | None = None
+
+    @property
+    def pip(self) -> str:
+        """The pip requirement string."""
+        return f"{self.distribution}>={self.minimum}" + (f",<{self.below}" if self.below else "")
+
+
+# torch: any recent build (CPU or the CUDA build matching the GPU, which Slicer's PyTorch extension picks);
+# the others bounded to the versions tested (nnU-Net's predictor internals change between minor releases).
+TORCH = Requirement("torch", "torch", "2.1")
+REQUIREMENTS = (
+    TORCH,
+    Requirement("tensorly", "tensorly", "0.10", "0.11"),
+    Requirement("nnunetv2", "nnunetv2", "2.8.1", "2.9"),
+    Requirement("dynamic-network-architectures", "dynamic_network_architectures", "0.4.4", "0.5"),
+    Requirement("safetensors", "safetensors", "0.8", "1"),
+    Requirement("nibabel", "nibabel", "5.0"),
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A requirement that is not met: missing (``installed`` None) or of another version."""
+
+    requirement: Requirement
+    installed: str | None
+
+    def __str__(self) -> str:
+        if self.installed is None:
+            return f"{self.requirement.distribution} is not installed"
+        return f"{self.requirement.distribution} {self.installed} is installed; TuckerSegment needs {self.requirement.pip}"
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, or ``None``."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """Leading numbers of a version: ``2.13.0+cpu`` -> (2, 13, 0); ``2.9.0rc1`` -> (2, 9, 0)."""
+    numbers = []
+    for part in text.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits.group()))
+    return tuple(numbers)
+
+
+def satisfies(requirement: Requirement, version: str) -> bool:
+    have = version_tuple(version)
+    return have >= version_tuple(requirement.minimum) and (
+        requirement.below is None or have < version_tuple(requirement.below))
+
+
+def problems(version_of: Callable[[str], str | None] = installed_version) -> list[Problem]:
+    """Every requirement that is missing or of a version outside the tested range."""
+    found = []
+    for requirement in REQUIREMENTS:
+        version = version_of(requirement.distribution)
+        if version is None or not satisfies(requirement, version):
+            found.append(Problem(requirement, version))
+    return found
+
+
+def pip_command(unmet: list[Problem]) -> str:
+    """What to run outside Slicer to fix ``unmet`` (torch first, so pip does not pick a build for it)."""
+    return "pip install " + " ".join(f"'{p.requirement.pip}'" for p in unmet)
