@@ -17,6 +17,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
 POLL_MS = 200
+CHOOSE_FOLDER = "choose-folder"
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"), ("mps", "Apple GPU (MPS)"))
 COMPRESSION_POLICIES = (("flops", "FLOP budget"), ("params", "Parameter budget"),
                         ("latency", "Time budget (this device)"), ("uniform", "Uniform factor (paper)"))
@@ -130,7 +131,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget):
 
     # --- choices ---------------------------------------------------------------------------------
     def fillTasks(self):
-        self._fillCombo(self.ui.taskComboBox, self.logic.taskChoices(), self._parameterNode.task)
+        self._fillCombo(self.ui.taskComboBox, self.logic.taskChoices(self._parameterNode.task), self._parameterNode.task)
+        self.ui.taskComboBox.addItem(_("Choose an nnU-Net model folder..."), CHOOSE_FOLDER)
         self.onTaskChanged()
 
     def _fillCombo(self, combo, choices, selected):
@@ -144,6 +146,13 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget):
         combo.blockSignals(False)
 
     def onTaskChanged(self, index=None):
+        import qt
+        if _currentData(self.ui.taskComboBox) == CHOOSE_FOLDER:
+            folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("nnU-Net v2 model folder"))
+            if folder:
+                self._parameterNode.task, self._parameterNode.variant = "folder:" + folder, "auto"
+            self.fillTasks()
+            return
         self._parameterNode.task = _currentData(self.ui.taskComboBox) or "auto"
         self._fillCombo(self.ui.variantComboBox, self.logic.variantChoices(self._parameterNode.task,
                                                                            self._parameterNode.device),
@@ -312,7 +321,11 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget):
         self._review = self.logic.finishCompression(job)
         node.reportTable, node.paretoChart = self.logic.showReview(self._review, node.reportTable, node.paretoChart)
         self.ui.reportTableView.setMRMLTableNode(node.reportTable)
-        self.ui.paretoPlotWidget.plotView().mrmlPlotViewNode().SetPlotChartNodeID(node.paretoChart.GetID())
+        view = self.ui.paretoPlotWidget.mrmlPlotViewNode()
+        if view is None or not slicer.mrmlScene.IsNodePresent(view):
+            view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "TuckerSegment Pareto view")
+            self.ui.paretoPlotWidget.setMRMLPlotViewNode(view)
+        view.SetPlotChartNodeID(node.paretoChart.GetID())
         self._status(_("Compressed in {seconds:.0f} s: {folder}").format(seconds=job.seconds,
                                                                          folder=self._review.output), 1)
 
@@ -387,12 +400,14 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         return self._task
 
     # --- what the panel offers ---------------------------------------------------------------------
-    def taskChoices(self) -> list:
-        """Task combo entries (``TuckerSegmentLib.choices.Choice``): Auto, the catalogue's tasks, your models."""
+    def taskChoices(self, current: str = "auto") -> list:
+        """Task combo entries (``TuckerSegmentLib.choices.Choice``): Auto, the catalogue's tasks, your models
+        (``current``, a ``folder:<path>`` key the user picked, is kept among them)."""
         from TuckerSegmentLib.catalogue import catalogue
-        from TuckerSegmentLib.choices import task_choices
+        from TuckerSegmentLib.choices import FOLDER, task_choices
         from TuckerSegmentLib.user_variants import user_variants
-        return task_choices(catalogue(), user_variants())
+        folders = [current[len(FOLDER):]] if current.startswith(FOLDER) else []
+        return task_choices(catalogue(), user_variants(), folders)
 
     def variantChoices(self, task: str = "auto", device: str = "auto") -> list:
         """Variant combo entries for ``task``: "Auto: <its pick>" (reason as tooltip) first."""

@@ -43,28 +43,30 @@ KEPT: dict[str, set[str]] = {
 }
 COMMON = {"toolTip", "enabled", "minimumSize", "maximumSize"}
 
-# Example content: object name -> combo box entries (the first is shown).
+# Example content as the Logic gives it on a fresh install without TotalSegmentator weights (CPU only):
+# object name -> combo box entries (the first is shown).
 COMBO_ITEMS: dict[str, list[str]] = {
-    "inputVolumeSelector": ["CTChest", "CTAbdomen"],
+    "inputVolumeSelector": ["CTChest"],
     "outputSegmentationSelector": ["Create new segmentation", "CTChest segmentation"],
-    "taskComboBox": ["fast (TotalSegmentator 3 mm, 117 structures)", "total (TotalSegmentator 1.5 mm, 117 structures)",
-                     "fastest (TotalSegmentator 6 mm, 117 structures)", "chest-demo (bundled demo)"],
-    "variantComboBox": ["Auto: fast-tucker-0.5", "fast (original)", "fast-tucker-0.7",
-                        "fast-tucker-0.5", "fast-tucker-0.3"],
-    "deviceComboBox": ["Auto", "CPU", "GPU 0"],
-    "policyComboBox": ["FLOP budget", "Parameter budget", "Time budget", "Uniform factor"],
-    "calibrationVolumesSelector": ["CTChest, CTAbdomen"],
+    "taskComboBox": ["Auto", "total: TotalSegmentator v2 default: 117 structures, five 1.5 mm nnU-Net models merged "
+                     "(not installed)", "Demo: chest CT (bundled, 3 mm) (4 ready)"],
+    "variantComboBox": ["Auto: chest-demo", "chest-demo (bundled)", "chest-demo-tucker-0.7 (bundled)"],
+    "deviceComboBox": ["Auto", "CPU", "GPU (CUDA)", "Apple GPU (MPS)"],
+    "policyComboBox": ["FLOP budget", "Parameter budget", "Time budget (this device)", "Uniform factor (paper)"],
+    "calibrationVolumesSelector": ["CTChest"],
 }
-STRUCTURES: list[tuple[str, bool]] = [("liver", True), ("spleen", True), ("kidney_left", True), ("kidney_right", False),
-                                      ("gallbladder", False), ("stomach", False), ("pancreas", False), ("aorta", False)]
+STRUCTURES: list[tuple[str, bool]] = [("ribs", False), ("cervical vertebral column", False),
+                                      ("thoracic vertebral column", False), ("lumbar vertebral column", False),
+                                      ("right lung", True), ("left lung", True), ("tissue", False)]
 TEXTS: dict[str, str] = {
-    "variantReasonLabel": "fast-tucker-0.5: the fastest variant on this CPU within 1 Dice point of the original.",
-    "structureCountLabel": "3 of 117 structures",
-    "statusLabel": "Ready.",
+    "variantReasonLabel": "demo / chest-demo: CPU, 22.1 GiB free, needs 0.8 GiB (measured); the original (no ready "
+                          "variant within the quality limit is expected to run faster here)",
+    "structureCountLabel": "2 of 7 structures",
+    "statusLabel": "",
     "modelFolderPathLineEdit": "~/nnUNet_results/Dataset291_TotalSegmentator_part1/nnUNetTrainer__nnUNetPlans__3d_fullres",
     "outputFolderPathLineEdit": "~/TuckerSegment/Dataset291-flops-0.5",
 }
-REPORT_COLUMNS = ["Model", "Parameters", "FLOPs", "Time", "Agreement"]
+REPORT_COLUMNS = ["Quantity", "Original", "Compressed", "Ratio"]
 
 
 def to_stand_ins(ui_xml: bytes) -> bytes:
@@ -124,7 +126,7 @@ def fill_examples(panel: QWidget) -> None:
     table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
     table.verticalHeader().hide()
     plot = panel.findChild(QLabel, "paretoPlotWidget")
-    plot.setText("Pareto plot: agreement with the original vs. time per patch")
+    plot.setText("Pareto plot: Dice vs original against FLOPs per patch")
     plot.setAlignment(Qt.AlignmentFlag.AlignCenter)
     plot.setWordWrap(True)
     plot.setFrameShape(QFrame.Shape.StyledPanel)

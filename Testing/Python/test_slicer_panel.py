@@ -115,6 +115,9 @@ def test_task_variant_and_structure_choices(logic):
     assert logic.structureNames("demo", "chest-demo-tucker-0.5", "cpu") == DEMO_STRUCTURES
     fast = logic.structureNames("fast")  # a TotalSegmentator task lists its structures before it is installed
     assert len(fast) == 117 and fast[:3] == ["spleen", "kidney_right", "kidney_left"]
+    picked = "folder:" + str(DEMO_SOURCE)  # a model folder chosen in the panel
+    assert (picked, "Dataset901_ChestDemo: my model") in [(c.key, c.label) for c in logic.taskChoices(picked)]
+    assert logic.structureNames(picked, "auto", "cpu") == DEMO_STRUCTURES
     assert logic.modelAndTask("fast", "auto") == ("auto", "fast")
     assert logic.modelAndTask("folder:/m/original", "auto") == ("/m/original", "auto")
     assert logic.modelAndTask("folder:/m/original", "/m/small") == ("/m/small", "auto")

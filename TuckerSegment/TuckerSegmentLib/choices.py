@@ -42,8 +42,9 @@ def model_name(folder: str | Path) -> str:
     return path.name
 
 
-def task_choices(variants: Sequence[Variant], mine: Sequence[UserVariant]) -> list[Choice]:
-    """Auto, each catalogue task (how many variants are ready here), then the originals of the user's variants."""
+def task_choices(variants: Sequence[Variant], mine: Sequence[UserVariant], folders: Sequence[str] = ()) -> list[Choice]:
+    """Auto, each catalogue task (how many variants are ready here), then the originals of the user's
+    variants and any other model ``folders`` the user chose."""
     known = tasks()
     choices = [Choice(AUTO, "Auto", "TotalSegmentator total on a GPU, fast on a CPU; the demo model when neither "
                                     "is ready")]
@@ -52,7 +53,7 @@ def task_choices(variants: Sequence[Variant], mine: Sequence[UserVariant]) -> li
         title = f"{name}: {known[name].description}" if name in known else DEMO_TITLE
         choices.append(Choice(name, f"{title} ({ready} ready)" if ready else f"{title} (not installed)",
                               "" if ready else "tuckersegment variants shows how to get it"))
-    for source in dict.fromkeys(v.source for v in mine):
+    for source in dict.fromkeys([*(v.source for v in mine), *folders]):
         choices.append(Choice(FOLDER + source, f"{model_name(source)}: my model", source))
     return choices
 
