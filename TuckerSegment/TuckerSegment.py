@@ -218,8 +218,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget):
 
     def updateButtons(self, *args):
         idle = self._job is None
-        node = self._parameterNode
-        self.ui.applyButton.enabled = idle and node is not None and node.inputVolume is not None
+        self.ui.applyButton.enabled = idle and self.ui.inputVolumeSelector.currentNode() is not None
         self.ui.compressButton.enabled = idle and bool(self.ui.modelFolderPathLineEdit.currentPath) and bool(
             self.ui.outputFolderPathLineEdit.currentPath)
         self.ui.cancelButton.enabled = not idle and self._jobKind == "segment"
@@ -248,6 +247,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget):
             return
         node = self._parameterNode
         model, task = self.logic.modelAndTask(node.task, node.variant)
+        self.logic.notices.clear()  # the status line shows this run's fallbacks only
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
             self._startJob("segment", self.logic.startSegmentation(
                 node.inputVolume, model=model, device=node.device, subset=list(node.structures) or None, task=task,
