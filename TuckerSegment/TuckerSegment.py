@@ -541,8 +541,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         report = progress or (lambda fraction, message: None)
         outcomes = []
         for index, (source, output) in enumerate(pairs):
-            def step(fraction, message, index=index, source=source):
-                report((index + fraction) / len(pairs), f"{index + 1}/{len(pairs)} {source.name}: {message}")
+            step = _batchProgress(report, index, len(pairs), source.name)
             added = []
             try:
                 volumeNode = slicer.modules.volumes.logic().AddArchetypeVolume(str(source), source.name)
@@ -720,10 +719,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         report = progress or (lambda fraction, message: None)
         outcomes = []
         for index, volumeNode in enumerate(volumeNodes):
-            name = volumeNode.GetName()
-
-            def step(fraction, message, index=index, name=name):
-                report((index + fraction) / len(volumeNodes), f"{index + 1}/{len(volumeNodes)} {name}: {message}")
+            step = _batchProgress(report, index, len(volumeNodes), volumeNode.GetName())
             try:
                 segmentation = self._segmentWith(segmenter, volumeNode, subset, None, step, cancel)
             except VolumeError as exc:
@@ -853,6 +849,13 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             hierarchy.SetItemParent(item, parent)
         else:
             hierarchy.CreateItem(parent, node)
+
+
+def _batchProgress(report, index: int, count: int, name: str):
+    """Progress of item ``index`` of a batch of ``count`` as a fraction of the whole batch, named."""
+    def step(fraction, message):
+        report((index + fraction) / count, f"{index + 1}/{count} {name}: {message}")
+    return step
 
 
 def _fillTable(table, columns, rows) -> None:

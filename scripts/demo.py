@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import slicerio
 
+from TuckerSegmentLib.compression_review import label_agreement
 from TuckerSegmentLib.demo_data import SAMPLE_CT
 from TuckerSegmentLib.inference import Segmenter
 from TuckerSegmentLib.models import bundled_models, choose_model
@@ -34,11 +34,6 @@ def tuckersegment(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
-def mean_dice(a: np.ndarray, b: np.ndarray, values: list[int]) -> float:
-    scores = [2 * np.sum((a == v) & (b == v)) / total for v in values if (total := np.sum(a == v) + np.sum(b == v))]
-    return float(np.mean(scores)) if scores else 1.0
-
-
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
@@ -53,12 +48,11 @@ def main() -> None:
         segmenter = Segmenter(entry["path"], device="auto")
         segmenter.segment(ct)  # warm-up
         result = segmenter.segment(ct)
-        values = [s.value for s in result.segments]
         if original is None:
             original = result.labels
         rows.append((entry["id"] + (" (auto)" if entry["id"] == choice.id else ""), result.device,
                      f"{result.seconds:.2f}", f"{len(result.found())}/{len(result.segments)}",
-                     f"{entry['params'] / 1e6:.2f} M", f"{mean_dice(result.labels, original, values):.3f}"))
+                     f"{entry['params'] / 1e6:.2f} M", f"{label_agreement(result.labels, original):.3f}"))
         if entry["id"] == choice.id or shown is None:
             shown = result  # the auto choice when it is a bundled model, else the bundled original
     header = ("variant", "device", "seconds", "found", "params", "Dice vs original")

@@ -1,6 +1,6 @@
 """What a compression gained and cost, measured side by side: the table the compression panel shows.
 
-Parameters, FLOPs and weight bytes come from the structure; time per patch and peak memory of one
+Parameters, FLOPs and weight bytes come from what compression recorded in ``tucker.json``; time per patch and peak memory of one
 patch forward are measured on the device at hand (original as nnU-Net runs it, compressed in its
 fastest exact execution, interleaved); agreement is the mean Dice between the original's and the
 compressed model's labels on the calibration volumes, segmented end to end.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,10 @@ from torch.utils._pytree import tree_flatten
 from .background import check_cancel
 from .devices import resolve_device
 from .execution import compare_latency
-from .inference import Segmenter
+from .inference import Progress, Segmenter
 from .latency import LatencyTable, autocast, synchronize
 from .model_folder import ModelFolder
-from .stats import network_stats
 from .volume import Volume
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -75,9 +72,6 @@ class CompressionReview:
         if self.agreement is not None:
             rows.append((f"Dice vs original ({self.agreement_volumes} volumes)", "1.000", f"{self.agreement:.3f}", ""))
         return rows
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class PeakTensorBytes(TorchDispatchMode):
@@ -141,9 +135,9 @@ def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(dice))
 
 
-def _figures(network: nn.Module, example_input: torch.Tensor) -> ModelFigures:
-    stats = network_stats(network, example_input)
-    return ModelFigures(stats.params, stats.flops, stats.weight_bytes)
+def _figures(stats: dict[str, Any]) -> ModelFigures:
+    """Figures from a ``NetworkStats`` record (``tucker.json``'s ``before``/``after``)."""
+    return ModelFigures(int(stats["params"]), int(stats["flops"]), int(stats["weight_bytes"]))
 
 
 def review_compression(source: str | Path, output: str | Path, volumes: Sequence[Volume] = (), device: str = "auto",
@@ -155,17 +149,17 @@ def review_compression(source: str | Path, output: str | Path, volumes: Sequence
     original_folder, compressed_folder = ModelFolder.open(source), ModelFolder.open(output)
     fold = compressed_folder.folds[0]
     torch_device = resolve_device(device)
-    original, _ = original_folder.load_original(fold)
-    compressed = compressed_folder.load_network(fold)
-    meta = original_folder.example_input()
-    review = CompressionReview(str(original_folder.path), str(compressed_folder.path),
-                               compressed_folder.tucker_record(fold)["policy"], str(torch_device),
-                               _figures(original, meta), _figures(compressed, meta))
+    record = compressed_folder.tucker_record(fold)
+    review = CompressionReview(str(original_folder.path), str(compressed_folder.path), record["policy"],
+                               str(torch_device), _figures(record["before"]), _figures(record["after"]))
     steps = (2 if measure else 0) + 2 * len(volumes)
     done = 0
     if measure:
         check_cancel(cancelled, "review")
         report(0.0, "timing one patch forward of each model")
+        original, _ = original_folder.load_original(fold)
+        compressed = compressed_folder.load_network(fold)
+        meta = original_folder.example_input()
         table = LatencyTable.for_device(torch_device)
         seconds = compare_latency(original, compressed, meta, table, repeats=repeats)
         done += 1
@@ -174,11 +168,9 @@ def review_compression(source: str | Path, output: str | Path, volumes: Sequence
         x = torch.randn(meta.shape, device=torch_device)
         peaks = [peak_forward_bytes(network.to(torch_device).eval(), x) for network in (original, compressed)]
         review.peak_memory = peaks[0][1]
-        review.original = ModelFigures(**{**asdict(review.original), "seconds": seconds[0], "peak_bytes": peaks[0][0]})
-        review.compressed = ModelFigures(**{**asdict(review.compressed), "seconds": seconds[1],
-                                            "peak_bytes": peaks[1][0]})
+        review.original = replace(review.original, seconds=seconds[0], peak_bytes=peaks[0][0])
+        review.compressed = replace(review.compressed, seconds=seconds[1], peak_bytes=peaks[1][0])
         done += 1
-    del original, compressed
     if volumes:
         scores = []
         segmenters = [Segmenter(original_folder, fold, device), Segmenter(compressed_folder, fold, device)]

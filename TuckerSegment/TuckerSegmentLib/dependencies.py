@@ -86,7 +86,3 @@ def problems(version_of: Callable[[str], str | None] = installed_version) -> lis
             found.append(Problem(requirement, version))
     return found
 
-
-def pip_command(unmet: list[Problem]) -> str:
-    """What to run outside Slicer to fix ``unmet`` (torch first, so pip does not pick a build for it)."""
-    return "pip install " + " ".join(f"'{p.requirement.pip}'" for p in unmet)
