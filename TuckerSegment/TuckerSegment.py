@@ -13,14 +13,16 @@ from slicer import vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegment
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 
 POLL_MS = 200
 CHOOSE_FOLDER = "choose-folder"
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"), ("mps", "Apple GPU (MPS)"))
-COMPRESSION_POLICIES = (("flops", "FLOP budget"), ("params", "Parameter budget"),
-                        ("latency", "Time budget (this device)"), ("uniform", "Uniform factor (paper)"))
 
 
 class TuckerSegment(ScriptedLoadableModule):
@@ -42,7 +44,7 @@ class TuckerSegment(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class TuckerSegmentParameterNode:
-    """The panel's state, saved with the scene. Task and variant are keys of ``TuckerSegmentLib.choices``."""
+    """The panel's state, saved with the scene. Task and variant are keys of ``TuckerSegmentLib.variants.panel``."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
@@ -79,8 +81,9 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget):
         self._timer.connect("timeout()", self.onPoll)
         for key, label in DEVICES:
             self.ui.deviceComboBox.addItem(label, key)
-        for key, label in COMPRESSION_POLICIES:
-            self.ui.policyComboBox.addItem(label, key)
+        from TuckerSegmentLib.policies.methods import METHODS
+        for method in METHODS:
+            self.ui.policyComboBox.addItem(method.label, method.key)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
         self.ui.variantComboBox.connect("currentIndexChanged(int)", self.onVariantChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
@@ -376,11 +379,11 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         """The task segmenter for ``model``: ``auto`` (the variant of ``task`` that fits this machine best), a
         variant id, a model folder, or a list of model folders that together make one task. Sets
         ``modelReason`` (which model, where and why); messages about fallbacks go to ``notices``."""
-        from TuckerSegmentLib.catalogue import catalogue
-        from TuckerSegmentLib.hardware import detect_devices
-        from TuckerSegmentLib.models import choose_model, usable_devices
-        from TuckerSegmentLib.runner import SafeTask
-        from TuckerSegmentLib.task import TaskSegmenter
+        from TuckerSegmentLib.segment.task import TaskSegmenter
+        from TuckerSegmentLib.variants.catalogue import catalogue
+        from TuckerSegmentLib.variants.choice import choose_model, usable_devices
+        from TuckerSegmentLib.variants.guard import SafeTask
+        from TuckerSegmentLib.variants.hardware import detect_devices
         options = {"tile_step": float(tileStep), "half_precision": bool(halfPrecision)}
         if isinstance(model, (list, tuple)):
             paths = tuple(Path(m).expanduser().resolve() for m in model)
@@ -401,31 +404,31 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
 
     # --- what the panel offers ---------------------------------------------------------------------
     def taskChoices(self, current: str = "auto") -> list:
-        """Task combo entries (``TuckerSegmentLib.choices.Choice``): Auto, the catalogue's tasks, your models
+        """Task combo entries (``TuckerSegmentLib.variants.panel.Choice``): Auto, the catalogue's tasks, your models
         (``current``, a ``folder:<path>`` key the user picked, is kept among them)."""
-        from TuckerSegmentLib.catalogue import catalogue
-        from TuckerSegmentLib.choices import FOLDER, task_choices
-        from TuckerSegmentLib.user_variants import user_variants
+        from TuckerSegmentLib.variants.catalogue import catalogue
+        from TuckerSegmentLib.variants.panel import FOLDER, task_choices
+        from TuckerSegmentLib.variants.user_variants import user_variants
         folders = [current[len(FOLDER):]] if current.startswith(FOLDER) else []
         return task_choices(catalogue(), user_variants(), folders)
 
     def variantChoices(self, task: str = "auto", device: str = "auto") -> list:
         """Variant combo entries for ``task``: "Auto: <its pick>" (reason as tooltip) first."""
-        from TuckerSegmentLib.catalogue import catalogue
-        from TuckerSegmentLib.choices import variant_choices
-        from TuckerSegmentLib.hardware import detect_devices
-        from TuckerSegmentLib.user_variants import user_variants
+        from TuckerSegmentLib.variants.catalogue import catalogue
+        from TuckerSegmentLib.variants.hardware import detect_devices
+        from TuckerSegmentLib.variants.panel import variant_choices
+        from TuckerSegmentLib.variants.user_variants import user_variants
         return variant_choices(task, catalogue(), detect_devices(), device, user_variants())
 
     @staticmethod
     def modelAndTask(task: str, variant: str) -> tuple:
         """``segment``'s (model, task) for a task and variant key of the panel."""
-        from TuckerSegmentLib.choices import model_and_task
+        from TuckerSegmentLib.variants.panel import model_and_task
         return model_and_task(task, variant)
 
     def structureNames(self, task: str = "auto", variant: str = "auto", device: str = "auto") -> list:
         """The structures the panel's choice segments, in label order (nothing is loaded)."""
-        from TuckerSegmentLib.choices import structure_names
+        from TuckerSegmentLib.variants.panel import structure_names
         return structure_names(task, variant, device)
 
     # --- dependencies ------------------------------------------------------------------------------
@@ -440,6 +443,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         """Install what ``problems`` lists: PyTorch through the PyTorch extension (the build that fits this
         computer's GPU), the rest with pip at the engine's tested versions. Only when the user agreed."""
         import importlib
+
         from TuckerSegmentLib.dependencies import TORCH
         from TuckerSegmentLib.errors import TuckerSegmentError
         rest = [p.requirement.pip for p in problems if p.requirement != TORCH]
@@ -450,7 +454,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                 raise TuckerSegmentError("PyTorch is missing: install the PyTorch extension (Extensions Manager), "
                                          "restart Slicer and try again") from error
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                             torchVersionRequirement=f">={TORCH.minimum}") is None:
+                                                             torchVersionRequirement=TORCH.specifier) is None:
                 raise TuckerSegmentError("PyTorch could not be installed; see the Python console, or install it "
                                          "from the PyTorch module, then try again")
         if rest:
@@ -500,7 +504,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         not at all."""
         from TuckerSegmentLib.atomic import atomic_output_file
         from TuckerSegmentLib.errors import OutputPathError
-        from TuckerSegmentLib.volume import SEG_NRRD
+        from TuckerSegmentLib.image.volume import SEG_NRRD
         path = Path(path).expanduser()
         if not path.name.lower().endswith(SEG_NRRD):
             raise OutputPathError(f"{path}: name the segmentation file .seg.nrrd")
@@ -529,19 +533,19 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         """Segment CT files (a list, or a folder's NIfTI/NRRD files) with one model load, saving
         ``<name>.seg.nrrd`` beside each input (or in ``outputFolder``). The loaded nodes are removed again.
         Returns ``(input, output or None, message)`` per file: a bad file or output is reported and the rest
-        go on; a model error stops the batch, a cancel ends it after the files already done."""
-        from TuckerSegmentLib.errors import OutputPathError, SegmentationCancelled, VolumeError
-        from TuckerSegmentLib.label_output import plan_outputs
-        from TuckerSegmentLib.volume import volume_files
+        go on; a cancel ends the batch after the files already done; a task or memory error stops it (raised)."""
+        from TuckerSegmentLib.errors import VolumeError
+        from TuckerSegmentLib.image.volume import volume_files
+        from TuckerSegmentLib.segment.batch import segment_batch
+        from TuckerSegmentLib.segment.output import plan_outputs
         files = volume_files(inputs)
         pairs = (plan_outputs(files, Path(outputFolder)) if outputFolder is not None
                  else [plan_outputs([f], f.parent)[0] for f in files])
         segmenter = self.task(model, device, task)  # loaded once for every file
         segmenter.check_subset(subset)  # a wrong model or structure fails before any file is read
-        report = progress or (lambda fraction, message: None)
-        outcomes = []
-        for index, (source, output) in enumerate(pairs):
-            step = _batchProgress(report, index, len(pairs), source.name)
+
+        def work(pair, step):
+            source, output = pair
             added = []
             try:
                 volumeNode = slicer.modules.volumes.logic().AddArchetypeVolume(str(source), source.name)
@@ -551,48 +555,31 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                 segmentation = self._segmentWith(segmenter, volumeNode, subset, None, step, cancel)
                 added.append(segmentation)
                 self.saveSegmentation(segmentation, output)
-                outcomes.append((source, output, f"{segmentation.GetSegmentation().GetNumberOfSegments()} segments"))
-            except (VolumeError, OutputPathError) as exc:
-                outcomes.append((source, None, str(exc)))
-            except SegmentationCancelled as exc:
-                outcomes.append((source, None, str(exc)))
-                break
+                return output, f"{segmentation.GetSegmentation().GetNumberOfSegments()} segments"
             finally:
                 for node in added:
                     _removeWithDependents(node)
-        return outcomes
+        items = segment_batch(pairs, work, name=lambda pair: pair[0].name, progress=progress)
+        return [(item.source[0], item.output, item.message) for item in items]
 
     # --- compression -------------------------------------------------------------------------------
-    @staticmethod
-    def compressionPolicy(policy: str = "flops", target: float = 0.5, device: str = "auto"):
-        """The engine's rank policy for a panel choice (``COMPRESSION_POLICIES`` key and its target)."""
-        from TuckerSegmentLib.errors import PolicyError
-        from TuckerSegmentLib.policies import BudgetPolicy, UniformPolicy
-        if policy == "flops":
-            return BudgetPolicy(target_flops=target)
-        if policy == "params":
-            return BudgetPolicy(target_params=target)
-        if policy == "latency":
-            return BudgetPolicy(target_latency=target, device=device)
-        if policy == "uniform":
-            return UniformPolicy(target)
-        raise PolicyError(f"unknown compression policy {policy!r}; choose one of "
-                          f"{', '.join(key for key, _label in COMPRESSION_POLICIES)}")
-
     def startCompression(self, modelFolder, outputFolder, policy: str = "flops", target: float = 0.5,
                          calibrationNodes=(), device: str = "auto", measure: bool = True):
         """Compress an nnU-Net v2 model folder into ``outputFolder`` in a background thread, then review it
-        against the original (``TuckerSegmentLib.compression_review``): returns the ``BackgroundJob``.
+        against the original (``TuckerSegmentLib.compress.review``): returns the ``BackgroundJob``.
         ``calibrationNodes``: scene CT volumes for activation-aware ranks and the agreement figure. The
         output appears whole or not at all; a cancel or error leaves nothing and the source untouched."""
         import shutil
+
         from TuckerSegmentLib.atomic import check_output_dir
-        from TuckerSegmentLib.background import BackgroundJob, check_cancel
-        from TuckerSegmentLib.compression_review import review_compression
+        from TuckerSegmentLib.background import BackgroundJob
+        from TuckerSegmentLib.progress import check_cancel
+        from TuckerSegmentLib.compress.folder import compress_model_folder
+        from TuckerSegmentLib.compress.review import review_compression
         from TuckerSegmentLib.errors import Cancelled
-        from TuckerSegmentLib.folder_compression import compress_model_folder
-        from TuckerSegmentLib.model_folder import ModelFolder
-        rankPolicy = self.compressionPolicy(policy, target, device)
+        from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+        from TuckerSegmentLib.policies.methods import method, policy_for
+        rankPolicy = policy_for(policy, target if method(policy).target else None, device=device)
         source = ModelFolder.open(modelFolder).path
         output = check_output_dir(Path(outputFolder).expanduser(), protected=source)
         volumes = [self._readVolume(node) for node in calibrationNodes]
@@ -620,20 +607,13 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         """Fill a table node with the review (quantity, original, compressed, ratio) and a plot chart with
         the Pareto plot of agreement against FLOPs for every compressed model of the same original you
         added (and this one); returns (table, chart)."""
-        from TuckerSegmentLib.user_variants import user_variants
+        from TuckerSegmentLib.compress.review import pareto_front
+        from TuckerSegmentLib.variants.user_variants import comparison_points, user_variants
         scene = slicer.mrmlScene
         table = tableNode or scene.AddNewNodeByClass("vtkMRMLTableNode", "TuckerSegment compression report")
         _fillTable(table, ("Quantity", "Original", "Compressed", "Ratio"), review.rows())
-        points = {review.output: (review.compressed.flops / review.original.flops, review.agreement)}
-        for variant in user_variants():
-            if Path(variant.source) == Path(review.source) and variant.folder not in points:
-                points[variant.folder] = (variant.flops_ratio, variant.agreement)
-        measured = sorted((flops, dice) for flops, dice in points.values() if dice is not None) + [(1.0, 1.0)]
-        frontier, best = [], -1.0
-        for flops, dice in sorted(measured):
-            if dice > best:
-                frontier.append((flops, dice))
-                best = dice
+        measured = comparison_points(review, user_variants())
+        frontier = pareto_front(measured)
         data = scene.AddNewNodeByClass("vtkMRMLTableNode", "TuckerSegment Pareto data")
         data.SetHideFromEditors(True)
         _fillTable(data, ("FLOPs fraction", "Dice vs original", "Frontier FLOPs fraction", "Frontier Dice"),
@@ -665,7 +645,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def addToMyVariants(review):
         """Record a reviewed compressed model so the task and variant choices offer it."""
-        from TuckerSegmentLib.user_variants import add_user_variant
+        from TuckerSegmentLib.variants.user_variants import add_user_variant
         return add_user_variant(review)
 
     # --- statistics ---------------------------------------------------------------------------------
@@ -692,7 +672,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             logic.computeStatistics()
             logic.exportToTable(table)
             return table
-        from TuckerSegmentLib.segment_statistics import COLUMNS, segment_statistics
+        from TuckerSegmentLib.segment.statistics import COLUMNS, segment_statistics
         segmentation = segmentationNode.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         labels = _exportLabels(segmentationNode, ids, volumeNode)
@@ -708,43 +688,39 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         """Segment every CT volume node of the scene (or ``volumeNodes``) with one model load; with ``save``
         each segmentation is written as ``<volume file name>.seg.nrrd`` beside its volume's file. Returns
         ``(volume node, segmentation node or None, saved path or None, message)`` per volume: a volume that
-        cannot be segmented is reported and the rest go on; a cancel ends the loop."""
-        from TuckerSegmentLib.errors import Cancelled, OutputPathError, VolumeError
-        from TuckerSegmentLib.label_output import plan_outputs
+        cannot be segmented is reported and the rest go on; a cancel ends the loop; a task or memory error
+        stops it (raised)."""
+        from TuckerSegmentLib.errors import OutputPathError
+        from TuckerSegmentLib.segment.batch import segment_batch
+        from TuckerSegmentLib.segment.output import plan_outputs
         if volumeNodes is None:
             volumeNodes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
                            if not node.IsA("vtkMRMLLabelMapVolumeNode")]
         segmenter = self.task(model, device, task)
         segmenter.check_subset(subset)
-        report = progress or (lambda fraction, message: None)
-        outcomes = []
-        for index, volumeNode in enumerate(volumeNodes):
-            step = _batchProgress(report, index, len(volumeNodes), volumeNode.GetName())
-            try:
-                segmentation = self._segmentWith(segmenter, volumeNode, subset, None, step, cancel)
-            except VolumeError as exc:
-                outcomes.append((volumeNode, None, None, str(exc)))
-                continue
-            except Cancelled as exc:
-                outcomes.append((volumeNode, None, None, str(exc)))
-                break
+        saved = {}
+
+        def work(volumeNode, step):
+            segmentation = self._segmentWith(segmenter, volumeNode, subset, None, step, cancel)
             storage = volumeNode.GetStorageNode()
             source = Path(storage.GetFileName()) if storage is not None and storage.GetFileName() else None
-            path, message = None, f"{segmentation.GetSegmentation().GetNumberOfSegments()} segments"
+            message = f"{segmentation.GetSegmentation().GetNumberOfSegments()} segments"
             if save and source is None:
                 message += "; not saved: the volume has no file (save it with File > Save Data)"
             elif save:
                 try:
-                    path = self.saveSegmentation(segmentation, plan_outputs([source], source.parent)[0][1])
+                    saved[volumeNode.GetID()] = self.saveSegmentation(segmentation,
+                                                                      plan_outputs([source], source.parent)[0][1])
                 except OutputPathError as exc:
                     message += f"; not saved: {exc}"
-            outcomes.append((volumeNode, segmentation, path, message))
-        return outcomes
+            return segmentation, message
+        items = segment_batch(volumeNodes, work, name=lambda node: node.GetName(), progress=progress)
+        return [(item.source, item.output, saved.get(item.source.GetID()), item.message) for item in items]
 
     def _readVolume(self, volumeNode):
         """The node's voxels (k, j, i) and its IJK-to-world matrix as an engine ``Volume``."""
         from TuckerSegmentLib.errors import VolumeError
-        from TuckerSegmentLib.volume import Volume
+        from TuckerSegmentLib.image.volume import Volume
         if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
             raise VolumeError("no CT volume selected; load a CT volume and choose it as the input")
         if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -767,7 +743,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
     def _writeSegmentation(self, result, volumeNode, segmentationNode):
         """Import the labels into a staging node, then hand its segments to the target; temporary nodes
         are removed whatever happens."""
-        from TuckerSegmentLib.provenance import provenance
+        from TuckerSegmentLib.segment.provenance import provenance
         scene = slicer.mrmlScene
         transformId = volumeNode.GetTransformNodeID()
         staging = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "TuckerSegment staging")
@@ -849,13 +825,6 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             hierarchy.SetItemParent(item, parent)
         else:
             hierarchy.CreateItem(parent, node)
-
-
-def _batchProgress(report, index: int, count: int, name: str):
-    """Progress of item ``index`` of a batch of ``count`` as a fraction of the whole batch, named."""
-    def step(fraction, message):
-        report((index + fraction) / count, f"{index + 1}/{count} {name}: {message}")
-    return step
 
 
 def _fillTable(table, columns, rows) -> None:
@@ -950,8 +919,9 @@ class TuckerSegmentTest(ScriptedLoadableModuleTest):
 
     def test_compresses_the_demo_model_and_reports(self):
         import tempfile
+
         from TuckerSegmentLib.background import DONE
-        from TuckerSegmentLib.model_folder import ModelFolder
+        from TuckerSegmentLib.nnunet.model_folder import ModelFolder
         self.delayDisplay("Compressing the demo model to a FLOP budget of 0.5, calibrated on the sample")
         volume = self._sample()
         logic = TuckerSegmentLogic()

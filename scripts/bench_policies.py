@@ -20,16 +20,18 @@ import time
 from pathlib import Path
 
 import torch
-
-from TuckerSegmentLib.calibration_data import calibration_patches
-from TuckerSegmentLib.compression import apply_plans, compress_network, plan_layers
-from TuckerSegmentLib.demo_data import chest_sample, holdout_mask
-from TuckerSegmentLib.demo_data import held_out_dice as mean_dice
-from TuckerSegmentLib.inference import Segmenter
-from TuckerSegmentLib.model_folder import ModelFolder
-from TuckerSegmentLib.models import bundled_models
-from TuckerSegmentLib.policies import BudgetPolicy, RankPolicy, UniformPolicy, policy_from_dict
-from TuckerSegmentLib.stats import FLOP_CONVENTION, network_stats
+from TuckerSegmentLib.compress.calibration_data import calibration_patches
+from TuckerSegmentLib.compress.network import apply_plans, compress_network, plan_layers
+from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+from TuckerSegmentLib.policies.base import RankPolicy
+from TuckerSegmentLib.policies.budget import BudgetPolicy
+from TuckerSegmentLib.policies.methods import policy_from_dict
+from TuckerSegmentLib.policies.uniform import UniformPolicy
+from TuckerSegmentLib.segment.predictor import Segmenter
+from TuckerSegmentLib.testing.demo_data import chest_sample, holdout_mask
+from TuckerSegmentLib.testing.demo_data import held_out_dice as mean_dice
+from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION, network_stats
+from TuckerSegmentLib.variants.choice import bundled_models
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -3,7 +3,7 @@
 
 Counts come from the engine itself: the policy's per-layer plans applied to the architecture built
 from plans (structure only: counts do not depend on weight values), measured by
-``TuckerSegmentLib.stats``. Writes docs/size_uniform.json and docs/size_uniform.md.
+``TuckerSegmentLib.tucker.network_stats``. Writes docs/size_uniform.json and docs/size_uniform.md.
 
     .venv/bin/python scripts/bench_size.py
 """
@@ -15,9 +15,9 @@ import platform
 from pathlib import Path
 
 from TuckerSegmentLib import UniformPolicy
-from TuckerSegmentLib.compression import apply_plans, plan_layers
-from TuckerSegmentLib.example_models import example_model
-from TuckerSegmentLib.stats import FLOP_CONVENTION, network_stats
+from TuckerSegmentLib.compress.network import apply_plans, plan_layers
+from TuckerSegmentLib.testing.example_models import example_model
+from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION, network_stats
 
 FACTORS = (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 # Weber et al. 2024 as collected in ../shared/reference/README.md (millions of parameters).

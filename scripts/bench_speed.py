@@ -32,20 +32,22 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from TuckerSegmentLib.calibration_data import calibration_patches
-from TuckerSegmentLib.compression import compress_network
-from TuckerSegmentLib.demo_data import chest_sample, held_out_dice, holdout_mask
-from TuckerSegmentLib.devices import resolve_device
-from TuckerSegmentLib.example_models import write_example_model
-from TuckerSegmentLib.execution import interleaved_seconds, optimise_execution
-from TuckerSegmentLib.inference import Segmenter
-from TuckerSegmentLib.latency import LatencyTable, device_name
-from TuckerSegmentLib.model_folder import ModelFolder
-from TuckerSegmentLib.models import bundled_models
-from TuckerSegmentLib.policies import BudgetPolicy, RankPolicy, UniformPolicy, policy_from_dict
-from TuckerSegmentLib.stats import FLOP_CONVENTION, network_stats
-from TuckerSegmentLib.volume import Volume
+from TuckerSegmentLib.compress.calibration_data import calibration_patches
+from TuckerSegmentLib.compress.network import compress_network
+from TuckerSegmentLib.image.volume import Volume
+from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+from TuckerSegmentLib.policies.base import RankPolicy
+from TuckerSegmentLib.policies.budget import BudgetPolicy
+from TuckerSegmentLib.policies.methods import policy_from_dict
+from TuckerSegmentLib.policies.uniform import UniformPolicy
+from TuckerSegmentLib.runtime.devices import resolve_device
+from TuckerSegmentLib.runtime.execution import interleaved_seconds, optimise_execution
+from TuckerSegmentLib.runtime.latency import LatencyTable, device_name
+from TuckerSegmentLib.segment.predictor import Segmenter
+from TuckerSegmentLib.testing.demo_data import chest_sample, held_out_dice, holdout_mask
+from TuckerSegmentLib.testing.example_models import write_example_model
+from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION, network_stats
+from TuckerSegmentLib.variants.choice import bundled_models
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 LATENCY_TARGETS = {"demo": 0.7}  # the small demo network cannot reach 0.5 on a CPU (the policy says so)

@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from TuckerSegmentLib.catalogue import BUNDLED_DIR, CATALOGUE, SCHEMA, STANDARD_VOLUME_MM, standard_voxels
-from TuckerSegmentLib.compression import apply_plans, plan_layers
-from TuckerSegmentLib.example_models import EXAMPLE_SPECS, example_model
-from TuckerSegmentLib.model_folder import ModelFolder
-from TuckerSegmentLib.policies import UniformPolicy
-from TuckerSegmentLib.stats import FLOP_CONVENTION, network_stats
-from TuckerSegmentLib.totalsegmentator import tasks
+from TuckerSegmentLib.compress.network import apply_plans, plan_layers
+from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+from TuckerSegmentLib.paths import BUNDLED_MODELS, CATALOGUE_JSON
+from TuckerSegmentLib.policies.uniform import UniformPolicy
+from TuckerSegmentLib.testing.example_models import EXAMPLE_SPECS, example_model
+from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION, network_stats
+from TuckerSegmentLib.variants.catalogue import SCHEMA, STANDARD_VOLUME_MM, standard_voxels
+from TuckerSegmentLib.variants.totalsegmentator import tasks
 
 FACTORS = (0.7, 0.5, 0.3)
 PAPER = "Weber et al. 2024 (arXiv 2404.09683), mean Dice without fine-tuning, read from the paper's plots (approximate)"
@@ -73,15 +73,15 @@ def policy_dict(factor: float | None) -> Any:
 def child_peak_memory(spec: str, factor: float | None, device: str) -> None:
     """(Child process) segment one patch-sized volume on ``device``; print the peak in bytes: resident
     memory on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA."""
-    from TuckerSegmentLib.inference import Segmenter
-    from TuckerSegmentLib.volume import Volume
+    from TuckerSegmentLib.image.volume import Volume
+    from TuckerSegmentLib.segment.predictor import Segmenter
     torch.set_num_threads(2)
-    folder = ModelFolder.open(BUNDLED_DIR / DEMO_ID) if spec == DEMO_ID else example_model(spec)
+    folder = ModelFolder.open(BUNDLED_MODELS / DEMO_ID) if spec == DEMO_ID else example_model(spec)
     policy = UniformPolicy(factor) if factor is not None else None
     if spec == DEMO_ID:
         network = folder.load_network(folder.folds[0])
         if policy is not None:
-            from TuckerSegmentLib.compression import compress_network
+            from TuckerSegmentLib.compress.network import compress_network
             compress_network(network, policy, folder.example_input())
     else:
         network = network_for(folder, policy, "cpu")
@@ -113,7 +113,7 @@ def peak_memory(spec: str, factor: float | None, device: str = "cpu") -> int:
 
 def relative_times(spec: str, repeats: int) -> dict[Any, float]:
     """Median time of one patch forward per policy, relative to the original, interleaved."""
-    folder = ModelFolder.open(BUNDLED_DIR / DEMO_ID) if spec == DEMO_ID else example_model(spec)
+    folder = ModelFolder.open(BUNDLED_MODELS / DEMO_ID) if spec == DEMO_ID else example_model(spec)
     networks = {f: network_for(folder, UniformPolicy(f) if f else None, "cpu") for f in (None, *FACTORS)}
     x = torch.randn(folder.example_input().shape)
     times: dict[Any, list[float]] = {f: [] for f in networks}
@@ -130,7 +130,7 @@ def relative_times(spec: str, repeats: int) -> dict[Any, float]:
 
 
 def structure_stats(spec: str, factor: float | None) -> dict[str, int]:
-    folder = ModelFolder.open(BUNDLED_DIR / DEMO_ID) if spec == DEMO_ID else example_model(spec)
+    folder = ModelFolder.open(BUNDLED_MODELS / DEMO_ID) if spec == DEMO_ID else example_model(spec)
     stats = network_stats(network_for(folder, UniformPolicy(factor) if factor else None), folder.example_input())
     return {"params": stats.params, "flops": stats.flops, "weights_bytes": stats.weight_bytes}
 
@@ -165,7 +165,7 @@ def speed(task: str, factor: float | None, cpu: dict[Any, float]) -> dict[str, A
 
 
 def entries(repeats: int, measure: bool) -> list[dict[str, Any]]:
-    demo_record = json.loads((BUNDLED_DIR / "models.json").read_text())
+    demo_record = json.loads((BUNDLED_MODELS / "models.json").read_text())
     demo_models = {(None if m["policy"] == "original" else m["policy"]["params"]["factor"]): m
                    for m in demo_record["models"]}
     result = []
@@ -244,7 +244,7 @@ def main() -> None:
         child_peak_memory(args.child[0], None if args.child[1] == "original" else float(args.child[1]), args.child[2])
         return
     if args.docs_only:
-        write_docs(json.loads(CATALOGUE.read_text()), DOCS)
+        write_docs(json.loads(CATALOGUE_JSON.read_text()), DOCS)
         return
     torch.set_num_threads(2)
     catalogue = {
@@ -261,9 +261,9 @@ def main() -> None:
                           "cuda: unmeasured (no GPU here); selection then uses the CPU figure"),
         "variants": entries(args.repeats, not args.skip_measure),
     }
-    CATALOGUE.write_text(json.dumps(catalogue, indent=1) + "\n")
+    CATALOGUE_JSON.write_text(json.dumps(catalogue, indent=1) + "\n")
     write_docs(catalogue, DOCS)
-    print(f"wrote {CATALOGUE} and {DOCS}")
+    print(f"wrote {CATALOGUE_JSON} and {DOCS}")
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from TuckerSegmentLib.demo_data import chest_sample, holdout_mask
-from TuckerSegmentLib.folder_compression import compress_model_folder, describe_model
-from TuckerSegmentLib.inference import Segmenter
-from TuckerSegmentLib.model_folder import ModelFolder
-from TuckerSegmentLib.models import BUNDLED_CATALOGUE, BUNDLED_DIR
-from TuckerSegmentLib.policies import UniformPolicy
-from TuckerSegmentLib.stats import FLOP_CONVENTION
+from TuckerSegmentLib.compress.folder import compress_model_folder, describe_model
+from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+from TuckerSegmentLib.paths import BUNDLED_MODELS
+from TuckerSegmentLib.policies.uniform import UniformPolicy
+from TuckerSegmentLib.segment.predictor import Segmenter
+from TuckerSegmentLib.testing.demo_data import chest_sample, holdout_mask
+from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION
+from TuckerSegmentLib.variants.choice import BUNDLED_CATALOGUE
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_ID = "chest-demo"
@@ -64,16 +64,16 @@ def main() -> None:
     torch.manual_seed(0)
     source = ModelFolder.open(args.trained)
     dataset_dir = source.path.parent
-    BUNDLED_DIR.mkdir(parents=True, exist_ok=True)
-    original_dir = BUNDLED_DIR / ORIGINAL_ID
+    BUNDLED_MODELS.mkdir(parents=True, exist_ok=True)
+    original_dir = BUNDLED_MODELS / ORIGINAL_ID
     shutil.rmtree(original_dir, ignore_errors=True)
     shutil.copytree(dataset_dir, original_dir / dataset_dir.name)
     folders = {ORIGINAL_ID: (original_dir, "original")}
     for factor in args.factors:
         variant = f"{ORIGINAL_ID}-tucker-{factor:g}"
         policy = UniformPolicy(factor, rank_min=8)
-        compress_model_folder(original_dir, BUNDLED_DIR / variant, policy, overwrite=True)
-        folders[variant] = (BUNDLED_DIR / variant, policy.to_dict())
+        compress_model_folder(original_dir, BUNDLED_MODELS / variant, policy, overwrite=True)
+        folders[variant] = (BUNDLED_MODELS / variant, policy.to_dict())
 
     sample = chest_sample()
     held_out = holdout_mask(sample.labels.shape)

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import slicerio
-
-from TuckerSegmentLib.compression_review import label_agreement
-from TuckerSegmentLib.demo_data import SAMPLE_CT
-from TuckerSegmentLib.inference import Segmenter
-from TuckerSegmentLib.models import bundled_models, choose_model
-from TuckerSegmentLib.overlay import write_overlay_png
-from TuckerSegmentLib.volume import read_volume
+from TuckerSegmentLib.compress.review import label_agreement
+from TuckerSegmentLib.image.volume import read_volume
+from TuckerSegmentLib.segment.predictor import Segmenter
+from TuckerSegmentLib.testing.demo_data import SAMPLE_CT
+from TuckerSegmentLib.testing.overlay import write_overlay_png
+from TuckerSegmentLib.variants.choice import bundled_models, choose_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo_output"

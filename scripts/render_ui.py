@@ -101,8 +101,7 @@ def to_stand_ins(ui_xml: bytes) -> bytes:
 def fill_examples(panel: QWidget) -> None:
     """Put example nodes, choices and structures into the loaded panel (PySide6 widgets)."""
     from PySide6.QtCore import Qt
-    from PySide6.QtWidgets import (QComboBox, QFrame, QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPushButton,
-                                   QTableWidget)
+    from PySide6.QtWidgets import QComboBox, QFrame, QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QTableWidget
 
     for name, items in COMBO_ITEMS.items():
         combo = panel.findChild(QComboBox, name)

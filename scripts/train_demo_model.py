@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-from TuckerSegmentLib.demo_data import chest_sample, holdout_mask
-from TuckerSegmentLib.example_models import CONFIGURATION, NNUNET_RESAMPLING, PLANS_NAME, TRAINER
-from TuckerSegmentLib.geometry import to_canonical
-from TuckerSegmentLib.labels import TERMINOLOGY_COLUMNS, TERMINOLOGY_CSV, terminology_row
-from TuckerSegmentLib.model_folder import CHECKPOINT_NAME, ModelFolder
+from torch.nn import functional
+from TuckerSegmentLib.image.geometry import to_canonical
+from TuckerSegmentLib.nnunet.layout import CHECKPOINT_NAME
+from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+from TuckerSegmentLib.segment.labels import TERMINOLOGY_COLUMNS, TERMINOLOGY_CSV, terminology_row
+from TuckerSegmentLib.testing.demo_data import chest_sample, holdout_mask
+from TuckerSegmentLib.testing.example_models import CONFIGURATION, NNUNET_RESAMPLING, PLANS_NAME, TRAINER
 
 DATASET = "Dataset901_ChestDemo"
 FEATURES = (16, 32, 64, 96)

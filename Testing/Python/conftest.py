@@ -3,20 +3,37 @@ TotalSegmentator home and variant cache, so no test sees (or writes) the user's 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-
-from TuckerSegmentLib.example_models import write_example_model
+from TuckerSegmentLib.testing.example_models import write_example_model
+from TuckerSegmentLib.variants.choice import bundled_models
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 _ISOLATED = Path(tempfile.mkdtemp(prefix="tuckersegment-tests-"))
 os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
 os.environ["TOTALSEG_HOME_DIR"] = str(_ISOLATED / "totalsegmentator")  # empty: no TotalSegmentator weights
 os.environ["TUCKERSEGMENT_CACHE"] = str(_ISOLATED / "cache")
+
+
+def bundled(model_id: str) -> Path:
+    """The folder of a bundled demo model."""
+    return next(e["path"] for e in bundled_models() if e["id"] == model_id)
+
+
+def renamed_copy(source: Path, target: Path, prefix: str) -> Path:
+    """A copy of a model whose structures carry other names (a second model of the same task)."""
+    shutil.copytree(source, target)
+    dataset = json.loads((target / "dataset.json").read_text())
+    dataset["labels"] = {(k if k == "background" else prefix + k): v for k, v in dataset["labels"].items()}
+    (target / "dataset.json").write_text(json.dumps(dataset))
+    (target / "terminology.csv").unlink()
+    return target
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

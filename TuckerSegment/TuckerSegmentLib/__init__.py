@@ -1,7 +1,8 @@
-"""TuckerSegment's engine: Tucker compression of nnU-Net v2 models, without Slicer or Qt.
+"""TuckerSegment's engine: Tucker compression of nnU-Net v2 models and CT segmentation, without Slicer or Qt.
 
-Names are imported on first use, so ``TuckerSegmentLib.dependencies`` works before torch and
-nnU-Net are installed."""
+The names below are the public API; each is imported on first use, so ``TuckerSegmentLib.dependencies``,
+``paths`` and the panel's choices work before torch and nnU-Net are installed.
+"""
 from __future__ import annotations
 
 import importlib
@@ -10,15 +11,31 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compression": ("CompressionReport", "LayerRecord", "compress_network"),
-    "decomposition": ("LayerPlan", "TuckerConv", "decompose_conv"),
+    # segmentation
+    "segment.predictor": ("Segmenter", "SegmentationResult"),
+    "segment.task": ("TaskSegmenter",),
+    "segment.output": ("write_result",),
+    "segment.batch": ("BatchItem", "segment_batch"),
+    "image.volume": ("Volume", "read_volume"),
+    "variants.choice": ("choose_model",),
+    "variants.guard": ("SafeTask",),
+    # compression
+    "compress.folder": ("compress_model_folder", "describe_model"),
+    "compress.network": ("CompressionReport", "LayerRecord", "compress_network"),
+    "compress.calibration_data": ("calibration_patches",),
+    "policies.methods": ("METHODS", "policy_for", "policy_from_dict"),
+    "policies.base": ("RankPolicy",),
+    "policies.uniform": ("UniformPolicy",),
+    "policies.spectral": ("EnergyPolicy", "VBMFPolicy"),
+    "policies.budget": ("BudgetPolicy",),
+    "tucker.decomposition": ("LayerPlan", "TuckerConv", "decompose_conv"),
+    "tucker.network_stats": ("NetworkStats", "network_stats"),
+    "tucker.calibration": ("LayerStatistics", "collect_statistics"),
+    "tucker.layers": ("LayerInfo",),
+    # model folders
+    "nnunet.model_folder": ("ModelFolder", "load_network"),
+    # errors
     "errors": ("TuckerSegmentError",),
-    "folder_compression": ("compress_model_folder", "describe_model"),
-    "model_folder": ("ModelFolder", "load_network"),
-    "calibration": ("LayerStatistics", "collect_statistics"),
-    "policies": ("BudgetPolicy", "EnergyPolicy", "LayerInfo", "RankPolicy", "UniformPolicy", "VBMFPolicy",
-                 "policy_from_dict"),
-    "stats": ("NetworkStats", "network_stats"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
@@ -30,3 +47,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

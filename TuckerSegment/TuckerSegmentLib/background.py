@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .errors import Cancelled
+from .progress import Cancel, Progress
 
 T = TypeVar("T")
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
@@ -22,7 +23,7 @@ class BackgroundJob(Generic[T]):
     report; ``cancelled()`` tells the work that Cancel was pressed (it should stop at its next check and
     raise ``Cancelled``)."""
 
-    def __init__(self, work: Callable[[Callable[[float, str], None], Callable[[], bool]], T], name: str = "job") -> None:
+    def __init__(self, work: Callable[[Progress, Cancel], T], name: str = "job") -> None:
         self.name = name
         self.fraction, self.message = 0.0, "starting"
         self.result: T | None = None
@@ -73,10 +74,3 @@ class BackgroundJob(Generic[T]):
         if self.error is not None:
             raise self.error
         return self.result  # type: ignore[return-value]
-
-
-def check_cancel(cancelled: Callable[[], bool] | None, what: str) -> None:
-    """Raise ``Cancelled`` naming ``what`` when ``cancelled()`` is true."""
-    if cancelled is not None and cancelled():
-        raise Cancelled(f"{what} cancelled; nothing was written")
-

@@ -10,22 +10,26 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .compression import CompressionReport
+from .compress.folder import compress_model_folder, describe_model
+from .compress.network import CompressionReport
 from .errors import TuckerSegmentError
-from .folder_compression import compress_model_folder, describe_model
-from .catalogue import STANDARD_VOLUME_MM, Variant, catalogue, find_variant
-from .hardware import GB, detect_devices
-from .inference import EXECUTIONS
-from .label_output import plan_outputs, write_result
-from .models import choose_model, usable_devices
-from .runner import SafeTask
-from .totalsegmentator import tasks
-from .variant_build import build_variant
-from .policies import BudgetPolicy, EnergyPolicy, RankPolicy, UniformPolicy, VBMFPolicy
-from .stats import FLOP_CONVENTION
-from .volume import IntensityWarning
+from .image.volume import IntensityWarning
+from .policies.base import RankPolicy
+from .policies.methods import DEFAULT_METHOD, METHODS, policy_for
+from .progress import Progress
+from .segment.batch import BatchItem, segment_batch
+from .segment.output import plan_outputs, write_result
+from .segment.predictor import EXECUTIONS
+from .tucker.network_stats import FLOP_CONVENTION
+from .variants.build import build_variant
+from .variants.catalogue import STANDARD_VOLUME_MM, Variant, catalogue, find_variant
+from .variants.choice import choose_model, usable_devices
+from .variants.guard import SafeTask
+from .variants.hardware import GB, detect_devices
+from .variants.totalsegmentator import tasks
 
-DEFAULT_TARGET_FLOPS = 0.5
+TARGET_SHORTCUTS = {"target-flops": "flops", "target-params": "params", "target-latency": "latency",
+                    "factor": "uniform", "keep": "energy"}
 
 
 def _fold(text: str) -> int | str:
@@ -87,20 +91,17 @@ def _progress(fold_label: str):
 
 
 def _policy(args: argparse.Namespace) -> RankPolicy:
-    """The rank policy the compress options ask for (default: a FLOP budget of 0.5)."""
-    name = args.policy or ("uniform" if args.factor is not None else "budget")
-    if name == "uniform":
-        if args.factor is None:
-            raise TuckerSegmentError("--policy uniform needs --factor F (the fraction of channels each factor keeps)")
-        return UniformPolicy(args.factor, rank_min=args.rank_min)
-    if name == "energy":
-        return EnergyPolicy(args.keep)
-    if name == "vbmf":
-        return VBMFPolicy()
-    if args.target_flops is None and args.target_params is None and args.target_latency is None:
-        return BudgetPolicy(target_flops=DEFAULT_TARGET_FLOPS)
-    return BudgetPolicy(target_flops=args.target_flops, target_params=args.target_params,
-                        target_latency=args.target_latency, device=args.device)
+    """The rank policy the compress options ask for: ``--policy METHOD --target T``, or one shortcut such as
+    ``--target-flops T`` (default: the FLOP budget at its default target)."""
+    named = {method: value for option, method in TARGET_SHORTCUTS.items()
+             if (value := getattr(args, option.replace("-", "_"))) is not None}
+    methods = set(named) | ({args.policy} if args.policy else set())
+    if len(methods) > 1 or (named and args.target is not None):
+        raise TuckerSegmentError(f"the options name more than one compression method ({', '.join(sorted(methods))}) or "
+                                 "two targets; give one: --policy METHOD --target T, or one of "
+                                 f"{', '.join('--' + option for option in TARGET_SHORTCUTS)}")
+    method = methods.pop() if methods else DEFAULT_METHOD
+    return policy_for(method, named.get(method, args.target), device=args.device, rank_min=args.rank_min)
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -140,23 +141,26 @@ def _segment(args: argparse.Namespace) -> int:
                          fold=args.fold, tile_step=args.tile_step, mirroring=args.mirroring,
                          execution=args.execution)
     segmenter.check_subset(args.subset)  # unknown names fail before any volume is read
-    failures = 0
-    for source, target in jobs:
-        progress = None if args.quiet else _segment_progress(source.name)
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", IntensityWarning)
-                result = segmenter.segment(source, progress=progress, subset=args.subset)
-            for warning in caught:
-                print(f"tuckersegment: warning: {warning.message}", file=sys.stderr)
-            write_result(result, target)
-        except TuckerSegmentError as exc:
-            failures += 1
-            print(f"tuckersegment: error: {source}: {exc}", file=sys.stderr)
-            continue
-        found = result.found()
-        print(f"{source} -> {target}: {len(found)}/{len(result.segments)} structures, {result.seconds:.1f} s "
-              f"on {result.device} ({segmenter.choice.id})")
+
+    def work(job: tuple[Path, Path], progress: Progress) -> tuple[Path, str]:
+        source, target = job
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IntensityWarning)
+            result = segmenter.segment(source, progress=None if args.quiet else progress, subset=args.subset)
+        for warning in caught:
+            print(f"tuckersegment: warning: {warning.message}", file=sys.stderr)
+        write_result(result, target)
+        return target, (f"{len(result.found())}/{len(result.segments)} structures, {result.seconds:.1f} s "
+                        f"on {result.device} ({segmenter.choice.id})")
+
+    def done(item: BatchItem[tuple[Path, Path]]) -> None:
+        source, target = item.source
+        if item.ok:
+            print(f"{source} -> {target}: {item.message}")
+        else:
+            print(f"tuckersegment: error: {source}: {item.message}", file=sys.stderr)
+    items = segment_batch(jobs, work, name=lambda job: job[0].name, progress=_segment_progress(), done=done)
+    failures = sum(not item.ok for item in items)
     if failures and len(jobs) > 1:
         print(f"tuckersegment: {failures} of {len(jobs)} inputs failed; the others were written", file=sys.stderr)
     return 2 if failures else 0
@@ -222,14 +226,15 @@ def _build_variants(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segment_progress(label: str):
+def _segment_progress() -> Progress:
+    """Progress on stderr, once per tenth of the batch."""
     last = [-1]
 
     def report(fraction: float, message: str) -> None:
         decile = int(fraction * 10)
         if decile != last[0]:
             last[0] = decile
-            print(f"{label}: {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+            print(f"{fraction:4.0%} {message}", file=sys.stderr, flush=True)
     return report
 
 
@@ -241,24 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="compress an nnU-Net v2 trained model folder")
     compress.add_argument("model_dir", help="nnU-Net v2 trained model folder (plans.json, dataset.json, fold_N/)")
     compress.add_argument("out_dir", help="new folder for the compressed model (written atomically)")
-    compress.add_argument("--policy", choices=("budget", "uniform", "energy", "vbmf"),
-                          help="rank policy (default: budget, or uniform when --factor is given)")
-    compress.add_argument("--target-flops", type=float,
-                          help=f"budget: fraction of the original FLOPs to keep (default {DEFAULT_TARGET_FLOPS})")
-    compress.add_argument("--target-params", type=float, help="budget: fraction of the original parameters to keep")
+    compress.add_argument("--policy", choices=[m.key for m in METHODS], metavar="METHOD",
+                          help="compression method, with --target its number: "
+                               + "; ".join(f"{m.key}: {m.label}, target = {m.target or 'none'}"
+                                           + (f" (default {m.default})" if m.default is not None else "")
+                                           for m in METHODS) + f" (default method: {DEFAULT_METHOD})")
+    compress.add_argument("--target", type=float, help="the method's target (see --policy)")
+    compress.add_argument("--target-flops", type=float, help="shortcut for --policy flops --target T")
+    compress.add_argument("--target-params", type=float, help="shortcut for --policy params --target T")
     compress.add_argument("--target-latency", type=float,
-                          help="budget: fraction of the original's time per patch to keep, measured on --device "
-                               "(e.g. 0.5: twice as fast); each layer's form and ranks are chosen from timings")
+                          help="shortcut for --policy latency --target T: fraction of the original's time per patch "
+                               "to keep, measured on --device (e.g. 0.5: twice as fast)")
     compress.add_argument("--device", default="auto",
                           help="where --target-latency is timed: auto (default: the device inference would use), "
                                "cpu, cuda, cuda:N or mps")
     compress.add_argument("--calibration", nargs="+", metavar="CT",
                           help="unlabeled CT volumes (NIfTI/NRRD) for activation-aware compression: factors and ranks "
                                "then minimise each layer's output error on them (recommended)")
-    compress.add_argument("--factor", type=float,
-                          help="uniform: fraction of channels each factor keeps, in (0, 1] (the paper's DF)")
+    compress.add_argument("--factor", type=float, help="shortcut for --policy uniform --target F (the paper's DF)")
     compress.add_argument("--rank-min", type=int, default=8, help="uniform: smallest rank of any factor (default 8)")
-    compress.add_argument("--keep", type=float, default=0.95, help="energy: fraction of the energy kept (default 0.95)")
+    compress.add_argument("--keep", type=float, help="shortcut for --policy energy --target K")
     compress.add_argument("--fold", type=_fold, nargs="+", default=[0], help="fold(s) to compress (default 0)")
     compress.add_argument("--configuration", help="plans configuration (default: from the folder name)")
     compress.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")

@@ -1,5 +1,7 @@
 """Which Python packages the engine needs, and which are missing or of an untested version.
 
+The one source of version ranges: ``pyproject.toml`` lists the same ranges and
+``requirements/constraints.txt`` pins versions inside them (``test_versions`` fails when they drift).
 Importable without any of them (the package's ``__init__`` imports nothing eagerly), so Slicer can
 check before the first use and offer to install; nothing is ever installed at import time.
 """
@@ -19,23 +21,35 @@ class Requirement:
     module: str
     minimum: str
     below: str | None = None
+    excluded: str | None = None  # a release series left out, e.g. "2.9" for every 2.9.x
+
+    @property
+    def specifier(self) -> str:
+        """The version range as pip writes it, e.g. ``>=0.10,<0.11``."""
+        return (f">={self.minimum}" + (f",<{self.below}" if self.below else "")
+                + (f",!={self.excluded}.*" if self.excluded else ""))
 
     @property
     def pip(self) -> str:
         """The pip requirement string."""
-        return f"{self.distribution}>={self.minimum}" + (f",<{self.below}" if self.below else "")
+        return self.distribution + self.specifier
 
 
-# torch: any recent build (CPU or the CUDA build matching the GPU, which Slicer's PyTorch extension picks);
-# the others bounded to the versions tested (nnU-Net's predictor internals change between minor releases).
-TORCH = Requirement("torch", "torch", "2.1")
+PYTHON_MINIMUM = "3.11"  # tensorly 0.10 needs it (nnU-Net 2.8 needs 3.10); Slicer 5.10 ships 3.12
+# torch: a recent build (CPU, or the CUDA build matching the GPU, which Slicer's PyTorch extension picks),
+# without the 2.9 series that nnU-Net 2.8.1 excludes; the others bounded to the versions tested
+# (nnU-Net's predictor internals change between minor releases).
+TORCH = Requirement("torch", "torch", "2.5", excluded="2.9")
 REQUIREMENTS = (
     TORCH,
     Requirement("tensorly", "tensorly", "0.10", "0.11"),
     Requirement("nnunetv2", "nnunetv2", "2.8.1", "2.9"),
     Requirement("dynamic-network-architectures", "dynamic_network_architectures", "0.4.4", "0.5"),
     Requirement("safetensors", "safetensors", "0.8", "1"),
-    Requirement("nibabel", "nibabel", "5.0"),
+    Requirement("nibabel", "nibabel", "5.0", "6"),
+    Requirement("SimpleITK", "SimpleITK", "2.2.1", "3"),
+    Requirement("slicerio", "slicerio", "1.4", "2"),
+    Requirement("numpy", "numpy", "1.25", "3"),
 )
 
 
@@ -72,9 +86,12 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 
 def satisfies(requirement: Requirement, version: str) -> bool:
+    """Whether ``version`` lies in the requirement's range."""
     have = version_tuple(version)
-    return have >= version_tuple(requirement.minimum) and (
-        requirement.below is None or have < version_tuple(requirement.below))
+    excluded = version_tuple(requirement.excluded) if requirement.excluded else None
+    return (have >= version_tuple(requirement.minimum)
+            and (requirement.below is None or have < version_tuple(requirement.below))
+            and (excluded is None or have[:len(excluded)] != excluded))
 
 
 def problems(version_of: Callable[[str], str | None] = installed_version) -> list[Problem]:

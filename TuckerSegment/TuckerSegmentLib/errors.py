@@ -30,7 +30,7 @@ class OutputPathError(TuckerSegmentError):
 
 
 class VolumeError(TuckerSegmentError):
-    """The input image cannot be segmented (not 3D, empty, not finite, unreadable)."""
+    """The input image cannot be segmented (not 3D, empty, not finite, unreadable): a batch skips it."""
 
 
 class Cancelled(TuckerSegmentError):
@@ -39,3 +39,11 @@ class Cancelled(TuckerSegmentError):
 
 class SegmentationCancelled(Cancelled):
     """The user cancelled a running segmentation; nothing was written."""
+
+
+class TaskError(TuckerSegmentError):
+    """The task cannot run as asked: no model, models that do not fit together, unknown structures."""
+
+
+class NotEnoughMemoryError(TuckerSegmentError):
+    """Out of memory with nothing smaller to fall back to (GPU), or too little RAM even in slabs (CPU)."""

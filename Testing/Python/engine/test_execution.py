@@ -1,0 +1,236 @@
+"""Fast exact execution of factorised layers, per-device timing tables, and latency budgets."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from test_policies import SmallUNet3d, seeded_unet
+from torch import nn
+from TuckerSegmentLib import BudgetPolicy, UniformPolicy, compress_network, policy_from_dict
+from TuckerSegmentLib.cli import main
+from TuckerSegmentLib.compress.network import survey
+from TuckerSegmentLib.errors import PolicyError, TuckerSegmentError
+from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+from TuckerSegmentLib.runtime.execution import (
+    ExecutedConv,
+    Execution,
+    NetworkLatency,
+    dense_op,
+    execute_as,
+    execution_seconds,
+    executions,
+    fastest,
+    optimise_execution,
+    reference_execution,
+)
+from TuckerSegmentLib.runtime.latency import LatencyTable
+from TuckerSegmentLib.tucker.layers import ConvOp, conv_op, matmul_applies
+from TuckerSegmentLib.segment.predictor import Segmenter
+from TuckerSegmentLib.testing.demo_data import chest_sample
+from TuckerSegmentLib.tucker.decomposition import LayerPlan, decompose_conv
+from TuckerSegmentLib.variants.choice import bundled_models
+
+GEOMETRIES = [  # (layer, input shape)
+    (nn.Conv3d(12, 10, 3, padding=1), (2, 12, 6, 7, 5)),
+    (nn.Conv3d(12, 10, 3, stride=2, padding=1, dilation=1), (1, 12, 9, 8, 7)),
+    (nn.Conv3d(12, 10, 3, padding=2, dilation=2, bias=False), (1, 12, 8, 8, 8)),
+    (nn.Conv3d(12, 10, 1), (1, 12, 5, 6, 7)),  # pointwise: the core can run as a matmul
+    (nn.ConvTranspose3d(12, 10, 2, stride=2), (2, 12, 4, 5, 3)),  # nnU-Net's upsampling: patch matmul
+    (nn.ConvTranspose3d(12, 10, 3, stride=2, padding=1, output_padding=1), (1, 12, 4, 4, 4)),
+    (nn.Conv2d(12, 10, 3, padding=1), (1, 12, 9, 9)),
+    (nn.ConvTranspose2d(12, 10, 2, stride=2, bias=False), (1, 12, 5, 4)),
+]
+PLANS = [LayerPlan(rank_out=4, rank_in=5), LayerPlan(rank_out=None, rank_in=5), LayerPlan(rank_out=4, rank_in=None)]
+
+
+@pytest.mark.parametrize("layer, shape", GEOMETRIES, ids=lambda g: type(g).__name__ if isinstance(g, nn.Module) else "")
+def test_every_execution_computes_the_reference_outputs(layer, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        layer.weight.normal_()
+        for plan in [*PLANS, LayerPlan()]:
+            module = layer if plan.form == "dense" else decompose_conv(layer, plan.rank_out, plan.rank_in).eval()
+            reference = module(x)
+            dense = dense_op(module, tuple(shape))
+            forms = executions(plan, dense)
+            assert len(forms) == (3 if plan.rank_in else 1) * (3 if plan.rank_out else 1) * (2 if matmul_applies(dense) else 1)
+            for execution in forms:
+                executed = execute_as(module, execution)
+                assert isinstance(executed, ExecutedConv) and executed.plan == plan
+                out = executed(x)
+                assert out.shape == reference.shape
+                torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()),
+                                           msg=f"{type(layer).__name__} {plan} {execution.label}")
+
+
+def test_matmul_applies_only_where_the_function_is_a_channel_product():
+    x = (1, 4, 8, 8, 8)
+    assert matmul_applies(conv_op(nn.Conv3d(4, 4, 1), x))
+    assert not matmul_applies(conv_op(nn.Conv3d(4, 4, 1, stride=2), x))
+    assert not matmul_applies(conv_op(nn.Conv3d(4, 4, 3, padding=1), x))
+    assert matmul_applies(conv_op(nn.ConvTranspose3d(4, 4, 2, stride=2), x))
+    assert not matmul_applies(conv_op(nn.ConvTranspose3d(4, 4, 3, stride=2), x))
+    assert not matmul_applies(conv_op(nn.ConvTranspose3d(4, 4, 2, stride=2, padding=1), x))
+
+
+def random_table(seed: int):
+    """Seconds per operation drawn at random (each op key gets one fixed value): any device could behave so."""
+    rng = random.Random(seed)
+    cache: dict[str, float] = {}
+    return lambda op: cache.setdefault(op.key(), rng.uniform(0.001, 1.0))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_chooser_never_picks_a_slower_form_on_a_timing_table(seed):
+    seconds = random_table(seed)
+    dense = conv_op(nn.ConvTranspose3d(32, 16, 2, stride=2) if seed % 2 else nn.Conv3d(32, 16, 3, padding=1),
+                    (1, 32, 16, 16, 16))
+    out_shape = (1, 16, 32, 32, 32) if seed % 2 else (1, 16, 16, 16, 16)
+    for plan in [*PLANS, LayerPlan(rank_out=8, rank_in=8), LayerPlan()]:
+        chosen, time = fastest(dense, out_shape, plan, seconds)
+        all_times = {e: execution_seconds(dense, out_shape, plan, e, seconds) for e in executions(plan, dense)}
+        assert time == all_times[chosen] == min(all_times.values())
+        assert time <= seconds(dense)  # never slower than the original layer (both factors folded)
+        assert time <= all_times[reference_execution(plan)]
+
+
+def test_chooser_follows_the_table_not_a_fixed_preference():
+    dense = conv_op(nn.Conv3d(32, 32, 3, padding=1), (1, 32, 16, 16, 16))
+    plan = LayerPlan(rank_out=8, rank_in=8)
+
+    def table(pointwise: dict[str, float], small_core: float | None = None):
+        def seconds(op: ConvOp) -> float:
+            if op.kernel_size == (1, 1, 1):
+                return pointwise[op.kind]
+            if small_core is not None and min(op.c_in, op.c_out) < 32:
+                return small_core
+            return 0.5 * op.c_in * op.c_out / 32 ** 2  # a core costs in proportion to its channels
+        return seconds
+
+    shape = (1, 32, 16, 16, 16)
+    assert fastest(dense, shape, plan, table({"matmul": 1.0, "conv": 0.05}))[0] == Execution("conv", "conv")
+    assert fastest(dense, shape, plan, table({"matmul": 0.01, "conv": 0.05}))[0] == Execution("matmul", "matmul")
+    # a core that is slow at small ranks: folding the factors back (the dense layer) wins
+    slow = table({"matmul": 0.01, "conv": 0.05}, small_core=5.0)
+    assert fastest(dense, shape, plan, slow)[0] == Execution("folded", "folded")
+
+
+def flop_seconds(op: ConvOp) -> float:
+    """A deterministic stand-in device: time ∝ multiply-adds, matmuls twice as fast as convolutions."""
+    taps = int(np.prod(op.kernel_size))
+    voxels = int(np.prod(op.input_shape[2:]))
+    return op.c_in * op.c_out * taps * voxels * (0.5 if op.kind in ("matmul", "patchmatmul") else 1.0) * 1e-12
+
+
+def test_optimised_network_matches_and_is_never_predicted_slower():
+    network = seeded_unet()
+    x = torch.randn(1, 1, 16, 16, 16)
+    compress_network(network, UniformPolicy(0.5), x)
+    with torch.no_grad():
+        reference = network(x)
+    table = LatencyTable("cpu", measure=flop_seconds)
+    report = optimise_execution(network, x, table)
+    assert report.layers and report.measured > 0
+    assert any(isinstance(m, ExecutedConv) for m in network.modules())
+    for layer in report.layers:
+        assert layer.seconds <= layer.dense_seconds and layer.seconds <= layer.reference_seconds
+    assert report.seconds < report.reference_seconds
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), reference, rtol=1e-4, atol=1e-4)
+    again = optimise_execution(network, x, table)  # already optimised: nothing new to time or replace
+    assert again.measured == 0 and again.seconds <= report.seconds
+
+
+def test_latency_table_is_kept_per_device(tmp_path):
+    calls = []
+    measure = lambda op: calls.append(op) or 0.25  # noqa: E731
+    path = tmp_path / "table.json"
+    op = conv_op(nn.Conv3d(4, 8, 3, padding=1), (1, 4, 8, 8, 8))
+    table = LatencyTable("cpu", path, measure=measure)
+    assert table.seconds(op) == 0.25 and table.seconds(op) == 0.25 and len(calls) == 1
+    table.save()
+    assert json.loads(path.read_text())["device"] == table.name
+    again = LatencyTable("cpu", path, measure=measure)
+    assert again.seconds(op) == 0.25 and len(calls) == 1  # read back, not measured
+    other = conv_op(nn.Conv3d(4, 2, 1), (1, 4, 8, 8, 8))
+    again.seconds(other)
+    again.save()
+    table.save()  # an older instance saving later keeps what the newer one added
+    assert LatencyTable("cpu", path, measure=measure).seconds(other) == 0.25 and len(calls) == 2
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"device": "another machine"}))
+    assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 3  # other device: re-timed
+    path.write_text("{not json")
+    assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 4  # corrupt: re-timed
+    real = LatencyTable("cpu")  # a real measurement of a small convolution
+    assert 0 < real.seconds(op) < 5
+
+
+def test_latency_budget_meets_its_target_on_the_timing_model():
+    network = SmallUNet3d()
+    x = torch.randn(1, 1, 16, 16, 16)
+    infos = survey(network, x).infos
+    table = LatencyTable("cpu", measure=flop_seconds)
+    latency = NetworkLatency(table, network_seconds=1.0, other_seconds=1e-6)
+    original = latency.other_seconds + sum(latency.original_seconds(i) for i in infos)
+    for target in (0.8, 0.5, 0.3):
+        plans = BudgetPolicy(target_latency=target, device="cpu", sensitivity=None).with_latency(latency).plan(infos)
+        predicted = latency.other_seconds + sum(latency.layer_seconds(i, plans[i.name]) for i in infos)
+        assert predicted <= target * original * 1.0001
+        assert any(p.form != "dense" for p in plans.values())
+    with pytest.raises(PolicyError, match="needs measured timings"):
+        BudgetPolicy(target_latency=0.5).plan(infos)
+    slow_rest = NetworkLatency(table, network_seconds=1.0, other_seconds=original)
+    with pytest.raises(PolicyError, match=r"cannot be reached on cpu.*other than convolutions alone 50%"):
+        BudgetPolicy(target_latency=0.5, device="cpu").with_latency(slow_rest).plan(infos)
+    policy = BudgetPolicy(target_latency=0.4, device="cpu")
+    assert policy_from_dict(json.loads(json.dumps(policy.to_dict()))).params() == policy.params()
+    with pytest.raises(PolicyError, match="target_latency must be a fraction"):
+        BudgetPolicy(target_latency=1.5)
+
+
+def test_compress_cli_target_latency_measures_and_reports(tiny_model, tmp_path, capsys):
+    out = tmp_path / "fast"
+    assert main(["compress", str(tiny_model), str(out), "--target-latency", "0.9", "--device", "cpu", "--quiet",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["0"]
+    assert report["policy"]["params"]["target_latency"] == 0.9
+    timing = report["latency"]
+    assert timing["original_seconds"] > 0 and timing["compressed_seconds"] > 0 and 1 <= timing["attempts"] <= 3
+    assert timing["ratio"] == pytest.approx(timing["compressed_seconds"] / timing["original_seconds"])
+    record = json.loads((out / "fold_0" / "tucker.json").read_text())
+    assert record["policy"]["params"]["target_latency"] == 0.9
+    assert ModelFolder.open(out).load_network(0) is not None
+
+
+def test_segmenter_fastest_execution_gives_the_reference_labels():
+    entry = next(e for e in bundled_models() if e["policy"] != "original")
+    ct = chest_sample().ct
+    fast = Segmenter(entry["path"], device="cpu")
+    reference = Segmenter(entry["path"], device="cpu", execution="reference")
+    assert fast.execution is not None and fast.execution.layers and reference.execution is None
+    assert any(isinstance(m, ExecutedConv) for m in fast._predictor.network.modules())
+    a, b = fast.segment(ct).labels, reference.segment(ct).labels
+    assert (a == b).mean() > 0.9999
+    with pytest.raises(TuckerSegmentError, match="unknown execution 'quick'"):
+        Segmenter(entry["path"], device="cpu", execution="quick")
+
+
+def test_all_plans_of_a_grid_execute_exactly():
+    """Every rank pair of a small layer, every execution: same outputs (a sweep, not a sample)."""
+    torch.manual_seed(1)
+    conv = nn.Conv3d(6, 5, 3, padding=1)
+    x = torch.randn(1, 6, 5, 5, 5)
+    for r_out, r_in in itertools.product([None, 1, 3, 5], [None, 1, 4, 6]):
+        if r_out is None and r_in is None:
+            continue
+        module = decompose_conv(conv, r_out, r_in).eval()
+        with torch.no_grad():
+            reference = module(x)
+            for execution in executions(module.plan, dense_op(module, tuple(x.shape))):
+                torch.testing.assert_close(execute_as(module, execution)(x), reference, rtol=1e-4, atol=1e-5)

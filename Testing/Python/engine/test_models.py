@@ -1,0 +1,52 @@
+"""Model choice: a named folder, a variant id, or auto (the catalogue and this machine's devices)."""
+from __future__ import annotations
+
+import pytest
+from TuckerSegmentLib.errors import ModelFolderError
+from TuckerSegmentLib.variants.catalogue import catalogue
+from TuckerSegmentLib.variants.choice import bundled_models, choose_model, usable_devices
+from TuckerSegmentLib.variants.hardware import GB, DeviceInfo
+
+CPU = DeviceInfo("cpu", "CPU", 16 * GB, 8 * GB, cores=4)
+
+
+def test_bundled_models_are_listed_with_measurements():
+    entries = bundled_models()
+    assert entries, "the bundled demo model is missing: run scripts/train_demo_model.py + build_demo_variants.py"
+    original = [e for e in entries if e["policy"] == "original"]
+    assert len(original) == 1 and len(entries) >= 4
+    for e in entries:
+        assert e["path"].is_dir() and 0 < e["mean_dice"] <= 1 and e["flops"] > 0
+        assert e["policy"] == "original" or e["flops"] < original[0]["flops"]
+    assert choose_model(entries[1]["id"], devices=[CPU]).folders == (entries[1]["path"],)
+
+
+def test_auto_without_totalsegmentator_runs_the_demo_original(monkeypatch, tmp_path):
+    """The demo variants lose more than 1 Dice point (measured), so auto keeps the original."""
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    choice = choose_model("auto", devices=[CPU])
+    assert choice.id == "chest-demo" and choice.device == "cpu" and choice.label_maps is None
+    assert choice.reason.startswith("demo / chest-demo: CPU, 8.0 GiB free, needs")
+    assert "fast is not ready here" in choice.reason
+
+
+def test_named_folder_and_unknown_names(tmp_path):
+    choice = choose_model(tmp_path, devices=[CPU])
+    assert choice.folders == (tmp_path,) and choice.selection is None
+    with pytest.raises(ModelFolderError, match="no such folder and no variant of that id"):
+        choose_model("no-such-model", devices=[CPU])
+
+
+def test_device_requests_that_cannot_be_met_are_errors():
+    assert usable_devices("cpu", [CPU]) == [CPU]
+    with pytest.raises(ModelFolderError, match="device cuda requested but not found"):
+        usable_devices("cuda", [CPU])
+    gpu = DeviceInfo("cuda", "GPU", 8 * GB, 7 * GB, (8, 6), index=1)
+    assert usable_devices("cuda:1", [gpu, CPU]) == [gpu]
+    for bad in ("gpu", "cuda:x", "mps:0"):
+        with pytest.raises(ModelFolderError, match="unknown device"):
+            usable_devices(bad, [gpu, CPU])
+    with pytest.raises(ModelFolderError, match="not ready|not found"):
+        choose_model("chest-demo", device="mps", devices=[CPU], variants=catalogue())

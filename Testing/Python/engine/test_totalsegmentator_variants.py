@@ -1,0 +1,263 @@
+"""TotalSegmentator tasks, weights discovery, variant builds and the variants CLI, on TotalSegmentator-shaped
+model folders: the five 1.5 mm parts with scaled-down widths, and one full-size Dataset297."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from TuckerSegmentLib.cli import main
+from TuckerSegmentLib.errors import CheckpointError, ModelFolderError
+from TuckerSegmentLib.image.volume import Volume
+from TuckerSegmentLib.segment.labels import TOTALSEGMENTATOR_CSV, segment_labels
+from TuckerSegmentLib.segment.predictor import Segmenter
+from TuckerSegmentLib.testing.example_models import EXAMPLE_SPECS, example_model, write_totalsegmentator_task
+from TuckerSegmentLib.tucker.network_stats import network_stats
+from TuckerSegmentLib.variants import build as variant_build
+from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_variant, load_catalogue, variant_dir
+from TuckerSegmentLib.variants.choice import choose_model
+from TuckerSegmentLib.variants.guard import SafeTask
+from TuckerSegmentLib.variants.hardware import GB, DeviceInfo
+from TuckerSegmentLib.variants.totalsegmentator import find_task, tasks, weights_dirs
+
+CPU = DeviceInfo("cpu", "CPU", 32 * GB, 16 * GB, cores=2)
+
+
+@pytest.fixture
+def ts_home(tmp_path, monkeypatch) -> Path:
+    """An empty TotalSegmentator home and build cache for this test only."""
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "totalseg" / "nnunet" / "results"
+
+
+@pytest.fixture(scope="module")
+def fast_297(tmp_path_factory) -> Path:
+    """A full-size Dataset297 (TotalSegmentator 3 mm) results folder, random weights."""
+    results = tmp_path_factory.mktemp("ts297") / "results"
+    write_totalsegmentator_task(results, "fast")
+    return results
+
+
+def test_task_descriptions_match_totalsegmentator():
+    total = tasks()["total"]
+    assert [m.task_id for m in total.models] == [291, 292, 293, 294, 295]
+    assert [len(m.labels) for m in total.models] == [24, 26, 18, 23, 26]
+    assert len(total.structures) == len(set(total.structures)) == 117
+    merged = [name for m in total.models for name in m.labels.values()]
+    assert sorted(merged) == sorted(total.structures)  # the five parts cover the 117 exactly once
+    maps = total.label_maps()
+    assert maps[0][1] == (1, "spleen") and maps[1][1] == (total.structures.index("sacrum") + 1, "sacrum")
+    for name in ("fast", "fastest"):
+        (model,) = tasks()[name].models
+        assert model.trainer == "nnUNetTrainer_4000epochs_NoMirroring"
+        assert [model.labels[i] for i in range(1, 118)] == list(total.structures)
+    with open(TOTALSEGMENTATOR_CSV) as handle:
+        named = {row["Name"] for row in csv.DictReader(handle)}
+    assert set(total.structures) <= named  # every structure gets TotalSegmentator's terminology and colour
+
+
+def test_architectures_reproduce_the_published_sizes():
+    """Dataset291 31.19 M and Dataset297 16.55 M parameters (Weber et al. table); the catalogue agrees."""
+    for name, published in (("Dataset291", 31.19e6), ("Dataset297", 16.55e6)):
+        folder = example_model(name)
+        params = network_stats(folder.build_network(), folder.example_input()).params
+        assert params == pytest.approx(published, rel=2e-3), name
+    entries = {v.id: v for v in load_catalogue()}
+    assert entries["fast"].params == pytest.approx(16.55e6, rel=2e-3)
+    assert entries["fast-tucker-0.5"].params == pytest.approx(4.92e6, rel=5e-3)
+    assert entries["fast-tucker-0.3"].params == pytest.approx(1.98e6, rel=5e-3)
+
+
+def test_weights_are_discovered_where_totalsegmentator_keeps_them(ts_home, fast_297, monkeypatch):
+    fast = tasks()["fast"]
+    assert find_task(fast) is None
+    assert {v.id: v.availability for v in catalogue()}["fast-tucker-0.3"] == "missing"
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(fast_297))
+    assert weights_dirs()[0] == fast_297
+    assert find_task(fast) == [fast_297 / fast.models[0].relative_path]
+    availability = {v.id: v.availability for v in catalogue()}
+    assert availability["fast"] == "built" and availability["fast-tucker-0.3"] == "buildable"
+    assert availability["total"] == "missing"
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH")
+    shutil.copytree(fast_297, ts_home)  # ~/.totalsegmentator layout, as the Slicer extension fills it
+    assert find_task(fast) == [ts_home / fast.models[0].relative_path]
+
+
+def test_full_size_297_builds_verifies_and_segments(ts_home, fast_297, capsys):
+    shutil.copytree(fast_297, ts_home)
+    assert main(["build-variants", "--variant", "fast-tucker-0.3", "--quiet"]) == 0
+    variant = find_variant(catalogue(), "fast-tucker-0.3")
+    assert variant.availability == "built"
+    manifest = json.loads((variant_dir(variant) / MANIFEST).read_text())
+    assert {Path(f).name for f in manifest["models"][0]["files"]} >= {"tucker.json", "weights.safetensors", "plans.json"}
+    assert (manifest["models"][0]["params"], manifest["models"][0]["flops"]) == (variant.params, variant.flops)
+    variant_build.verify_built(variant)
+    choice = choose_model("fast-tucker-0.3", variants=catalogue(), devices=[CPU])
+    segmenter = Segmenter(choice.folders[0], device="cpu")
+    assert len(segmenter.segments) == 117 and segmenter.policy == "UniformPolicy(factor=0.3, rank_min=8)"
+    assert segmenter.segments[0].name == "spleen" and segmenter.segments[0].terminology is not None
+    # the figures recorded in the catalogue are the built network's
+    built = network_stats(*segmenter_network(choice.folders[0]))
+    assert built.params == variant.params and built.flops == variant.flops
+    # corruption is detected, and the variant no longer counts as built
+    weights = next(choice.folders[0].rglob("weights.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="changed since it was built"):
+        SafeTask(choice, catalogue(), [CPU])  # checked before loading
+    assert find_variant(catalogue(), "fast-tucker-0.3").availability == "buildable"
+
+
+def segmenter_network(folder: Path):
+    from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+    model = ModelFolder.open(folder)
+    return model.fold_structure(model.folds[0])[0], model.example_input()
+
+
+def test_total_merges_five_parts_into_117_global_labels(ts_home):
+    write_totalsegmentator_task(ts_home, "total", divisor=8)
+    choice = choose_model("auto", task="total", variants=catalogue(), devices=[CPU])
+    assert choice.id == "total" and len(choice.folders) == 5
+    runner = SafeTask(choice, catalogue(), [CPU])
+    assert [s.value for s in runner.segments] == list(range(1, 118))
+    assert [s.name for s in runner.segments] == list(tasks()["total"].structures)
+    assert runner.segments[0].color == pytest.approx((157 / 255, 108 / 255, 162 / 255))  # TotalSegmentator's spleen
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.normal(0, 300, (48, 48, 48)).astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
+    result = runner.segment(volume)
+    assert runner.loaded() == [True] * 5
+    per_part = []
+    for folder, mapping in zip(choice.folders, choice.label_maps, strict=True):
+        own = Segmenter(folder, device="cpu").segment(volume).labels
+        per_part.append(np.where(own > 0, np.vectorize(lambda v, m=mapping: m.get(v, (0,))[0])(own), 0))
+    expected = np.zeros_like(result.labels)
+    for part in per_part:  # later parts win where two claim a voxel, as TotalSegmentator merges
+        expected = np.where(part > 0, part, expected)
+    assert np.array_equal(result.labels, expected) and len(np.unique(result.labels)) > 2
+    ribs = SafeTask(choice, catalogue(), [CPU])
+    only = ribs.segment(volume, subset=["rib_left_1", "spleen"])
+    assert ribs.loaded() == [True, False, False, False, True]  # parts without a requested structure never load
+    assert set(np.unique(only.labels)) <= {0, 1, tasks()["total"].structures.index("rib_left_1") + 1}
+
+
+def test_interrupted_build_is_not_used_and_resumes(ts_home, monkeypatch):
+    write_totalsegmentator_task(ts_home, "total", divisor=8)
+    variant = find_variant(catalogue(), "total-tucker-0.5")
+    real = variant_build.compress_model_folder
+    calls = []
+
+    def flaky(source, target, *args, **kwargs):
+        calls.append(Path(target).name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user stops the build midway
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(variant_build, "compress_model_folder", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        variant_build.build_variant(variant)
+    assert find_variant(catalogue(), "total-tucker-0.5").availability == "buildable"  # half-built: never used
+    assert not (variant_dir(variant) / MANIFEST).exists()
+    with pytest.raises(ModelFolderError, match="not .completely. built"):
+        variant_build.verify_built(variant)
+    messages = []
+    variant_build.build_variant(variant, report=messages.append)
+    assert sum("kept from an earlier" in m for m in messages) == 2  # the two finished models were reused
+    assert calls[3:] == [m.dataset for m in tasks()["total"].models[2:]]
+    built = find_variant(catalogue(), "total-tucker-0.5")
+    assert built.availability == "built" and len(built.folders) == 5
+    variant_build.verify_built(built)
+
+
+def test_wrong_source_weights_are_refused_and_nothing_is_built(ts_home, tmp_path):
+    write_totalsegmentator_task(ts_home, "fast", divisor=8)  # Dataset297 with other widths than its plans say
+    folder = ts_home / tasks()["fast"].models[0].relative_path
+    plans = json.loads((folder / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [2 * f for f in arch["features_per_stage"]]
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(CheckpointError, match="do not fit the architecture"):
+        variant_build.build_variant(find_variant(catalogue(), "fast-tucker-0.7"))
+    assert not variant_dir(find_variant(catalogue(), "fast-tucker-0.7")).joinpath(MANIFEST).exists()
+    with pytest.raises(CheckpointError, match="corrupt or from another release"):
+        variant_build.check_source(folder, 0, "0" * 64)
+
+
+def test_missing_weights_without_totalsegmentator_say_where_and_how(ts_home, capsys):
+    assert main(["build-variants", "--variant", "fast-tucker-0.7"]) == 2
+    err = capsys.readouterr().err
+    assert "were not found in" in err and "pip install TotalSegmentator" in err and "TOTALSEG_WEIGHTS_PATH" in err
+
+
+def test_totalsegmentator_download_is_used_when_installed(ts_home, tmp_path, monkeypatch):
+    """TotalSegmentator's own downloader is called with the dataset id; it fills the weights folder."""
+    package = tmp_path / "site" / "totalsegmentator"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "libs.py").write_text(
+        "import os\n"
+        "from TuckerSegmentLib.testing.example_models import write_totalsegmentator_task\n"
+        "calls = []\n"
+        "def download_pretrained_weights(task_id):\n"
+        "    calls.append(task_id)\n"
+        "    write_totalsegmentator_task(os.environ['FAKE_DOWNLOAD_TO'], 'fast', divisor=8)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("FAKE_DOWNLOAD_TO", str(ts_home))
+    try:
+        assert find_variant(catalogue(), "fast-tucker-0.5").availability == "buildable"
+        variant_build.build_variant(find_variant(catalogue(), "fast-tucker-0.5"))
+        import totalsegmentator.libs as fake
+        assert fake.calls == [297]
+        assert find_variant(catalogue(), "fast-tucker-0.5").availability == "built"
+    finally:  # later tests must not see the stand-in package
+        for name in ("totalsegmentator.libs", "totalsegmentator"):
+            sys.modules.pop(name, None)
+
+
+def test_variants_json_lists_every_entry_and_the_auto_choice(ts_home, capsys):
+    assert main(["variants", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    rows = {row["id"]: row for row in listing["variants"]}
+    assert len(rows) == len(load_catalogue()) == 16
+    for row in rows.values():
+        assert set(row) >= {"id", "task", "policy", "availability", "params", "flops"}
+        assert row["availability"] in ("bundled", "built", "buildable", "missing")
+    assert rows["fast"]["policy"] == "original" and rows["fast-tucker-0.7"]["policy"]["params"]["factor"] == 0.7
+    assert rows["chest-demo"]["availability"] == "bundled" and rows["total"]["availability"] == "missing"
+    assert listing["auto"]["id"] == "chest-demo" and listing["auto"]["device"] == "cpu"
+    assert listing["auto"]["reason"].startswith("demo / chest-demo: CPU")
+    assert main(["variants"]) == 0
+    text = capsys.readouterr().out
+    assert "auto: chest-demo: demo / chest-demo: CPU" in text and "fast-tucker-0.3" in text
+
+
+def test_standard_volume_memory_grows_with_outputs_and_spacing():
+    entries = {v.id: v for v in load_catalogue()}
+    total, fastest = entries["total"], entries["fastest"]
+    voxels = math.prod(math.ceil(e / 1.5) for e in (409.6, 409.6, 450.0))
+    assert total.memory_bytes("cpu")[0] == total.peak_memory["cpu"]["tile_bytes"] + \
+        total.peak_memory["cpu"]["bytes_per_voxel"] * voxels
+    assert fastest.memory_bytes("cpu")[0] < total.memory_bytes("cpu")[0]
+    assert EXAMPLE_SPECS["Dataset298"].spacing == (6.0, 6.0, 6.0)
+    assert segment_labels({"labels": {"background": 0, "liver": 1}})[0].terminology is not None
+
+
+def test_build_variants_cli_builds_what_the_found_weights_allow(ts_home, tmp_path, capsys):
+    elsewhere = tmp_path / "weights"
+    write_totalsegmentator_task(elsewhere, "fast", divisor=8)
+    assert main(["build-variants", "--ts-weights", str(elsewhere), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "fast-tucker-0.7: built in" in out and "fast-tucker-0.3: built in" in out
+    assert "total-tucker-0.7: skipped, no TotalSegmentator weights found" in out
+    availability = {v.id: v.availability for v in catalogue()}
+    assert [availability[f"fast-tucker-{f}"] for f in (0.7, 0.5, 0.3)] == ["built"] * 3
+    assert availability["fast"] == "missing"  # the original stays where it was, outside the default folders
+    assert main(["build-variants", "--task", "total"]) == 2
+    assert "nothing to build: no TotalSegmentator weights found" in capsys.readouterr().err

@@ -1,0 +1,243 @@
+"""What the Slicer panel does, through the Logic on real MRML (slicer-core): background jobs with
+progress and cancel, task/variant/structure choices, Segment Statistics figures, compression with its
+report table, Pareto plot and "my variants", dependency checks, batches of volume nodes from the
+console; and the module's own self-test (TuckerSegmentTest) run by pytest."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import headless_slicer
+import numpy as np
+import pytest
+from conftest import tree_digest
+from test_slicer_logic import CT_PATH, node_ids, segments_by_name, snapshot
+from TuckerSegmentLib import dependencies
+from TuckerSegmentLib.background import CANCELLED, DONE
+from TuckerSegmentLib.errors import Cancelled, ModelFolderError, OutputPathError, VolumeError
+from TuckerSegmentLib.image.volume import read_volume
+from TuckerSegmentLib.nnunet.model_folder import ModelFolder
+from TuckerSegmentLib.segment.predictor import Segmenter
+
+headless_slicer.setup()
+from TuckerSegment import TuckerSegmentTest  # noqa: E402,F401 (collected: the module's self-test under pytest)
+
+ROOT = Path(__file__).resolve().parents[3]
+DEMO_SOURCE = ROOT / "TuckerSegment" / "Resources" / "Models" / "chest-demo" / "Dataset901_ChestDemo"
+DEMO_STRUCTURES = ["ribs", "cervical vertebral column", "thoracic vertebral column", "lumbar vertebral column",
+                   "right lung", "left lung", "tissue"]
+
+
+def test_background_segmentation_equals_the_direct_one_and_cancel_or_removal_change_nothing(logic, scene, ct_node):
+    direct = logic.segment(ct_node, task="demo", device="cpu")
+    expected = {name: segment.GetLabelValue() for name, segment in segments_by_name(direct).items()}
+    reference = Segmenter(DEMO_SOURCE, device="cpu").segment(read_volume(CT_PATH)).labels
+    job = logic.startSegmentation(ct_node, task="demo", device="cpu", tileStep=0.8)
+    assert job.wait(300) == DONE, job.error
+    assert np.array_equal(job.result.labels, reference)  # the same engine result as a direct run
+    node = logic.finishSegmentation(job, ct_node)
+    assert {name: s.GetLabelValue() for name, s in segments_by_name(node).items()} == expected
+
+    before = snapshot(scene, node)
+    job = logic.startSegmentation(ct_node, task="demo", device="cpu")
+    job.cancel()
+    assert job.wait(300) == CANCELLED
+    with pytest.raises(Cancelled):
+        logic.finishSegmentation(job, ct_node, node)
+    assert snapshot(scene, node) == before
+
+    job = logic.startSegmentation(ct_node, task="demo", device="cpu", subset=["left lung"])
+    scene.RemoveNode(ct_node)  # the user closed the volume while it was segmented
+    assert job.wait(300) == DONE
+    ids = node_ids(scene)
+    with pytest.raises(VolumeError, match="removed while it was segmented"):
+        logic.finishSegmentation(job, ct_node)
+    assert node_ids(scene) == ids
+    with pytest.raises(VolumeError, match="no CT volume selected"):
+        logic.startSegmentation(None)
+
+
+def test_task_variant_and_structure_choices(logic):
+    tasks = {choice.key: choice for choice in logic.taskChoices()}
+    assert list(tasks)[:1] == ["auto"] and {"total", "fast", "fastest", "demo"} <= set(tasks)
+    assert "not installed" in tasks["total"].label and "ready" in tasks["demo"].label
+    variants = logic.variantChoices("demo", "cpu")
+    assert variants[0].key == "auto" and variants[0].label == "Auto: chest-demo"
+    assert "CPU" in variants[0].tooltip and "original" in variants[0].tooltip
+    assert [v.key for v in variants[1:]] == ["chest-demo", "chest-demo-tucker-0.7", "chest-demo-tucker-0.5",
+                                             "chest-demo-tucker-0.3"]
+    assert logic.variantChoices("fast", "cpu")[0].label == "Auto: nothing ready"
+    assert logic.structureNames("demo", "auto", "cpu") == DEMO_STRUCTURES
+    assert logic.structureNames("demo", "chest-demo-tucker-0.5", "cpu") == DEMO_STRUCTURES
+    fast = logic.structureNames("fast")  # a TotalSegmentator task lists its structures before it is installed
+    assert len(fast) == 117 and fast[:3] == ["spleen", "kidney_right", "kidney_left"]
+    picked = "folder:" + str(DEMO_SOURCE)  # a model folder chosen in the panel
+    assert (picked, "Dataset901_ChestDemo: my model") in [(c.key, c.label) for c in logic.taskChoices(picked)]
+    assert logic.structureNames(picked, "auto", "cpu") == DEMO_STRUCTURES
+    assert logic.modelAndTask("fast", "auto") == ("auto", "fast")
+    assert logic.modelAndTask("folder:/m/original", "auto") == ("/m/original", "auto")
+    assert logic.modelAndTask("folder:/m/original", "/m/small") == ("/m/small", "auto")
+
+
+def test_statistics_give_each_segments_volume_and_mean_hu(logic, scene, ct_node):
+    job = logic.startSegmentation(ct_node, task="demo", device="cpu")
+    assert job.wait(300) == DONE
+    node = logic.finishSegmentation(job, ct_node)
+    table = logic.showStatistics(node, ct_node)
+    columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+    assert columns[:4] == ["Segment", "Number of voxels", "Volume [cm3]", "Mean [HU]"]
+    ct = read_volume(CT_PATH).array
+    voxel_cm3 = float(np.prod(ct_node.GetSpacing())) / 1000
+    labels = job.result.labels
+    rows = {table.GetCellText(r, 0): r for r in range(table.GetNumberOfRows())}
+    assert set(rows) == set(segments_by_name(node))
+    count, cm3, mean = (table.GetTable().GetColumn(i) for i in (1, 2, 3))
+    for segment in job.result.found():
+        row = rows[segment.name]
+        inside = labels == segment.value
+        assert count.GetValue(row) == int(inside.sum())
+        assert cm3.GetValue(row) == pytest.approx(inside.sum() * voxel_cm3, rel=1e-9)
+        assert mean.GetValue(row) == pytest.approx(ct[inside].mean(), rel=1e-9)
+    assert mean.GetValue(rows["left lung"]) < -600  # air-filled
+    with pytest.raises(VolumeError, match="segment a CT volume first"):
+        logic.showStatistics(None, ct_node)
+
+
+def test_compression_job_reports_plots_and_adds_to_my_variants(logic, scene, ct_node, tmp_path):
+    source_before = tree_digest(DEMO_SOURCE)
+    first = tmp_path / "demo-uniform-0.5"
+    job = logic.startCompression(DEMO_SOURCE, first, policy="uniform", target=0.5, calibrationNodes=[ct_node],
+                                 device="cpu", measure=True)
+    assert job.wait(600) == DONE, job.error
+    review = logic.finishCompression(job)
+    assert (first / "fold_0" / "tucker.json").is_file() and review.output == str(first.resolve())
+    structure = json.loads((first / "fold_0" / "tucker.json").read_text())
+    assert review.compressed.params == structure["after"]["params"] < review.original.params
+    assert review.compressed.flops == structure["after"]["flops"]
+    assert review.original.seconds > 0 and review.compressed.seconds > 0
+    assert review.compressed.peak_bytes < review.original.peak_bytes  # fewer, thinner activations
+    assert 0.5 < review.agreement <= 1.0 and review.agreement_volumes == 1
+    table, chart = logic.showReview(review)
+    quantities = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+    assert quantities[:3] == ["Parameters (M)", "GFLOPs per patch", "Weights (MB)"]
+    assert any(q.startswith("Time per patch") for q in quantities) and any(q.startswith("Peak memory") for q in quantities)
+    assert quantities[-1] == "Dice vs original (1 volumes)" and table.GetCellText(len(quantities) - 1, 2) == \
+        f"{review.agreement:.3f}"
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+
+    added = logic.addToMyVariants(review)
+    assert added.id == "demo-uniform-0.5" and added.agreement == review.agreement
+    source = ModelFolder.open(DEMO_SOURCE).path  # the trainer folder
+    task_key = "folder:" + str(source)
+    tasks = {c.key: c.label for c in logic.taskChoices()}
+    assert tasks[task_key] == "Dataset901_ChestDemo (3d_fullres): my model"
+    variants = logic.variantChoices(task_key, "cpu")
+    assert [v.key for v in variants] == ["auto", str(source), str(first.resolve())]
+    assert variants[2].label.startswith("demo-uniform-0.5: ") and "Dice vs original" in variants[2].label
+    model, task = logic.modelAndTask(task_key, variants[2].key)
+    node = logic.segment(ct_node, model=model, task=task, device="cpu", subset=["left lung"])
+    assert list(segments_by_name(node)) == ["left lung"]
+
+    second = tmp_path / "demo-uniform-0.3"
+    job = logic.startCompression(DEMO_SOURCE, second, policy="uniform", target=0.3, calibrationNodes=[ct_node],
+                                 device="cpu", measure=False)
+    assert job.wait(600) == DONE, job.error
+    review2 = logic.finishCompression(job)
+    assert review2.compressed.seconds is None and len(review2.rows()) == 4
+    table2, chart2 = logic.showReview(review2, table, chart)
+    assert (table2, chart2) == (table, chart)  # the panel's nodes are reused
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    data = chart.GetNthPlotSeriesNode(0).GetTableNode()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 2  # the first review's series were replaced
+    columns = np.array([[data.GetTable().GetColumn(c).GetValue(r) for c in range(4)]
+                        for r in range(data.GetNumberOfRows())])
+    expected = sorted([(review.compressed.flops / review.original.flops, review.agreement),
+                       (review2.compressed.flops / review2.original.flops, review2.agreement), (1.0, 1.0)])
+    np.testing.assert_allclose(columns[:, :2], expected)  # this compression, the added one, and the original
+    frontier = columns[~np.isnan(columns[:, 2]), 2:]
+    assert tuple(frontier[0]) == pytest.approx(expected[0]) and tuple(frontier[-1]) == (1.0, 1.0)
+    assert np.all(np.diff(frontier[:, 1]) > 0)  # more compute only where it buys agreement
+    assert tree_digest(DEMO_SOURCE) == source_before
+
+
+def test_compression_refuses_bad_input_before_starting_and_cancel_leaves_nothing(logic, ct_node, tmp_path):
+    source_before = tree_digest(DEMO_SOURCE)
+    with pytest.raises(ModelFolderError):
+        logic.startCompression(tmp_path / "nothing here", tmp_path / "out")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("keep")
+    with pytest.raises(OutputPathError):
+        logic.startCompression(DEMO_SOURCE, tmp_path / "taken")
+    with pytest.raises(OutputPathError):
+        logic.startCompression(DEMO_SOURCE, ModelFolder.open(DEMO_SOURCE).path / "inside")
+    with pytest.raises(Exception, match="unknown compression method 'magic'; choose one of flops"):
+        logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="magic")
+    job = logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="uniform", target=0.5, device="cpu")
+    job.cancel()
+    assert job.wait(600) == CANCELLED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slicer_home", "taken"]  # no output, no staging
+    assert tree_digest(DEMO_SOURCE) == source_before
+
+
+def test_console_batch_over_the_scenes_volumes_loads_the_model_once_and_saves_beside_each(logic, scene, tmp_path):
+    import shutil
+    for name in ("first", "second"):
+        shutil.copy(CT_PATH, tmp_path / f"{name}.nrrd")
+    nodes = [headless_slicer.load_volume(tmp_path / f"{name}.nrrd", name) for name in ("first", "second")]
+    unsaved = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "unsaved")
+    unsaved.SetAndObserveImageData(nodes[0].GetImageData())
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")  # no voxels: reported
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")  # not a CT: skipped
+    task = logic.task("chest-demo")
+    progress = []
+    outcomes = logic.segmentVolumeNodes(model="chest-demo", progress=lambda f, m: progress.append((f, m)))
+    assert logic.task("chest-demo") is task
+    assert [(o[0].GetName(), o[2].name if o[2] else None) for o in outcomes] == [
+        ("first", "first.seg.nrrd"), ("second", "second.seg.nrrd"), ("unsaved", None), ("empty", None)]
+    assert outcomes[2][3] == "7 segments; not saved: the volume has no file (save it with File > Save Data)"
+    assert outcomes[3][1] is None and "has no voxels" in outcomes[3][3]
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["first.nrrd", "first.seg.nrrd", "second.nrrd",
+                                                            "second.seg.nrrd"]
+    assert progress[0][1].startswith("1/4 first:") and any(m.startswith("2/4 second:") for _, m in progress)
+    assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] <= 1
+
+
+def test_dependency_check_names_missing_and_untested_versions_and_installs_only_when_asked(monkeypatch):
+    versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": "2.8.1", "dynamic-network-architectures": "0.4.4",
+                "safetensors": "0.8.0", "nibabel": "5.4.2", "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4"}
+    problems = dependencies.problems(versions.get)
+    assert [str(p) for p in problems] == ["torch is not installed",
+                                          "tensorly 0.9.0 is installed; TuckerSegment needs tensorly>=0.10,<0.11"]
+    assert not dependencies.problems({**versions, "torch": "2.13.0+cpu", "tensorly": "0.10.0"}.get)
+    assert dependencies.problems({**versions, "torch": "2.13.0", "tensorly": "0.10.0", "nnunetv2": "2.9.0rc1"}.get)
+    assert [str(p) for p in dependencies.problems({**versions, "torch": "2.9.0", "tensorly": "0.10.0"}.get)] == [
+        "torch 2.9.0 is installed; TuckerSegment needs torch>=2.5,!=2.9.*"]
+
+    import TuckerSegment
+    calls = []
+    torch_utils = types.ModuleType("PyTorchUtils")
+    torch_utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
+        installTorch=lambda **kwargs: calls.append(("torch", kwargs)) or "torch")
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    monkeypatch.setattr(TuckerSegment.slicer.util, "pip_install", lambda requirements: calls.append(("pip", requirements)))
+    TuckerSegment.TuckerSegmentLogic.installDependencies(problems)
+    assert calls == [("torch", {"askConfirmation": False, "torchVersionRequirement": ">=2.5,!=2.9.*"}),
+                     ("pip", ["tensorly>=0.10,<0.11"])]
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # PyTorch extension not installed
+    with pytest.raises(Exception, match="install the PyTorch extension"):
+        TuckerSegment.TuckerSegmentLogic.installDependencies(problems)
+
+
+def test_dependency_check_and_module_import_work_without_torch():
+    script = ("import sys; sys.modules['torch'] = None; sys.modules['nnunetv2'] = None\n"
+              f"sys.path[:0] = [{str(ROOT / 'TuckerSegment')!r}, {str(ROOT / 'Testing' / 'Python')!r}]\n"
+              "import headless_slicer; headless_slicer.setup()\n"
+              "import TuckerSegment\n"  # the module file imports nothing of the engine at import time
+              "from TuckerSegmentLib import dependencies\n"
+              "print(len(dependencies.REQUIREMENTS))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(len(dependencies.REQUIREMENTS))

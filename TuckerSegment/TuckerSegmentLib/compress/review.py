@@ -1,0 +1,197 @@
+"""What a compression gained and cost, measured side by side: the table the compression panel shows.
+
+Parameters, FLOPs and weight bytes come from what compression recorded in ``tucker.json``; time per patch and peak memory of one
+patch forward are measured on the device at hand (original as nnU-Net runs it, compressed in its
+fastest exact execution, interleaved); agreement is the mean Dice between the original's and the
+compressed model's labels on the calibration volumes, segmented end to end.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..image.volume import Volume
+from ..nnunet.model_folder import ModelFolder
+from ..progress import Progress, check_cancel
+from ..runtime.devices import resolve_device
+from ..runtime.execution import compare_latency
+from ..runtime.latency import LatencyTable, autocast, synchronize
+from ..segment.predictor import Segmenter
+
+
+@dataclass(frozen=True)
+class ModelFigures:
+    """One model's costs for one forward pass of a patch."""
+
+    params: int
+    flops: int
+    weight_bytes: int
+    seconds: float | None = None
+    peak_bytes: int | None = None
+
+
+@dataclass
+class CompressionReview:
+    """Original and compressed model compared (see the module docstring)."""
+
+    source: str
+    output: str
+    policy: dict[str, Any]
+    device: str
+    original: ModelFigures
+    compressed: ModelFigures
+    agreement: float | None = None  # mean Dice of compressed vs original labels on the calibration volumes
+    agreement_volumes: int = 0
+    peak_memory: str = ""  # how peak memory was measured
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(quantity, original, compressed, compressed/original) as text, for a table."""
+        def ratio(a: float | None, b: float | None) -> str:
+            return f"{b / a:.3f}" if a and b is not None else ""
+        a, b = self.original, self.compressed
+        rows = [("Parameters (M)", f"{a.params / 1e6:.2f}", f"{b.params / 1e6:.2f}", ratio(a.params, b.params)),
+                ("GFLOPs per patch", f"{a.flops / 1e9:.1f}", f"{b.flops / 1e9:.1f}", ratio(a.flops, b.flops)),
+                ("Weights (MB)", f"{a.weight_bytes / 1e6:.1f}", f"{b.weight_bytes / 1e6:.1f}",
+                 ratio(a.weight_bytes, b.weight_bytes))]
+        if a.peak_bytes is not None and b.peak_bytes is not None:
+            rows.append(("Peak memory per patch (MB)", f"{a.peak_bytes / 1e6:.0f}", f"{b.peak_bytes / 1e6:.0f}",
+                         ratio(a.peak_bytes, b.peak_bytes)))
+        if a.seconds is not None and b.seconds is not None:
+            rows.append((f"Time per patch (s, {self.device})", f"{a.seconds:.3f}", f"{b.seconds:.3f}",
+                         ratio(a.seconds, b.seconds)))
+        if self.agreement is not None:
+            rows.append((f"Dice vs original ({self.agreement_volumes} volumes)", "1.000", f"{self.agreement:.3f}", ""))
+        return rows
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that operations create while active (storages counted once, freed
+    when their last tensor goes): a forward pass's activation memory on any device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: dict[int, tuple[int, int]] = {}  # data pointer -> (tensors alive, bytes)
+
+    def _release(self, key: int) -> None:
+        count, size = self._storages[key]
+        if count > 1:
+            self._storages[key] = (count - 1, size)
+        else:
+            del self._storages[key]
+            self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            count, size = self._storages.get(key, (0, storage.nbytes()))
+            if count == 0:
+                self.live += size
+                self.peak = max(self.peak, self.live)
+            self._storages[key] = (count + 1, size)
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def peak_forward_bytes(network: nn.Module, x: torch.Tensor) -> tuple[int, str]:
+    """Peak memory of one forward pass of ``x`` (weights included) and how it was measured."""
+    weights = sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
+    with torch.inference_mode(), autocast(x.device):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+            base = torch.cuda.memory_allocated(x.device)
+            network(x)
+            synchronize(x.device)
+            return weights + torch.cuda.max_memory_allocated(x.device) - base, "CUDA allocator peak, one patch"
+        tracker = PeakTensorBytes()
+        with tracker:
+            network(x)
+    return weights + tracker.peak, "weights + peak live tensors of one patch forward"
+
+
+def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the labels present in either map (1.0 when both are empty)."""
+    values = np.union1d(np.unique(a), np.unique(b))
+    values = values[values != 0]
+    if values.size == 0:
+        return 1.0
+    dice = [2 * np.count_nonzero((a == v) & (b == v)) / (np.count_nonzero(a == v) + np.count_nonzero(b == v))
+            for v in values]
+    return float(np.mean(dice))
+
+
+def _figures(stats: dict[str, Any]) -> ModelFigures:
+    """Figures from a ``NetworkStats`` record (``tucker.json``'s ``before``/``after``)."""
+    return ModelFigures(int(stats["params"]), int(stats["flops"]), int(stats["weight_bytes"]))
+
+
+def review_compression(source: str | Path, output: str | Path, volumes: Sequence[Volume] = (), device: str = "auto",
+                       measure: bool = True, progress: Progress | None = None,
+                       cancelled: Callable[[], bool] | None = None, repeats: int = 3) -> CompressionReview:
+    """Compare the original model folder ``source`` with its compressed copy ``output`` (first fold of
+    each): sizes always; with ``measure`` time and peak memory per patch; agreement on ``volumes``."""
+    report = progress or (lambda fraction, message: None)
+    original_folder, compressed_folder = ModelFolder.open(source), ModelFolder.open(output)
+    fold = compressed_folder.folds[0]
+    torch_device = resolve_device(device)
+    record = compressed_folder.tucker_record(fold)
+    review = CompressionReview(str(original_folder.path), str(compressed_folder.path), record["policy"],
+                               str(torch_device), _figures(record["before"]), _figures(record["after"]))
+    steps = (2 if measure else 0) + 2 * len(volumes)
+    done = 0
+    if measure:
+        check_cancel(cancelled, "review")
+        report(0.0, "timing one patch forward of each model")
+        original, _ = original_folder.load_original(fold)
+        compressed = compressed_folder.load_network(fold)
+        meta = original_folder.example_input()
+        table = LatencyTable.for_device(torch_device)
+        seconds = compare_latency(original, compressed, meta, table, repeats=repeats)
+        done += 1
+        report(done / steps, "measuring peak memory")
+        check_cancel(cancelled, "review")
+        x = torch.randn(meta.shape, device=torch_device)
+        peaks = [peak_forward_bytes(network.to(torch_device).eval(), x) for network in (original, compressed)]
+        review.peak_memory = peaks[0][1]
+        review.original = replace(review.original, seconds=seconds[0], peak_bytes=peaks[0][0])
+        review.compressed = replace(review.compressed, seconds=seconds[1], peak_bytes=peaks[1][0])
+        done += 1
+    if volumes:
+        scores = []
+        segmenters = [Segmenter(original_folder, fold, device), Segmenter(compressed_folder, fold, device)]
+        for index, volume in enumerate(volumes):
+            labels = []
+            for segmenter in segmenters:
+                check_cancel(cancelled, "review")
+                report(done / steps, f"agreement: volume {index + 1}/{len(volumes)} with the {segmenter.policy} model")
+                labels.append(segmenter.segment(volume, cancel=cancelled).labels)
+                done += 1
+            scores.append(label_agreement(*labels))
+        review.agreement, review.agreement_volumes = float(np.mean(scores)), len(volumes)
+    report(1.0, "review done")
+    return review
+
+
+def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, quality) points no other point beats, cheapest first: each is of higher quality than
+    every cheaper point (of equal cost, only the best counts)."""
+    front: list[tuple[float, float]] = []
+    for cost, quality in sorted(points, key=lambda point: (point[0], -point[1])):
+        if not front or quality > front[-1][1]:
+            front.append((cost, quality))
+    return front

@@ -1,0 +1,1 @@
+"""CT volumes and their geometry: reading, checking, canonical orientation, resampling."""

@@ -1,0 +1,1 @@
+"""nnU-Net v2 model folders as untrusted input: layout, checkpoints, the compressed (tucker.json) format."""

@@ -1,0 +1,98 @@
+"""Reading nnU-Net checkpoints without executing arbitrary pickled code."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+
+_NUMPY_MODULES = ("numpy._core.multiarray", "numpy.core.multiarray")
+_NUMPY_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+                 np.float16, np.float32, np.float64)
+
+
+def _numpy_globals() -> list[Any]:
+    """Numpy types found in nnU-Net checkpoints (its ``logging`` entry holds numpy scalars).
+
+    Listed under numpy 2's and numpy 1's module names, so checkpoints written with either load.
+    """
+    core = np._core.multiarray
+    allowed: list[Any] = [np.dtype, np.ndarray, *(type(np.dtype(t)) for t in _NUMPY_DTYPES)]
+    for module in _NUMPY_MODULES:
+        allowed += [(core.scalar, f"{module}.scalar"), (core._reconstruct, f"{module}._reconstruct")]
+    return allowed
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
+    """Load an nnU-Net checkpoint dict on the CPU.
+
+    Uses ``weights_only=True`` with the numpy types nnU-Net writes allowed. A checkpoint holding
+    other objects is refused unless ``trust`` is set, in which case it is fully unpickled (which
+    can run code from the file) with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), None)
+        if refused is None:  # not a refused type: the bytes themselves are not a valid pickle
+            raise _corrupt(path, exc) from exc
+        if not trust:
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that a weights-only load refuses ({refused}). "
+                "If you trust where this file comes from, pass --trust-checkpoint (trust=True) to unpickle it "
+                "fully; unpickling can run code from the file") from exc
+        warnings.warn(f"fully unpickling {path} because trust=True: this can run code from the file", stacklevel=2)
+        checkpoint = _unpickle_trusted(path)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise _corrupt(path, exc) from exc
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise CheckpointError(f"{path} is not an nnU-Net checkpoint: it has no 'network_weights' entry "
+                              "(expected the checkpoint_final.pth that nnU-Net v2 training writes)")
+    return checkpoint
+
+
+def _unpickle_trusted(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise _corrupt(path, exc) from exc
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch's weights-only errors start with advice; the actual reason is on a later line
+    reason = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else type(exc).__name__)
+    return CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}); "
+                           "download or copy it again from the trained model")
+
+
+def state_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:
+    """What differs between two state dicts (missing/unexpected keys, shapes), or None if they fit."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong_shape = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    problems = [f"{label}: {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected),
+                                     ("shape (file vs expected)", wrong_shape)) if items]
+    return "; ".join(problems) or None

@@ -1,0 +1,53 @@
+"""The file layout of an nnU-Net v2 trained model folder, read without torch or nnU-Net.
+
+An original folder holds ``plans.json``, ``dataset.json`` and ``fold_N/checkpoint_final.pth``; a
+compressed one holds the same two JSON files and ``fold_N/tucker.json`` + ``weights.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFolderError
+
+TUCKER_JSON = "tucker.json"
+WEIGHTS_FILE = "weights.safetensors"
+CHECKPOINT_NAME = "checkpoint_final.pth"
+LAYOUT_HINT = ("an nnU-Net v2 trained model folder (Trainer__Plans__Configuration) holds plans.json, dataset.json "
+               f"and fold_N/{CHECKPOINT_NAME}")
+
+Fold = int | str  # a fold number, or "all"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``ModelFolderError`` when unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path} is not readable JSON ({exc}); restore it from the trained model") from exc
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it")
+    return data
+
+
+def locate_model(path: Path) -> Path:
+    """The folder holding plans.json: ``path`` itself, its only trainer subfolder, or the only trainer
+    folder of its only dataset (an nnU-Net results folder holding one model)."""
+    if not path.exists():
+        raise ModelFolderError(f"model folder {path} does not exist; {LAYOUT_HINT}")
+    if not path.is_dir():
+        raise ModelFolderError(f"{path} is a file, not a model folder; {LAYOUT_HINT}")
+    if (path / "plans.json").is_file():
+        return path
+    candidates = sorted(p.parent for p in path.glob("*/plans.json")) or sorted(p.parent for p in path.glob("*/*/plans.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        names = ", ".join(p.name for p in candidates)
+        raise ModelFolderError(f"{path} holds several trained models ({names}); pass one of them")
+    raise ModelFolderError(f"{path} is not an nnU-Net v2 trained model folder: no plans.json; {LAYOUT_HINT}")
+
+
+def fold_dir_name(fold: Fold) -> str:
+    return f"fold_{fold}"

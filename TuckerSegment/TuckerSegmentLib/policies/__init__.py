@@ -1,0 +1,1 @@
+"""Rank policies (uniform, energy, VBMF, budgets) and the one vocabulary of compression methods."""

@@ -1,0 +1,85 @@
+"""The one vocabulary of compression methods, shared by the CLI, the Slicer Logic and ``tucker.json``.
+
+A method is what a user picks (a FLOP, parameter or time budget, the paper's uniform factor, an energy
+threshold, VBMF) with one number, its target; ``policy_for`` turns the pair into the engine's rank
+policy and ``policy_from_dict`` rebuilds a policy recorded in ``tucker.json``. Importing this module
+needs no torch: the policies are imported when one is made.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PolicyError
+
+if TYPE_CHECKING:
+    from .base import RankPolicy
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compression method: its key, how it is shown, and what its target means."""
+
+    key: str
+    label: str
+    target: str  # what the number means; "" when the method takes none
+    default: float | None = None  # the target when none is given (None: it must be given)
+
+
+METHODS = (
+    Method("flops", "FLOP budget", "fraction of the original FLOPs kept", 0.5),
+    Method("params", "Parameter budget", "fraction of the original parameters kept", 0.5),
+    Method("latency", "Time budget (this device)", "fraction of the original's time per patch kept, measured", 0.5),
+    Method("uniform", "Uniform factor (paper)", "fraction of channels each factor keeps (the paper's DF, e.g. 0.7)"),
+    Method("energy", "Energy kept", "fraction of each layer's spectral energy kept", 0.95),
+    Method("vbmf", "VBMF (automatic ranks)", ""),
+)
+DEFAULT_METHOD = "flops"
+
+
+def method(key: str) -> Method:
+    """The method called ``key``; ``PolicyError`` naming the known ones otherwise."""
+    for candidate in METHODS:
+        if candidate.key == key:
+            return candidate
+    raise PolicyError(f"unknown compression method {key!r}; choose one of {', '.join(m.key for m in METHODS)}")
+
+
+def policy_for(key: str = DEFAULT_METHOD, target: float | None = None, *, device: str = "auto",
+               rank_min: int = 8) -> RankPolicy:
+    """The rank policy for method ``key`` and its ``target`` (``None``: the method's default).
+    ``device`` is where a time budget is measured; ``rank_min`` the uniform rule's smallest rank."""
+    from .budget import BudgetPolicy
+    from .spectral import EnergyPolicy, VBMFPolicy
+    from .uniform import UniformPolicy
+    chosen = method(key)
+    if not chosen.target:
+        if target is not None:
+            raise PolicyError(f"the {chosen.key} method chooses its ranks itself; give it no target")
+        return VBMFPolicy()
+    target = chosen.default if target is None else target
+    if target is None:
+        raise PolicyError(f"the {chosen.key} method needs a target: the {chosen.target}")
+    if chosen.key == "flops":
+        return BudgetPolicy(target_flops=target)
+    if chosen.key == "params":
+        return BudgetPolicy(target_params=target)
+    if chosen.key == "latency":
+        return BudgetPolicy(target_latency=target, device=device)
+    if chosen.key == "uniform":
+        return UniformPolicy(target, rank_min=rank_min)
+    return EnergyPolicy(target)
+
+
+def policy_from_dict(data: Mapping[str, Any]) -> RankPolicy:
+    """Rebuild a policy recorded by ``RankPolicy.to_dict`` (as in ``tucker.json``)."""
+    from .budget import BudgetPolicy
+    from .spectral import EnergyPolicy, VBMFPolicy
+    from .uniform import UniformPolicy
+    known = {cls.name: cls for cls in (UniformPolicy, EnergyPolicy, VBMFPolicy, BudgetPolicy)}
+    try:
+        cls = known[data["name"]]
+    except KeyError as exc:
+        raise PolicyError(f"unknown rank policy {data.get('name')!r}; known policies: {', '.join(sorted(known))}") from exc
+    return cls(**data.get("params", {}))

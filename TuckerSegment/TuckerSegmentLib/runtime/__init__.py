@@ -1,0 +1,1 @@
+"""How networks run on a device: device choice, measured latencies, the fastest exact execution of each layer."""

@@ -1,0 +1,215 @@
+"""Segment CT volumes with an original or compressed nnU-Net v2 model through nnU-Net's predictor.
+
+``Segmenter`` loads a model once and segments many volumes. Per volume: reorient to closest
+canonical RAS, resample the image (never probabilities) to the model spacing, let
+``nnUNetPredictor`` normalise, tile (Gaussian-weighted sliding window) and predict labels, then put
+the labels back on the input grid by nearest neighbour. Volumes larger than ``max_voxels`` at the
+model spacing are predicted in overlapping slabs along S, as TotalSegmentator does.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from ..errors import SegmentationCancelled, TuckerSegmentError
+from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
+from ..image.volume import Volume, checked_volume
+from ..nnunet.layout import Fold
+from ..nnunet.model_folder import ModelFolder
+from ..policies.methods import policy_from_dict
+from ..progress import Cancel, Progress
+from ..runtime.devices import resolve_device
+from ..runtime.execution import ExecutionReport, optimise_execution
+from ..runtime.latency import LatencyTable
+from .labels import SegmentLabel, label_values, segment_labels
+
+TOTALSEGMENTATOR_MAX_VOXELS = 512 * 512 * 900  # TotalSegmentator splits larger volumes in three along z
+EXECUTIONS = ("fastest", "reference")
+SLAB_OVERLAP = 20  # voxels of context on each side of a slab (TotalSegmentator's margin)
+
+
+@dataclass
+class SegmentationResult:
+    """Labels on the input grid (``volume.array``, (k, j, i)) and the model's segment descriptions."""
+
+    volume: Volume
+    segments: list[SegmentLabel]
+    model: str
+    device: str
+    seconds: float
+    tiles: int
+    policy: str = "original"  # how the model was compressed, e.g. "UniformPolicy(factor=0.7, rank_min=8)"
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.volume.array
+
+    def voxel_counts(self) -> dict[str, int]:
+        """Voxels per segment name (zero for segments the model did not find)."""
+        counts = np.bincount(self.labels.ravel(), minlength=max((s.value for s in self.segments), default=0) + 1)
+        return {s.name: int(counts[s.value]) for s in self.segments}
+
+    def found(self) -> list[SegmentLabel]:
+        counts = self.voxel_counts()
+        return [s for s in self.segments if counts[s.name] > 0]
+
+
+class _Predictor(nnUNetPredictor):
+    """nnU-Net's predictor, reporting each sliding-window tile and honouring a cancel flag.
+
+    A cancelled run skips the network for the remaining tiles (so nnU-Net's tile queue drains
+    normally) and then raises ``SegmentationCancelled``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_tile: Callable[[int, int], None] | None = None
+        self.cancel: Cancel | None = None
+        self.cancelled = False
+        self.half_precision = True  # False: no fp16 autocast on CUDA (nnU-Net enables it), float32 throughout
+        self.tiles_total = self._tiles_done = 0
+
+    def _internal_get_sliding_window_slicers(self, image_size):
+        slicers = super()._internal_get_sliding_window_slicers(image_size)
+        self.tiles_total, self._tiles_done = len(slicers), 0
+        return slicers
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cancelled and self.cancel is not None and self.cancel():
+            self.cancelled = True
+        if self.cancelled:
+            return torch.zeros((x.shape[0], self.label_manager.num_segmentation_heads, *x.shape[2:]), device=x.device)
+        if self.half_precision:
+            prediction = super()._internal_maybe_mirror_and_predict(x)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                prediction = super()._internal_maybe_mirror_and_predict(x.float())
+        self._tiles_done += 1
+        if self.on_tile is not None:
+            self.on_tile(self._tiles_done, self.tiles_total)
+        return prediction
+
+
+def _slabs(length: int, parts: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """(start, stop) of each slab with context, and (keep_start, keep_stop) of the part it owns."""
+    bounds = np.linspace(0, length, parts + 1).round().astype(int)
+    return [(max(0, a - overlap), min(length, b + overlap), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class Segmenter:
+    """A model loaded once, ready to segment many volumes.
+
+    ``tile_step`` 0.8 and no mirroring are TotalSegmentator's settings (nnU-Net's own default is 0.5
+    with mirroring: slightly more accurate, several times slower)."""
+
+    def __init__(self, model: str | Path | ModelFolder, fold: Fold | None = None, device: str = "auto",
+                 tile_step: float = 0.8, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
+                 trust_checkpoint: bool = False, name: str | None = None, network: torch.nn.Module | None = None,
+                 policy: str = "original", execution: str = "fastest", half_precision: bool = True) -> None:
+        """``network``: run this network (e.g. compressed in memory, described by ``policy``) instead of the
+        fold's saved weights; the folder then only supplies plans and labels. ``execution``: "fastest"
+        runs every layer in its fastest exact form on this device (timed once, cached: see
+        ``execution.optimise_execution``), "reference" exactly as stored (three convolutions per
+        factorised layer). ``half_precision``: fp16 autocast on CUDA as nnU-Net does (False: float32)."""
+        if execution not in EXECUTIONS:
+            raise TuckerSegmentError(f"unknown execution {execution!r}; choose one of {', '.join(EXECUTIONS)}")
+        self.model = model if isinstance(model, ModelFolder) else ModelFolder.open(model)
+        self.name = name or self.model.name
+        self.fold = str(fold) if fold is not None else (self.model.folds[0] if network is None else "0")
+        self.device = resolve_device(device)
+        self.max_voxels = int(max_voxels)
+        self.segments = segment_labels(self.model.dataset_json, self.model.path)
+        if network is not None:
+            network, axes, self.policy = network.eval(), None, policy
+        elif self.model.is_compressed_fold(self.fold):
+            network = self.model.load_network(self.fold)
+            record = self.model.tucker_record(self.fold)
+            axes = record.get("inference_allowed_mirroring_axes")
+            self.policy = repr(policy_from_dict(record["policy"]))
+        else:
+            self.policy = "original"
+            network, checkpoint = self.model.load_original(self.fold, trust=trust_checkpoint)
+            axes = checkpoint.get("inference_allowed_mirroring_axes")
+        self.execution: ExecutionReport | None = None
+        if execution == "fastest":
+            self.execution = optimise_execution(network, self.model.example_input(), LatencyTable.for_device(self.device))
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
+            self._predictor = _Predictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
+                                         perform_everything_on_device=self.device.type == "cuda", device=self.device,
+                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        self._predictor.half_precision = half_precision
+        self._predictor.manual_initialization(network, self.model.plans_manager, self.model.configuration_manager,
+                                              [network.state_dict()], self.model.dataset_json,
+                                              self.model.trainer_name or "nnUNetTrainer",
+                                              (tuple(axes) if axes else (0, 1, 2)) if mirroring else None)
+
+    @property
+    def target_spacing(self) -> np.ndarray:
+        """The model spacing along the (k, j, i) axes of a canonical array (nnU-Net's original axis order)."""
+        spacing = np.asarray(self.model.configuration_manager.spacing, dtype=float)
+        return spacing[list(self.model.plans_manager.transpose_backward)]
+
+    def label_value(self, names: Sequence[str]) -> list[int]:
+        return label_values(self.segments, names)
+
+    def segment(self, volume: Volume | str | Path, progress: Progress | None = None, cancel: Cancel | None = None,
+                subset: Sequence[str] | None = None) -> SegmentationResult:
+        """Segment one CT volume; labels come back on its own grid."""
+        self.label_value(subset or [])  # an unknown structure fails before the volume is read
+        return self.predict(checked_volume(volume), progress, cancel, subset)
+
+    def predict(self, volume: Volume, progress: Progress | None = None, cancel: Cancel | None = None,
+                subset: Sequence[str] | None = None) -> SegmentationResult:
+        """``segment`` for a volume that has already passed ``check_volume``."""
+        start = time.perf_counter()
+        report = progress or (lambda fraction, message: None)
+        keep = self.label_value(subset) if subset else None
+        report(0.0, "reorienting and resampling")
+        canonical, reorientation = to_canonical(volume)
+        target = self.target_spacing
+        shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
+        image = resample_image(canonical.array, shape)
+        labels, tiles = self._predict(image, target, report, cancel)
+        report(0.97, "mapping labels to the input grid")
+        labels = resample_labels_nearest(labels, canonical.array.shape)
+        labels = reorientation.restore(labels)
+        if keep is not None:
+            labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
+        segments = [s for s in self.segments if keep is None or s.value in keep]
+        report(1.0, "done")
+        return SegmentationResult(volume.with_array(labels), segments, self.name, str(self.device),
+                                  time.perf_counter() - start, tiles, self.policy)
+
+    def _predict(self, image: np.ndarray, spacing: np.ndarray, report: Progress,
+                 cancel: Cancel | None) -> tuple[np.ndarray, int]:
+        """Labels for a canonical image at the model spacing, in slabs along S when it is too large."""
+        parts = max(1, int(np.ceil(image.size / self.max_voxels)))
+        slab_overlap = SLAB_OVERLAP if parts > 1 else 0
+        slabs = _slabs(image.shape[0], min(parts, image.shape[0]), slab_overlap)
+        largest = max((s.value for s in self.segments), default=0)
+        labels = np.zeros(image.shape, dtype=np.uint8 if largest < 256 else np.uint16)
+        predictor, tiles = self._predictor, 0
+        predictor.cancel, predictor.cancelled = cancel, False
+        for index, (a, b, keep_a, keep_b) in enumerate(slabs):
+            def on_tile(done: int, total: int, index: int = index) -> None:
+                report(0.05 + 0.9 * (index + done / total) / len(slabs),
+                       f"tile {done}/{total}" + (f" of slab {index + 1}/{len(slabs)}" if len(slabs) > 1 else ""))
+            predictor.on_tile = on_tile
+            try:
+                part = predictor.predict_single_npy_array(image[None, a:b], {"spacing": [float(s) for s in spacing]},
+                                                          None, None, False)
+            finally:
+                predictor.on_tile = None
+            if predictor.cancelled:
+                raise SegmentationCancelled("segmentation cancelled; nothing was written")
+            tiles += predictor.tiles_total
+            labels[keep_a:keep_b] = part[keep_a - a:keep_b - a]
+        return labels, tiles

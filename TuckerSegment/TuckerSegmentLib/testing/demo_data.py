@@ -1,0 +1,56 @@
+"""The real chest CT that ``slicerio`` ships, with its seven-structure segmentation, and the held-out
+region the bundled demo model never trained on.
+
+``CTChest4.nrrd``: 128×128×34 voxels at 3.05×3.05×10 mm. ``Segmentation.seg.nrrd``: ribs, cervical,
+thoracic and lumbar vertebral column, right lung, left lung, tissue (one layer, labels 1-7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import slicerio
+
+from ..image.volume import Volume, read_volume
+
+SAMPLE_CT = "CTChest4.nrrd"
+SAMPLE_SEGMENTATION = "Segmentation.seg.nrrd"
+HOLDOUT_BLOCKS = (4, 2, 2)  # checkerboard blocks along k, j, i
+
+
+@dataclass
+class ChestSample:
+    ct: Volume
+    labels: np.ndarray  # (k, j, i) on the CT grid, 0 = background
+    segments: list[dict[str, Any]]  # slicerio segment entries (name, colour, terminology, labelValue)
+
+
+def chest_sample() -> ChestSample:
+    """The sample CT and its reference labels on the CT grid."""
+    ct = read_volume(slicerio.get_testdata_file(SAMPLE_CT))
+    segmentation = slicerio.read_segmentation(slicerio.get_testdata_file(SAMPLE_SEGMENTATION))
+    labels = np.ascontiguousarray(np.asarray(segmentation["voxels"]).T)  # slicerio gives (i, j, k)
+    offset = np.asarray(segmentation.get("referenceImageExtentOffset", [0, 0, 0]))
+    if labels.shape != ct.array.shape or np.any(offset != 0):
+        raise RuntimeError(f"{SAMPLE_SEGMENTATION} is not on the grid of {SAMPLE_CT}; slicerio's sample data changed")
+    return ChestSample(ct=ct, labels=labels, segments=segmentation["segments"])
+
+
+def holdout_mask(shape: tuple[int, int, int], blocks: tuple[int, int, int] = HOLDOUT_BLOCKS) -> np.ndarray:
+    """True on the held-out half of a checkerboard of ``blocks`` (k, j, i): every z slab keeps two
+    diagonal quadrants, so each structure (cervical at the top, lumbar at the bottom, left and right
+    lung) appears in both the training and the held-out part."""
+    index = [np.minimum(np.arange(n) * b // n, b - 1) for n, b in zip(shape, blocks, strict=True)]
+    k, j, i = np.meshgrid(*index, indexing="ij")
+    return (k + j + i) % 2 == 1
+
+
+def held_out_dice(labels: np.ndarray, sample: ChestSample, held: np.ndarray) -> float:
+    """Mean Dice over the sample's structures of ``labels`` (on the CT grid) within the ``held`` mask."""
+    scores = []
+    for value in np.unique(sample.labels[sample.labels > 0]):
+        a, b = labels[held] == value, sample.labels[held] == value
+        if a.sum() + b.sum():
+            scores.append(2 * float((a & b).sum()) / float(a.sum() + b.sum()))
+    return float(np.mean(scores))

@@ -1,0 +1,1 @@
+"""Tucker-2 factorisation of convolutions: layer descriptions, decomposition, activation statistics, network costs."""

@@ -1,0 +1,172 @@
+"""The variants catalogue (``Resources/variants.json``): every model TuckerSegment can run, by task.
+
+Each entry says what it is (task, source weights, policy), what it costs (params, FLOPs per patch,
+weight bytes, peak memory, relative speed per device class) and how good it is (published, measured
+here, or unmeasured). ``with_availability`` adds where it stands on this machine:
+
+- ``bundled``: shipped in ``Resources/Models`` (the demo model and its variants);
+- ``built``: ready on this machine: a TotalSegmentator original in its weights folder, or a
+  compressed variant whose build in the user cache completed (manifest written last);
+- ``buildable``: its source weights are here, or TotalSegmentator is installed and can fetch them;
+- ``missing``: neither.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFolderError
+from ..paths import BUNDLED_MODELS, CATALOGUE_JSON, cache_dir
+from .totalsegmentator import Task, find_task, tasks, totalsegmentator_installed
+
+SCHEMA = 1
+MANIFEST = "variant.json"
+READY = ("bundled", "built")
+# A common abdominal CT (512 x 512 x 300 voxels of 0.8 x 0.8 x 1.5 mm): the volume peak memory is quoted for.
+STANDARD_VOLUME_MM = (409.6, 409.6, 450.0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One catalogue entry (see the module docstring); ``availability``/``folders`` describe this machine."""
+
+    id: str
+    task: str
+    policy: str | dict[str, Any]  # "original" or {"name", "params"}
+    source: dict[str, Any]
+    spacing_mm: float
+    outputs: int  # largest number of network outputs among the task's models
+    params: int
+    flops: int
+    weights_bytes: int
+    peak_memory: dict[str, Any]
+    quality: dict[str, Any]
+    speed: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    availability: str = "missing"
+    folders: tuple[Path, ...] = ()
+    detail: str = ""
+
+    @property
+    def original(self) -> bool:
+        return self.policy == "original"
+
+    @property
+    def bundled(self) -> bool:
+        """Shipped in ``Resources/Models`` (nothing to build or download)."""
+        return "bundled" in self.source
+
+    def dice_loss(self) -> float | None:
+        """Mean Dice lost against the original (same source), or ``None`` when unmeasured."""
+        if self.original:
+            return 0.0
+        q = self.quality
+        if q.get("mean_dice") is None or q.get("original_dice") is None:
+            return None
+        return float(q["original_dice"]) - float(q["mean_dice"])
+
+    def memory_bytes(self, kind: str, voxels: int | None = None) -> tuple[int | None, str]:
+        """Expected peak memory on a ``kind`` device ("cpu", "cuda", "mps") for a volume of ``voxels`` at the
+        model spacing (default: the standard volume), and how it was obtained."""
+        entry = self.peak_memory.get(kind) or {}
+        how = "measured"
+        if entry.get("tile_bytes") is None:
+            entry, how = self.peak_memory.get("cpu") or {}, "estimated from the CPU measurement"
+        if entry.get("tile_bytes") is None:
+            return None, "unmeasured"
+        voxels = standard_voxels(self.spacing_mm) if voxels is None else voxels
+        return int(entry["tile_bytes"] + entry["bytes_per_voxel"] * voxels), how
+
+
+
+def standard_voxels(spacing_mm: float) -> int:
+    """Voxels of the standard volume resampled to ``spacing_mm``."""
+    return math.prod(math.ceil(extent / spacing_mm) for extent in STANDARD_VOLUME_MM)
+
+
+def load_catalogue(path: Path = CATALOGUE_JSON) -> list[Variant]:
+    """The catalogue's entries (availability not yet known: see ``with_availability``)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read the variants catalogue {path} ({exc}); reinstall TuckerSegment") from exc
+    if data.get("schema") != SCHEMA:
+        raise ModelFolderError(f"{path} has catalogue schema {data.get('schema')!r}, this TuckerSegment reads schema "
+                               f"{SCHEMA}; update TuckerSegment or rebuild the catalogue")
+    fields = set(Variant.__dataclass_fields__) - {"availability", "folders", "detail"}
+    return [Variant(**{k: v for k, v in entry.items() if k in fields}) for entry in data["variants"]]
+
+
+def variant_dir(variant: Variant, cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "variants" / variant.id
+
+
+def task_of(variant: Variant) -> Task | None:
+    """The TotalSegmentator task a variant belongs to (``None`` for bundled models)."""
+    return None if variant.bundled else tasks().get(variant.task)
+
+
+def read_manifest(variant: Variant, cache: Path | None = None) -> dict[str, Any] | None:
+    """The manifest of a completed build whose files are all present with their recorded sizes."""
+    folder = variant_dir(variant, cache)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("id") != variant.id or manifest.get("policy") != variant.policy:
+        return None
+    for model in manifest.get("models", []):
+        for name, record in model["files"].items():
+            path = folder / model["folder"] / name
+            if not path.is_file() or path.stat().st_size != record["bytes"]:
+                return None
+    return manifest
+
+
+def with_availability(variant: Variant, weights_roots: list[Path] | None = None, cache: Path | None = None) -> Variant:
+    """``variant`` with its availability on this machine, the folders to run, and a short explanation."""
+    if variant.bundled:
+        folder = BUNDLED_MODELS / variant.source["bundled"]
+        if folder.is_dir():
+            return replace(variant, availability="bundled", folders=(folder,), detail=str(folder))
+        return replace(variant, availability="missing", detail=f"{folder} is missing: reinstall TuckerSegment")
+    task = task_of(variant)
+    if task is None:
+        return replace(variant, availability="missing", detail=f"unknown task {variant.task!r}")
+    sources = find_task(task, weights_roots)
+    if variant.original and sources is not None:
+        return replace(variant, availability="built", folders=tuple(sources),
+                       detail=f"TotalSegmentator weights in {sources[0].parents[1]}")
+    if not variant.original:
+        manifest = read_manifest(variant, cache)
+        if manifest is not None:
+            folder = variant_dir(variant, cache)
+            return replace(variant, availability="built", folders=tuple(folder / m["folder"] for m in manifest["models"]),
+                           detail=str(folder))
+    if sources is not None:
+        return replace(variant, availability="buildable",
+                       detail=f"run: tuckersegment build-variants --variant {variant.id}")
+    if totalsegmentator_installed():
+        return replace(variant, availability="buildable",
+                       detail="TotalSegmentator is installed and can download the source weights: "
+                              f"tuckersegment build-variants --variant {variant.id}")
+    return replace(variant, availability="missing",
+                   detail="no TotalSegmentator weights found (TOTALSEG_WEIGHTS_PATH, TOTALSEG_HOME_DIR, "
+                          "~/.totalsegmentator) and TotalSegmentator is not installed")
+
+
+def catalogue(weights_roots: list[Path] | None = None, cache: Path | None = None,
+              path: Path = CATALOGUE_JSON) -> list[Variant]:
+    """Every catalogue entry with its availability on this machine."""
+    return [with_availability(v, weights_roots, cache) for v in load_catalogue(path)]
+
+
+def find_variant(variants: list[Variant], variant_id: str) -> Variant:
+    for variant in variants:
+        if variant.id == variant_id:
+            return variant
+    raise ModelFolderError(f"no variant {variant_id!r}; known: {', '.join(v.id for v in variants)} "
+                           "(tuckersegment variants lists them)")
