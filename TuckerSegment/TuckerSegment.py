@@ -174,7 +174,11 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget):
         self.onTaskChanged()
 
     def onPolicyChanged(self, index=None):
-        self._parameterNode.policy = _currentData(self.ui.policyComboBox) or "flops"
+        from TuckerSegmentLib.policies.methods import DEFAULT_METHOD, method
+        self._parameterNode.policy = _currentData(self.ui.policyComboBox) or DEFAULT_METHOD
+        chosen = method(self._parameterNode.policy)
+        self.ui.targetSpinBox.enabled = bool(chosen.target)
+        self.ui.targetSpinBox.toolTip = chosen.target or _("this method chooses its ranks itself")
 
     def fillStructures(self):
         import qt

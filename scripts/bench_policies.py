@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 from TuckerSegmentLib.compress.calibration_data import calibration_patches
-from TuckerSegmentLib.compress.network import apply_plans, compress_network, plan_layers
+from TuckerSegmentLib.compress.network import compress_network, plan_layers
+from TuckerSegmentLib.tucker.layers import apply_plans
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.policies.base import RankPolicy
 from TuckerSegmentLib.policies.budget import BudgetPolicy

@@ -15,7 +15,8 @@ import platform
 from pathlib import Path
 
 from TuckerSegmentLib import UniformPolicy
-from TuckerSegmentLib.compress.network import apply_plans, plan_layers
+from TuckerSegmentLib.compress.network import plan_layers
+from TuckerSegmentLib.tucker.layers import apply_plans
 from TuckerSegmentLib.testing.example_models import example_model
 from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION, network_stats
 

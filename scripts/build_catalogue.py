@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from TuckerSegmentLib.compress.network import apply_plans, plan_layers
+from TuckerSegmentLib.compress.network import plan_layers
+from TuckerSegmentLib.tucker.layers import apply_plans
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.paths import BUNDLED_MODELS, CATALOGUE_JSON
 from TuckerSegmentLib.policies.uniform import UniformPolicy

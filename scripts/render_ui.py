@@ -17,6 +17,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from TuckerSegmentLib.policies.methods import METHODS
+
 if TYPE_CHECKING:
     from PySide6.QtWidgets import QWidget
 
@@ -52,7 +54,7 @@ COMBO_ITEMS: dict[str, list[str]] = {
                      "(not installed)", "Demo: chest CT (bundled, 3 mm) (4 ready)"],
     "variantComboBox": ["Auto: chest-demo", "chest-demo (bundled)", "chest-demo-tucker-0.7 (bundled)"],
     "deviceComboBox": ["Auto", "CPU", "GPU (CUDA)", "Apple GPU (MPS)"],
-    "policyComboBox": ["FLOP budget", "Parameter budget", "Time budget (this device)", "Uniform factor (paper)"],
+    "policyComboBox": [method.label for method in METHODS],
     "calibrationVolumesSelector": ["CTChest"],
 }
 STRUCTURES: list[tuple[str, bool]] = [("ribs", False), ("cervical vertebral column", False),

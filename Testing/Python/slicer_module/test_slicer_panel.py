@@ -17,7 +17,7 @@ from conftest import tree_digest
 from test_slicer_logic import CT_PATH, node_ids, segments_by_name, snapshot
 from TuckerSegmentLib import dependencies
 from TuckerSegmentLib.background import CANCELLED, DONE
-from TuckerSegmentLib.errors import Cancelled, ModelFolderError, OutputPathError, VolumeError
+from TuckerSegmentLib.errors import Cancelled, ModelFolderError, NotEnoughMemoryError, OutputPathError, VolumeError
 from TuckerSegmentLib.image.volume import read_volume
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.segment.predictor import Segmenter
@@ -203,6 +203,19 @@ def test_console_batch_over_the_scenes_volumes_loads_the_model_once_and_saves_be
                                                             "second.seg.nrrd"]
     assert progress[0][1].startswith("1/4 first:") and any(m.startswith("2/4 second:") for _, m in progress)
     assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] <= 1
+
+
+def test_console_batch_stops_on_a_memory_error_and_keeps_what_was_done(logic, scene, tmp_path, monkeypatch):
+    from TuckerSegmentLib.variants import guard
+    first = headless_slicer.load_volume(CT_PATH, "first")
+    headless_slicer.load_volume(CT_PATH, "second")
+    before = node_ids(scene)
+    monkeypatch.setattr(guard, "system_memory", lambda: (8 << 30, 1 << 20))  # 1 MiB of RAM free
+    with pytest.raises(NotEnoughMemoryError, match=r"^first: chest-demo needs about .* too little even in slabs.*"
+                                                   r"\(batch stopped after 0 of 2 inputs; the ones done are kept\)$"):
+        logic.segmentVolumeNodes([first, scene.GetFirstNodeByName("second")], model="chest-demo", device="cpu",
+                                 save=False)
+    assert node_ids(scene) == before  # nothing half-added
 
 
 def test_dependency_check_names_missing_and_untested_versions_and_installs_only_when_asked(monkeypatch):
