@@ -98,7 +98,7 @@ def test_weights_from_other_plans_are_refused(tiny_model, tmp_path):
 @pytest.mark.filterwarnings("ignore:Detected old nnU-Net plans format")
 @pytest.mark.parametrize("layout, message", [
     ("missing", "does not exist"), ("empty", "no plans.json"), ("no_dataset", "no dataset.json"),
-    ("bad_plans", "not readable JSON"), ("no_folds", "no trained fold"), ("not_plans", "not valid nnU-Net v2"),
+    ("bad_plans", "not readable JSON"), ("no_folds", "no trained fold"), ("not_plans", "are not nnU-Net v2 plans"),
     ("file", "is a file"),
 ])
 def test_non_nnunet_folders_are_refused(tiny_model, tmp_path, layout, message):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import pickletools
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ import torch
 from ..errors import CheckpointError
 
 _NUMPY_MODULES = ("numpy._core.multiarray", "numpy.core.multiarray")
+DATA_MODULES = ("torch", "numpy", "collections", "_codecs")  # what globals of a checkpoint that holds only data name
+_STRING_OPS = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8")
 _NUMPY_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
                  np.float16, np.float32, np.float64)
 
@@ -53,8 +56,14 @@ def load_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
         with torch.serialization.safe_globals(_numpy_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        foreign = [name for name in pickled_globals(path) if name.split(".")[0] not in DATA_MODULES]
         refused = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), None)
-        if refused is None:  # not a refused type: the bytes themselves are not a valid pickle
+        if not trust and foreign:
+            raise CheckpointError(
+                f"checkpoint {path} holds code: unpickling it would call {', '.join(dict.fromkeys(foreign))}; it was "
+                "refused and nothing ran. Use the checkpoint_final.pth your nnU-Net training wrote; only if you trust "
+                "this file's source, --trust-checkpoint (trust=True) unpickles it fully, running that code") from exc
+        if refused is None and not foreign:  # not a refused type: the bytes themselves are not a valid pickle
             raise _corrupt(path, exc) from exc
         if not trust:
             raise CheckpointError(
@@ -69,6 +78,45 @@ def load_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an nnU-Net checkpoint: it has no 'network_weights' entry "
                               "(expected the checkpoint_final.pth that nnU-Net v2 training writes)")
     return checkpoint
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle of a checkpoint: the ``data.pkl`` member of torch's zip format, else the file itself."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            member = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            return archive.read(member) if member else b""
+    return path.read_bytes()
+
+
+def pickled_globals(path: Path) -> list[str]:
+    """``module.name`` of every global the checkpoint's pickle would look up when unpickled, read from its
+    opcodes without executing anything (a truncated pickle gives what was read before the end)."""
+    names: list[str] = []
+    strings: list[str] = []  # string constants pushed so far (STACK_GLOBAL takes module and name from them)
+    memo: dict[int, str | None] = {}
+    last: str | None = None  # the string the previous opcode pushed, if it pushed one
+    try:
+        for op, arg, _ in pickletools.genops(_pickle_bytes(path)):
+            pushed = None
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif op.name in _STRING_OPS:
+                pushed = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = last
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = last
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(int(arg))
+            if pushed is not None:
+                strings.append(pushed)
+            last = pushed if op.name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT") else last
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError):
+        pass
+    return names
 
 
 def _unpickle_trusted(path: Path) -> Any:

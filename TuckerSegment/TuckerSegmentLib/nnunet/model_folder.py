@@ -2,6 +2,7 @@
 handling, and their networks built and loaded."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 from ..errors import CheckpointError, ModelFolderError
 from ..tucker.layers import apply_plans
 from .checkpoint import load_checkpoint, state_mismatch
+from .plans_check import check_plans
 from .layout import CHECKPOINT_NAME, LAYOUT_HINT, TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name, locate_model, read_json
 from .tucker_format import layer_plans, load_weights, read_tucker_json
 
@@ -36,7 +38,8 @@ class ModelFolder:
             raise ModelFolderError(f"{folder} has plans.json but no dataset.json; {LAYOUT_HINT}")
         plans = read_json(folder / "plans.json")
         dataset_json = read_json(folder / "dataset.json")
-        available = sorted(plans.get("configurations", {}))
+        configurations = plans.get("configurations")
+        available = sorted(configurations) if isinstance(configurations, dict) else []
         if not available:
             raise ModelFolderError(f"{folder / 'plans.json'} has no 'configurations': it is not nnU-Net v2 plans")
         name_parts = folder.name.split("__")
@@ -50,6 +53,10 @@ class ModelFolder:
         if configuration not in available:
             raise ModelFolderError(f"configuration {configuration!r} is not in {folder / 'plans.json'}; "
                                    f"choose one of: {', '.join(available)}")
+        try:
+            check_plans(plans, dataset_json, configuration)  # before nnU-Net reads (and imports) anything
+        except ModelFolderError as error:
+            raise ModelFolderError(f"{folder}{os.sep}{error}") from None
         model = cls(path=folder, plans=plans, dataset_json=dataset_json, configuration=configuration)
         model._check_plans()
         if not model.folds:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import TuckerSegmentError
 from ..nnunet.layout import locate_model, read_json
+from ..nnunet.plans_check import check_dataset_json
 from ..segment.labels import segment_labels
 from .catalogue import READY, Variant
 from .choice import choose_model
@@ -98,5 +99,7 @@ def structure_names(task: str, variant: str, device: str = AUTO) -> list[str]:
     names: list[str] = []
     for folder in choice.folders:
         path = locate_model(Path(folder).expanduser().resolve())
-        names += [s.name for s in segment_labels(read_json(path / "dataset.json"), path)]
+        dataset_json = read_json(path / "dataset.json")
+        check_dataset_json(dataset_json)
+        names += [s.name for s in segment_labels(dataset_json, path)]
     return names

@@ -1,0 +1,195 @@
+"""Hostile and clumsy model folders: nothing named by plans.json is imported or run, impossible values are
+refused with the field named, and the CLI ends each case in one line, exit 2, nothing written, the source
+untouched (folders generated here, nothing downloaded)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import tree_digest
+from TuckerSegmentLib import ModelFolder
+from TuckerSegmentLib.errors import ModelFolderError
+from TuckerSegmentLib.nnunet.checkpoint import load_checkpoint
+from TuckerSegmentLib.variants.panel import structure_names
+
+CONFIG = "3d_fullres"
+Edit = Callable[[dict[str, Any], Path], None]
+
+
+def arch(plans: dict[str, Any]) -> dict[str, Any]:
+    return plans["configurations"][CONFIG]["architecture"]
+
+
+def hub_payload(plans: dict[str, Any], folder: Path) -> None:
+    """torch.hub.load of a local "repository" (the folder itself) runs its hubconf.py."""
+    (folder / "hubconf.py").write_text(f"open({str(folder / 'PWNED')!r}, 'w').write('code ran')\n"
+                                       "def model(**kwargs):\n    return None\n")
+    arch(plans)["network_class_name"] = "torch.hub.load"
+    arch(plans)["arch_kwargs"] = {"repo_or_dir": str(folder), "model": "model", "source": "local"}
+    arch(plans)["_kw_requires_import"] = []
+
+
+def truncating_logger(plans: dict[str, Any], folder: Path) -> None:
+    """logging.basicConfig opens (and truncates) the file it is given before it complains."""
+    arch(plans)["network_class_name"] = "logging.basicConfig"
+    arch(plans)["arch_kwargs"] = {"filename": str(folder.parent / "victim.txt"), "filemode": "w"}
+    arch(plans)["_kw_requires_import"] = []
+
+
+def imported_block(key: str, name: str) -> Edit:
+    def edit(plans: dict[str, Any], folder: Path) -> None:
+        arch(plans)["arch_kwargs"][key] = name
+    return edit
+
+
+def configuration(key: str, value: Any) -> Edit:
+    def edit(plans: dict[str, Any], folder: Path) -> None:
+        plans["configurations"][CONFIG][key] = value
+    return edit
+
+
+def arch_kwarg(key: str, value: Any) -> Edit:
+    def edit(plans: dict[str, Any], folder: Path) -> None:
+        arch(plans)["arch_kwargs"][key] = value
+    return edit
+
+
+def top(key: str, value: Any) -> Edit:
+    def edit(plans: dict[str, Any], folder: Path) -> None:
+        plans[key] = value
+    return edit
+
+
+def circular(plans: dict[str, Any], folder: Path) -> None:
+    plans["configurations"]["other"] = {"inherits_from": CONFIG}
+    plans["configurations"][CONFIG]["inherits_from"] = "other"
+
+
+def no_ct_statistics(plans: dict[str, Any], folder: Path) -> None:
+    del plans["foreground_intensity_properties_per_channel"]["0"]["percentile_99_5"]
+
+
+CASES: dict[str, tuple[Edit, str]] = {
+    "torch.hub.load runs the folder's code": (hub_payload, "network_class_name names 'torch.hub.load'"),
+    "logging.basicConfig truncates a file": (truncating_logger, "network_class_name names 'logging.basicConfig'"),
+    "os.system as the convolution": (imported_block("conv_op", "os.system"), "conv_op names 'os.system'"),
+    "a class outside torch.nn as nonlinearity": (imported_block("nonlin", "subprocess.Popen"),
+                                                 "nonlin names 'subprocess.Popen'"),
+    "an extra imported keyword": (lambda p, f: arch(p)["_kw_requires_import"].append("block"),
+                                  "_kw_requires_import names 'block'"),
+    "an unknown constructor keyword": (arch_kwarg("command", "rm -rf /"), "arch_kwargs.command is not a parameter"),
+    "an unknown normalisation": (configuration("normalization_schemes", ["os.system"]),
+                                 "normalization_schemes[0] names 'os.system'"),
+    "an unknown resampling function": (configuration("resampling_fn_data", "eval"), "resampling_fn_data names 'eval'"),
+    "an unknown label manager": (top("label_manager", "os.system"), "label_manager names 'os.system'"),
+    "an unknown image reader": (top("image_reader_writer", "PickleIO"), "image_reader_writer names 'PickleIO'"),
+    "circular inheritance": (circular, "inherits in a circle"),
+    "patch size 0": (configuration("patch_size", [0, 32, 32]), "patch_size[0] is 0, not a whole number in 8–512"),
+    "patch size as text": (configuration("patch_size", ["32", 32, 32]), "patch_size[0] is '32'"),
+    "99 stages": (arch_kwarg("n_stages", 99), "n_stages is 99, not a whole number in 1–10"),
+    "spacing 0": (configuration("spacing", [0, 3.0, 3.0]), "spacing[0] is 0, not a number in 0.05–50.0"),
+    "spacing 1e-9": (configuration("spacing", [3.0, 1e-9, 3.0]), "spacing[1] is 1e-09"),
+    "missing CT statistics": (no_ct_statistics, "foreground_intensity_properties_per_channel['0'].percentile_99_5 is None"),
+    "stages and widths disagree": (arch_kwarg("features_per_stage", [8, 16]), "features_per_stage is [8, 16], not a list of 3"),
+}
+
+
+def hostile_copy(tiny_model: Path, tmp_path: Path, edit: Edit) -> Path:
+    folder = tmp_path / "models" / tiny_model.name
+    shutil.copytree(tiny_model, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    edit(plans, folder)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plans_that_name_code_or_impossible_values_are_refused_before_anything_is_imported(tiny_model, tmp_path, case):
+    edit, message = CASES[case]
+    folder = hostile_copy(tiny_model, tmp_path, edit)
+    victim = tmp_path / "models" / "victim.txt"
+    victim.write_text("precious")
+    before = tree_digest(folder)
+    with pytest.raises(ModelFolderError, match="nothing from the folder was imported or run") as raised:
+        ModelFolder.open(folder)
+    assert message in str(raised.value) and str(folder) in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not (folder / "PWNED").exists() and victim.read_text() == "precious" and tree_digest(folder) == before
+
+
+@pytest.mark.parametrize("command", ["info", "segment", "compress"])
+def test_the_cli_refuses_code_in_plans_for_every_command(tiny_model, tmp_path, command):
+    folder = hostile_copy(tiny_model, tmp_path, hub_payload)
+    before = tree_digest(folder)
+    out = tmp_path / "out"
+    ct = tmp_path / "ct.nii.gz"  # a readable CT, so the model is what fails
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(-500, 300, (16, 32, 32)).astype(np.float32)),
+                    str(ct))
+    args = {"info": [str(folder)], "compress": [str(folder), str(out)],
+            "segment": [str(ct), str(tmp_path / "ct.seg.nrrd"), "--model", str(folder)]}
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", command, *args[command]],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "network_class_name names 'torch.hub.load'" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 2  # the model line, then one error line
+    assert not (folder / "PWNED").exists() and not out.exists() and not (tmp_path / "ct.seg.nrrd").exists()
+    assert tree_digest(folder) == before
+
+
+def test_the_panel_refuses_a_dataset_json_with_impossible_labels(tiny_model, tmp_path):
+    folder = hostile_copy(tiny_model, tmp_path, lambda plans, folder: None)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["labels"]["structure_1"] = "os.system"
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ModelFolderError, match=r"dataset.json: labels\['structure_1'\] is 'os.system'"):
+        structure_names("folder:" + str(folder), "auto")
+    with pytest.raises(ModelFolderError, match=r"dataset.json: labels\['structure_1'\]"):
+        ModelFolder.open(folder)
+
+
+def test_old_format_plans_are_checked_too(tiny_model, tmp_path):
+    def old(plans: dict[str, Any], folder: Path) -> None:
+        config = plans["configurations"][CONFIG]
+        del config["architecture"]
+        config["UNet_class_name"] = "os.system"
+    with pytest.raises(ModelFolderError, match="UNet_class_name names 'os.system'"):
+        ModelFolder.open(hostile_copy(tiny_model, tmp_path, old))
+
+
+class _RunsCode:
+    """Pickles as a call of os.system (what a hostile checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_as_code_not_as_corrupt(tiny_model, tmp_path):
+    import torch
+    folder = hostile_copy(tiny_model, tmp_path, lambda plans, folder: None)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    marker = tmp_path / "PWNED"
+    state = load_checkpoint(checkpoint)
+    torch.save({**state, "trainer_name": _RunsCode(marker)}, checkpoint)
+    before = tree_digest(folder)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "compress", str(folder), str(out), "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and not out.exists()
+    assert "holds code: unpickling it would call" in run.stderr and "system; it was refused and nothing ran" in run.stderr
+    assert "corrupt" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not marker.exists() and tree_digest(folder) == before
+    with pytest.warns(UserWarning, match="fully unpickling"):  # what --trust-checkpoint means: the code runs
+        ModelFolder.open(folder).load_network(0, trust=True)
+    assert marker.exists()
