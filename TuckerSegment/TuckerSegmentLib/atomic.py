@@ -1,6 +1,7 @@
 """Write a whole output folder or nothing: build it beside the target, then rename it into place."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputPathError
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, quota
 
 
 def check_output_dir(target: Path, overwrite: bool = False, protected: Path | None = None) -> Path:
@@ -53,8 +56,9 @@ def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(retired)
         else:
             os.rename(staging, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        _raise_if_disk_full(error, target)
         raise
 
 
@@ -87,6 +91,14 @@ def atomic_output_file(target: Path) -> Iterator[Path]:
         yield staging
         os.chmod(staging, 0o644)
         os.replace(staging, target)
-    except BaseException:
+    except BaseException as error:
         staging.unlink(missing_ok=True)
+        _raise_if_disk_full(error, target)
         raise
+
+
+def _raise_if_disk_full(error: BaseException, target: Path) -> None:
+    """A write that failed for want of space, whatever library wrote, as one clear error."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        raise OutputPathError(f"cannot write {target}: {error.strerror}; free disk space (or raise the file size "
+                              "limit) and run again; nothing was written") from error

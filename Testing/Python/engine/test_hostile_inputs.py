@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import tree_digest
 from TuckerSegmentLib import ModelFolder
-from TuckerSegmentLib.errors import ModelFolderError
+from TuckerSegmentLib.errors import CheckpointError, ModelFolderError
 from TuckerSegmentLib.nnunet.checkpoint import load_checkpoint
 from TuckerSegmentLib.variants.panel import structure_names
 
@@ -193,3 +193,89 @@ def test_a_checkpoint_that_would_run_code_is_refused_as_code_not_as_corrupt(tiny
     with pytest.warns(UserWarning, match="fully unpickling"):  # what --trust-checkpoint means: the code runs
         ModelFolder.open(folder).load_network(0, trust=True)
     assert marker.exists()
+
+
+def write_ct(path: Path, shape=(16, 32, 32)) -> Path:
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(-500, 300, shape).astype(np.float32))
+    image.SetSpacing((3.0, 3.0, 3.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name, keep", [("ct.nii", 0.5), ("ct.nii.gz", 0.5), ("ct.nii.gz", 200)])
+def test_a_truncated_nifti_is_refused_not_filled_with_zeros(tiny_model, tmp_path, name, keep):
+    ct = write_ct(tmp_path / name)
+    data = ct.read_bytes()
+    ct.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    out = tmp_path / "out.nii.gz"
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(out),
+                          "--model", str(tiny_model), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"{ct} is incomplete: " in run.stderr and "copy or export it again" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no output, no partial file
+
+
+def limited(limit: int) -> Callable[[], None]:
+    """For a child process: files may grow to ``limit`` bytes, as on a full disk (and no SIGXFSZ kill)."""
+    def apply() -> None:
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("name", ["labels.nii", "labels.nii.gz", "labels.seg.nrrd"])
+def test_a_full_disk_while_writing_a_segmentation_fails_cleanly(tiny_model, tmp_path, name):
+    ct = write_ct(tmp_path / "ct.nrrd")
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(out / name),
+                          "--model", str(tiny_model), "--quiet", "--execution", "reference"],
+                         capture_output=True, text=True, timeout=300, preexec_fn=limited(300))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"{out / name}" in run.stderr and "disk space" in run.stderr
+    assert list(out.iterdir()) == []  # neither a truncated file nor a partial one
+
+
+def test_compress_on_a_full_disk_fails_cleanly_and_leaves_no_partial_folder(tiny_model, tmp_path):
+    before = tree_digest(tiny_model)
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "compress", str(tiny_model),
+                          str(tmp_path / "out"), "--factor", "0.5", "--quiet"],
+                         capture_output=True, text=True, timeout=300, preexec_fn=limited(20_000))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "weights.safetensors" in run.stderr and "disk space" in run.stderr
+    assert list(tmp_path.iterdir()) == [] and tree_digest(tiny_model) == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", "holds NaN or infinite values"), ("dtype", "is torch.float64, the network needs torch.float32")])
+def test_compressed_weights_with_nan_or_another_dtype_are_refused(tiny_model, tmp_path, damage, message):
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    from TuckerSegmentLib import UniformPolicy, compress_model_folder
+    out = tmp_path / "small"
+    compress_model_folder(tiny_model, out, UniformPolicy(0.5, rank_min=2))
+    weights = out / "fold_0" / "weights.safetensors"
+    tensors = load_file(str(weights))
+    first = next(iter(tensors))
+    tensors[first] = tensors[first].double() if damage == "dtype" else tensors[first] * float("nan")
+    save_file(tensors, str(weights))
+    record = json.loads((out / "fold_0" / "tucker.json").read_text())
+    record["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()  # a consistent, altered folder
+    (out / "fold_0" / "tucker.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=f"holds weights TuckerSegment did not write \\({first} {message}"):
+        ModelFolder.open(out).load_network(0)
+
+
+def test_an_original_checkpoint_with_nan_weights_is_refused(tiny_model, tmp_path):
+    import torch
+    folder = hostile_copy(tiny_model, tmp_path, lambda plans, folder: None)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    state = load_checkpoint(checkpoint)
+    name = next(iter(state["network_weights"]))
+    state["network_weights"][name] = state["network_weights"][name] * float("inf")
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointError, match=f"hold NaN or infinite values \\({name}\\)"):
+        ModelFolder.open(folder).load_network(0)

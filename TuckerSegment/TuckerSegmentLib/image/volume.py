@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import VolumeError
+from .integrity import NIFTI_SUFFIXES, nifti_problem
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 AIR_BELOW_HU = -500.0  # a CT field of view contains air; its minimum lies below this
@@ -92,6 +93,8 @@ def read_volume(path: str | Path, check: bool = True) -> Volume:
     path = Path(path)
     if not path.is_file():
         raise VolumeError(f"input {path} does not exist or is not a file; pass a NIfTI (.nii.gz) or NRRD CT volume")
+    if path.name.lower().endswith(NIFTI_SUFFIXES) and (problem := nifti_problem(path)) is not None:
+        raise VolumeError(f"{path} is incomplete: {problem}; copy or export it again")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

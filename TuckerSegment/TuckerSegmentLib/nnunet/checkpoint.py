@@ -134,6 +134,12 @@ def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
                            "download or copy it again from the trained model")
 
 
+def non_finite(weights: Mapping[str, torch.Tensor]) -> str | None:
+    """The first weight tensor holding NaN or infinite values, or ``None`` (such a network segments nothing)."""
+    return next((name for name, tensor in weights.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+
+
 def state_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:
     """What differs between two state dicts (missing/unexpected keys, shapes), or None if they fit."""
     missing = sorted(set(expected) - set(found))

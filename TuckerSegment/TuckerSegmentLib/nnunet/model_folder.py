@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelFolderError
 from ..tucker.layers import apply_plans
-from .checkpoint import load_checkpoint, state_mismatch
+from .checkpoint import load_checkpoint, non_finite, state_mismatch
 from .plans_check import check_plans
 from .layout import CHECKPOINT_NAME, LAYOUT_HINT, TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name, locate_model, read_json
 from .tucker_format import layer_plans, load_weights, read_tucker_json
@@ -183,6 +183,9 @@ def load_original_weights(network: nn.Module, weights: dict[str, torch.Tensor], 
     if problem:
         raise CheckpointError(f"weights in {source} do not fit the architecture in plans.json ({problem}); "
                               "the checkpoint belongs to other plans")
+    if (name := non_finite(weights)) is not None:
+        raise CheckpointError(f"weights in {source} hold NaN or infinite values ({name}); the training diverged or "
+                              "the file is damaged: use a checkpoint of a successful training")
     network.load_state_dict(weights, strict=True)
 
 

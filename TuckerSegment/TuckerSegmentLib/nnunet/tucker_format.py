@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointError, RankMismatchError
+from ..errors import CheckpointError, OutputPathError, RankMismatchError
 from ..tucker.decomposition import LayerPlan
-from .checkpoint import sha256_file, state_mismatch
+from .checkpoint import non_finite, sha256_file, state_mismatch
 from .layout import TUCKER_JSON
 
 FORMAT_NAME = "tuckersegment.tucker"
@@ -34,7 +34,10 @@ def canonical_tensors(network: nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(network: nn.Module, path: Path) -> str:
     """Write the de-duplicated weights as safetensors; returns the file's sha256."""
     tensors = {name: t.detach().contiguous() for name, t in canonical_tensors(network).items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "writer": FORMAT_NAME})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "writer": FORMAT_NAME})
+    except (SafetensorError, OSError) as exc:
+        raise OutputPathError(f"cannot write {path} ({exc}); check free disk space, nothing was written") from exc
     return sha256_file(path)
 
 
@@ -54,6 +57,11 @@ def load_weights(network: nn.Module, path: Path, expected_sha256: str | None = N
     if problem:
         raise RankMismatchError(f"{path} does not fit the layers recorded in {TUCKER_JSON} ({problem}); "
                                 "compress the model again")
+    cast = next((f"{name} is {tensors[name].dtype}, the network needs {tensor.dtype}" for name, tensor in expected.items()
+                 if tensors[name].dtype != tensor.dtype), None)
+    bad = cast or (f"{name} holds NaN or infinite values" if (name := non_finite(tensors)) else None)
+    if bad:
+        raise CheckpointError(f"{path} holds weights TuckerSegment did not write ({bad}); compress the model again")
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(tensors[name])

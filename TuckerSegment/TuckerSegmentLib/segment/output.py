@@ -10,6 +10,7 @@ import slicerio
 
 from ..atomic import atomic_output_file, check_output_file
 from ..errors import OutputPathError
+from ..image.integrity import image_problem
 from ..image.volume import LPS_TO_RAS, SEG_NRRD, VOLUME_SUFFIXES, volume_to_image
 from .predictor import SegmentationResult
 from .provenance import provenance
@@ -56,6 +57,9 @@ def write_result(result: SegmentationResult, path: str | Path) -> Path:
                 sitk.WriteImage(image, str(staging), useCompression=True)
         except (OSError, RuntimeError) as exc:
             raise OutputPathError(f"cannot write {path} ({exc}); check free disk space and permissions") from exc
+        problem = image_problem(staging)
+        if problem is not None:
+            raise OutputPathError(f"writing {path} failed: {problem}; check free disk space, nothing was written")
     return path.resolve()
 
 
