@@ -7,7 +7,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .compress.folder import compress_model_folder, describe_model
@@ -238,8 +238,15 @@ def _segment_progress() -> Progress:
     return report
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line naming the problem and where to read more (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuckersegment", description="Tucker-compressed nnU-Net segmentation.")
+    parser = _Parser(prog="tuckersegment", description="Tucker-compressed nnU-Net segmentation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

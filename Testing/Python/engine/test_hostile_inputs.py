@@ -4,6 +4,7 @@ untouched (folders generated here, nothing downloaded)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -215,6 +216,10 @@ def test_a_truncated_nifti_is_refused_not_filled_with_zeros(tiny_model, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no output, no partial file
 
 
+# a child under a file size limit must not write .pyc files: they would be cut short and break later imports
+NO_BYTECODE = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def limited(limit: int) -> Callable[[], None]:
     """For a child process: files may grow to ``limit`` bytes, as on a full disk (and no SIGXFSZ kill)."""
     def apply() -> None:
@@ -232,7 +237,7 @@ def test_a_full_disk_while_writing_a_segmentation_fails_cleanly(tiny_model, tmp_
     out.mkdir()
     run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(out / name),
                           "--model", str(tiny_model), "--quiet", "--execution", "reference"],
-                         capture_output=True, text=True, timeout=300, preexec_fn=limited(300))
+                         capture_output=True, text=True, timeout=300, preexec_fn=limited(300), env=NO_BYTECODE)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert f"{out / name}" in run.stderr and "disk space" in run.stderr
     assert list(out.iterdir()) == []  # neither a truncated file nor a partial one
@@ -242,7 +247,8 @@ def test_compress_on_a_full_disk_fails_cleanly_and_leaves_no_partial_folder(tiny
     before = tree_digest(tiny_model)
     run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "compress", str(tiny_model),
                           str(tmp_path / "out"), "--factor", "0.5", "--quiet"],
-                         capture_output=True, text=True, timeout=300, preexec_fn=limited(20_000))
+                         capture_output=True, text=True, timeout=300, preexec_fn=limited(20_000),
+                         env=NO_BYTECODE)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "weights.safetensors" in run.stderr and "disk space" in run.stderr
     assert list(tmp_path.iterdir()) == [] and tree_digest(tiny_model) == before
@@ -279,3 +285,24 @@ def test_an_original_checkpoint_with_nan_weights_is_refused(tiny_model, tmp_path
     torch.save(state, checkpoint)
     with pytest.raises(CheckpointError, match=f"hold NaN or infinite values \\({name}\\)"):
         ModelFolder.open(folder).load_network(0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tile-step", "0"], "tile step 0.0 is outside (0, 1]"), (["--tile-step", "-1"], "tile step -1.0 is outside"),
+    (["--tile-step", "5"], "tile step 5.0 is outside"), (["--tile-step", "nan"], "tile step nan is outside"),
+    (["--tile-step", "x"], "argument --tile-step: invalid float value: 'x'"),
+    (["--task", "nope"], "argument --task: invalid choice: 'nope'")])
+def test_bad_segment_options_are_refused_in_one_line_before_any_work(tiny_model, tmp_path, args, message):
+    ct = write_ct(tmp_path / "ct.nrrd")
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(tmp_path / "o.seg.nrrd"),
+                          "--model", str(tiny_model), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert "loading" not in run.stderr and len(run.stderr.strip().splitlines()) <= 2  # the model line at most
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
+
+
+def test_a_fold_named_twice_is_refused_before_any_work(tiny_model, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "compress", str(tiny_model), str(tmp_path / "o"),
+                          "--fold", "0", "0", "--factor", "0.5"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "fold 0 is named more than once; name each fold once" in run.stderr
+    assert "Traceback" not in run.stderr and list(tmp_path.iterdir()) == []

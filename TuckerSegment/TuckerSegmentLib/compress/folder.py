@@ -35,6 +35,9 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
     if model.compressed:
         raise ModelFolderError(f"{model.path} is already compressed; compress the original nnU-Net model folder")
     fold_names = [str(f) for f in folds]
+    twice = sorted({f for f in fold_names if fold_names.count(f) > 1})
+    if twice:
+        raise ModelFolderError(f"fold {', '.join(twice)} is named more than once; name each fold once")
     for fold in fold_names:
         if fold not in model.folds:
             raise ModelFolderError(f"{model.path} has no fold {fold}; available folds: {', '.join(model.folds)}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from ..errors import SegmentationCancelled, TuckerSegmentError
+from ..errors import SegmentationCancelled, TaskError, TuckerSegmentError
 from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
 from ..image.volume import Volume, checked_volume
 from ..nnunet.layout import Fold
@@ -104,6 +104,14 @@ def _slabs(length: int, parts: int, overlap: int) -> list[tuple[int, int, int, i
     return [(max(0, a - overlap), min(length, b + overlap), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def check_tile_step(tile_step: float) -> float:
+    """``tile_step`` as nnU-Net's sliding window takes it: a fraction of the patch in (0, 1]."""
+    if isinstance(tile_step, bool) or not isinstance(tile_step, (int, float)) or not 0 < tile_step <= 1:
+        raise TaskError(f"tile step {tile_step!r} is outside (0, 1]: it is the sliding-window step as a fraction of "
+                        "the patch (0.5 is nnU-Net's default, 0.8 TotalSegmentator's)")
+    return float(tile_step)
+
+
 class Segmenter:
     """A model loaded once, ready to segment many volumes.
 
@@ -121,6 +129,7 @@ class Segmenter:
         factorised layer). ``half_precision``: fp16 autocast on CUDA as nnU-Net does (False: float32)."""
         if execution not in EXECUTIONS:
             raise TuckerSegmentError(f"unknown execution {execution!r}; choose one of {', '.join(EXECUTIONS)}")
+        tile_step = check_tile_step(tile_step)
         self.model = model if isinstance(model, ModelFolder) else ModelFolder.open(model)
         self.name = name or self.model.name
         self.fold = str(fold) if fold is not None else (self.model.folds[0] if network is None else "0")

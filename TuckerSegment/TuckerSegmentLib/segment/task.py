@@ -19,7 +19,7 @@ from ..image.volume import Volume, checked_volume
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Cancel, Progress
 from .labels import SegmentLabel, label_values, segment_labels
-from .predictor import TOTALSEGMENTATOR_MAX_VOXELS, SegmentationResult, Segmenter
+from .predictor import TOTALSEGMENTATOR_MAX_VOXELS, SegmentationResult, Segmenter, check_tile_step
 
 
 @dataclass
@@ -39,6 +39,7 @@ class TaskSegmenter:
         then come from the task (as TotalSegmentator's class maps), not from each dataset.json."""
         if not models:
             raise TaskError("a segmentation task needs at least one model folder")
+        check_tile_step(segmenter_options.get("tile_step", 0.8))  # before any model is opened
         folders = [m if isinstance(m, ModelFolder) else ModelFolder.open(m) for m in models]
         if label_maps is not None and len(label_maps) != len(folders):
             raise TaskError(f"{len(label_maps)} label maps for {len(folders)} models; give one per model")
