@@ -533,11 +533,13 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         return path.resolve()
 
     def segmentFiles(self, inputs, model="auto", device: str = "auto", subset=None, outputFolder=None,
-                     progress=None, cancel=None, task: str = "auto") -> list:
+                     progress=None, cancel=None, task: str = "auto", overwrite: bool = False) -> list:
         """Segment CT files (a list, or a folder's NIfTI/NRRD files) with one model load, saving
-        ``<name>.seg.nrrd`` beside each input (or in ``outputFolder``). The loaded nodes are removed again.
+        ``<name>.seg.nrrd`` beside each input (or in ``outputFolder``); an existing file is reported and kept
+        unless ``overwrite``. The loaded nodes are removed again.
         Returns ``(input, output or None, message)`` per file: a bad file or output is reported and the rest
         go on; a cancel ends the batch after the files already done; a task or memory error stops it (raised)."""
+        from TuckerSegmentLib.atomic import refuse_existing
         from TuckerSegmentLib.errors import VolumeError
         from TuckerSegmentLib.image.volume import volume_files
         from TuckerSegmentLib.segment.batch import segment_batch
@@ -550,6 +552,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
 
         def work(pair, step):
             source, output = pair
+            refuse_existing(output, overwrite)
             added = []
             try:
                 volumeNode = slicer.modules.volumes.logic().AddArchetypeVolume(str(source), source.name)
@@ -688,12 +691,14 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         return table
 
     def segmentVolumeNodes(self, volumeNodes=None, model="auto", device: str = "auto", subset=None, progress=None,
-                           cancel=None, task: str = "auto", save: bool = True) -> list:
+                           cancel=None, task: str = "auto", save: bool = True, overwrite: bool = False) -> list:
         """Segment every CT volume node of the scene (or ``volumeNodes``) with one model load; with ``save``
-        each segmentation is written as ``<volume file name>.seg.nrrd`` beside its volume's file. Returns
+        each segmentation is written as ``<volume file name>.seg.nrrd`` beside its volume's file (an existing
+        file is kept, and reported, unless ``overwrite``). Returns
         ``(volume node, segmentation node or None, saved path or None, message)`` per volume: a volume that
         cannot be segmented is reported and the rest go on; a cancel ends the loop; a task or memory error
         stops it (raised)."""
+        from TuckerSegmentLib.atomic import refuse_existing
         from TuckerSegmentLib.errors import OutputPathError
         from TuckerSegmentLib.segment.batch import segment_batch
         from TuckerSegmentLib.segment.output import plan_outputs
@@ -713,8 +718,9 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                 message += "; not saved: the volume has no file (save it with File > Save Data)"
             elif save:
                 try:
-                    saved[volumeNode.GetID()] = self.saveSegmentation(segmentation,
-                                                                      plan_outputs([source], source.parent)[0][1])
+                    target = plan_outputs([source], source.parent)[0][1]
+                    refuse_existing(target, overwrite)
+                    saved[volumeNode.GetID()] = self.saveSegmentation(segmentation, target)
                 except OutputPathError as exc:
                     message += f"; not saved: {exc}"
             return segmentation, message

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,30 +37,106 @@ def check_output_dir(target: Path, overwrite: bool = False, protected: Path | No
 
 @contextmanager
 def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it vanishes."""
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it vanishes.
+    The target is claimed for the whole run (a second run writing it at once is refused)."""
     target = check_output_dir(target, overwrite)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    except OSError as exc:
-        raise OutputPathError(f"cannot write in {target.parent} ({exc.strerror}); choose a writable location") from exc
-    try:
-        yield staging
-        os.chmod(staging, 0o755)
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, retired)
-            try:
+    with _claimed(target):
+        target = check_output_dir(target, overwrite)  # again, now that no other run can create it meanwhile
+        remove_stale(target)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), suffix=".partial", dir=target.parent))
+        except OSError as exc:
+            raise OutputPathError(f"cannot write in {target.parent} ({exc.strerror}); choose a writable location") from exc
+        try:
+            yield staging
+            os.chmod(staging, 0o755)
+            if target.exists():
+                retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, retired)
+                try:
+                    os.rename(staging, target)
+                except OSError:
+                    os.rename(retired, target)
+                    raise
+                shutil.rmtree(retired)
+            else:
                 os.rename(staging, target)
-            except OSError:
-                os.rename(retired, target)
-                raise
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, target)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        _raise_if_disk_full(error, target)
-        raise
+        except BaseException as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            _raise_if_disk_full(error, target)
+            raise
+
+
+def _staging_prefix(target: Path) -> str:
+    """Staging names carry the writer's process id, so a later run can tell a dead run's leftovers."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (always assumed on Windows, where probing could end it)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove the partial files and folders (and retired ``.old-*`` copies) that runs which no longer exist
+    left beside ``target``; never a live run's. Returns what was removed."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)\.[^.]+\.partial.*|old-(\d+))$")
+    removed = []
+    for path in target.parent.iterdir() if target.parent.is_dir() else ():
+        match = pattern.match(path.name)
+        if match and not _alive(int(match.group(1) or match.group(2))):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def _claimed(target: Path) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``target`` (holding the process id) for the duration; a lock whose process
+    has gone is taken over."""
+    lock = target.with_name(f".{target.name}.lock")
+    for _attempt in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                raise OutputPathError(f"another TuckerSegment run (process {owner}) is writing {target}; wait for it "
+                                      "to finish or choose another output") from None
+            lock.unlink(missing_ok=True)  # its run has gone
+            continue
+        except OSError as exc:
+            raise OutputPathError(f"cannot write in {target.parent} ({exc.strerror}); choose a writable location") from exc
+        with os.fdopen(handle, "w") as file:
+            file.write(str(os.getpid()))
+        break
+    else:
+        raise OutputPathError(f"cannot claim {target} (its lock {lock} keeps reappearing); try again")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def refuse_existing(target: Path, overwrite: bool = False) -> None:
+    """An existing output is replaced only when asked (and then only once the new file is complete)."""
+    if not overwrite and Path(target).exists():
+        raise OutputPathError(f"{target} exists; pass --overwrite (overwrite=True) to replace it; the old file is kept "
+                              "until the new one is completely written")
 
 
 def check_output_file(target: Path, protected: tuple[Path, ...] = ()) -> Path:
@@ -80,9 +157,10 @@ def check_output_file(target: Path, protected: tuple[Path, ...] = ()) -> Path:
 def atomic_output_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` (same suffixes); on success it replaces ``target``."""
     target = check_output_file(target)
+    remove_stale(target)
     suffix = "".join(target.suffixes[-2:])
     try:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
+        handle, name = tempfile.mkstemp(prefix=_staging_prefix(target), suffix=f".partial{suffix}", dir=target.parent)
     except OSError as exc:
         raise OutputPathError(f"cannot write in {target.parent} ({exc.strerror}); choose a writable location") from exc
     os.close(handle)

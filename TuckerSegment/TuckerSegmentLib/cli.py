@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .atomic import refuse_existing
 from .compress.folder import compress_model_folder, describe_model
 from .compress.network import CompressionReport
-from .errors import TuckerSegmentError
+from .errors import Interrupted, TuckerSegmentError
 from .image.volume import IntensityWarning
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, policy_for
@@ -144,6 +148,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     def work(job: tuple[Path, Path], progress: Progress) -> tuple[Path, str]:
         source, target = job
+        refuse_existing(target, args.overwrite)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IntensityWarning)
             result = segmenter.segment(source, progress=None if args.quiet else progress, subset=args.subset)
@@ -311,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--execution", choices=EXECUTIONS, default="fastest",
                          help="fastest (default): each layer in its fastest exact form on this device, timed once "
                               "and cached; reference: as stored")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="replace existing output files (without it they are reported and kept)")
     segment.add_argument("--quiet", action="store_true", help="no progress on stderr")
     segment.set_defaults(func=_segment)
 
@@ -332,13 +339,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_cancel() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM cancel the run like Cancel in Slicer (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _signals_cancel():
+            return args.func(args)
     except TuckerSegmentError as exc:
         print(f"tuckersegment: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"tuckersegment: cancelled ({signal.Signals(stop.signum).name}); nothing partial was written, "
+              "outputs finished before are kept", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

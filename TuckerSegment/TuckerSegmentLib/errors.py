@@ -41,6 +41,15 @@ class SegmentationCancelled(Cancelled):
     """The user cancelled a running segmentation; nothing was written."""
 
 
+class Interrupted(BaseException):  # noqa: N818 (not an error: a request to stop)
+    """SIGINT or SIGTERM reached a command-line run. A ``BaseException``, so nothing on the way mistakes it for
+    a bad input: it unwinds every writer (their partial outputs removed) up to ``cli.main``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class TaskError(TuckerSegmentError):
     """The task cannot run as asked: no model, models that do not fit together, unknown structures."""
 

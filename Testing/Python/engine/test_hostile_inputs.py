@@ -306,3 +306,74 @@ def test_a_fold_named_twice_is_refused_before_any_work(tiny_model, tmp_path):
                           "--fold", "0", "0", "--factor", "0.5"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "fold 0 is named more than once; name each fold once" in run.stderr
     assert "Traceback" not in run.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_segment_keeps_an_existing_output_unless_told_to_overwrite(tiny_model, tmp_path):
+    ct = write_ct(tmp_path / "ct.nrrd")
+    out = tmp_path / "ct.seg.nrrd"
+    out.write_bytes(b"an earlier result")
+
+    def segment(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(out), "--model",
+                               str(tiny_model), "--quiet", *extra], capture_output=True, text=True, timeout=300)
+    refused = segment()
+    assert refused.returncode == 2 and f"{out} exists; pass --overwrite" in refused.stderr
+    assert out.read_bytes() == b"an earlier result"
+    replaced = segment("--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert out.read_bytes().startswith(b"NRRD") and sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd",
+                                                                                                    "ct.seg.nrrd"]
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_compress_cancels_cleanly_and_leaves_no_partial(tmp_path, signal_name, status):
+    import signal
+
+    from TuckerSegmentLib.paths import BUNDLED_MODELS
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "TuckerSegmentLib.cli", "compress", str(BUNDLED_MODELS / "chest-demo"),
+                              str(out), "--factor", "0.5"], stderr=subprocess.PIPE, text=True)
+    for line in child.stderr:  # the staging folder exists once layers are being decomposed
+        if "decomposing" in line:
+            break
+    assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    child.send_signal(getattr(signal, signal_name))
+    rest = child.stderr.read()
+    assert child.wait(timeout=120) == status
+    assert f"tuckersegment: cancelled ({signal_name}); nothing partial was written" in rest and "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder, no lock
+
+
+def test_leftovers_of_dead_runs_are_removed_and_a_live_runs_are_kept(tiny_model, tmp_path):
+    ct = write_ct(tmp_path / "ct.nrrd")
+    dead, live = dead_pid(), os.getpid()
+    leftovers = {name: tmp_path / name for name in (f".ct.seg.nrrd.{dead}.a1b2c3d4.partial.seg.nrrd",
+                                                     f".ct.seg.nrrd.{live}.e5f6g7h8.partial.seg.nrrd",
+                                                     f".ct.seg.nrrd.old-{dead}", ".ct.seg.nrrd.unknown.partial")}
+    for path in leftovers.values():
+        path.write_text("left over")
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(tmp_path / "ct.seg.nrrd"),
+                          "--model", str(tiny_model), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ct.nrrd", "ct.seg.nrrd", f".ct.seg.nrrd.{live}.e5f6g7h8.partial.seg.nrrd", ".ct.seg.nrrd.unknown.partial"])
+
+
+def test_a_second_run_writing_the_same_output_folder_is_refused(tiny_model, tmp_path):
+    lock = tmp_path / ".out.lock"
+    lock.write_text(str(os.getpid()))  # this (live) process holds the output
+    compress = [sys.executable, "-m", "TuckerSegmentLib.cli", "compress", str(tiny_model), str(tmp_path / "out"),
+                "--factor", "0.5", "--quiet"]
+    run = subprocess.run(compress, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and f"another TuckerSegment run (process {os.getpid()}) is writing" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
+    lock.write_text(str(dead_pid()))  # a run that died: its lock is taken over
+    run = subprocess.run(compress, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -341,6 +341,12 @@ def test_batch_over_a_folder_loads_the_model_once_and_saves_beside_each_volume(l
     assert [s["name"] for s in a["segments"]] == [s["name"] for s in b["segments"]]
     assert progress[0][1].startswith("1/3 a.nrrd") and progress[-1][0] <= 1
     assert node_ids(scene) == baseline  # loaded volumes and segmentations are removed again
+    before = (folder / "a.seg.nrrd").read_bytes()
+    again = logic.segmentFiles([folder / "a.nrrd"], model="chest-demo")  # an existing result is kept
+    assert again[0][1] is None and "a.seg.nrrd exists; pass --overwrite (overwrite=True)" in again[0][2]
+    assert (folder / "a.seg.nrrd").read_bytes() == before and node_ids(scene) == baseline
+    replaced = logic.segmentFiles([folder / "a.nrrd"], model="chest-demo", overwrite=True)
+    assert replaced[0][1] == folder / "a.seg.nrrd" and replaced[0][2] == "7 segments"
 
 
 def test_batch_cancel_keeps_finished_files_and_writes_nothing_more(logic, scene, tmp_path):
