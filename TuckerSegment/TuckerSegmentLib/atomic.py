@@ -11,13 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputPathError
+from .paths import checked_path
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, quota
 
 
 def check_output_dir(target: Path, overwrite: bool = False, protected: Path | None = None) -> Path:
     """Resolve ``target`` and refuse, before any work, what could not be written or would destroy data."""
-    target = Path(target).expanduser().resolve()
+    target = checked_path(target, OutputPathError, "output")
     if protected is not None:
         protected = protected.resolve()
         if target == protected or protected in target.parents or target in protected.parents:
@@ -141,11 +142,14 @@ def refuse_existing(target: Path, overwrite: bool = False) -> None:
 
 def check_output_file(target: Path, protected: tuple[Path, ...] = ()) -> Path:
     """Resolve an output file path and refuse, before any work, one that cannot be written or is an input."""
-    target = Path(target).expanduser().resolve()
+    target = checked_path(target, OutputPathError, "output")
     if any(target == p.expanduser().resolve() for p in protected):
         raise OutputPathError(f"output {target} is one of the inputs; choose another output name")
     if target.is_dir():
         raise OutputPathError(f"output {target} is a folder; give a file name (.seg.nrrd or .nii.gz)")
+    if target.exists() and not target.is_file():
+        raise OutputPathError(f"output {target} is not a regular file (a device or socket); give a file name "
+                              "(.seg.nrrd or .nii.gz) in a folder")
     if not target.parent.is_dir():
         raise OutputPathError(f"cannot write {target}: its folder {target.parent} does not exist; create it first")
     if not os.access(target.parent, os.W_OK | os.X_OK):

@@ -12,6 +12,23 @@ TASKS_JSON = RESOURCES / "Tasks" / "totalsegmentator.json"
 TERMINOLOGY_DIR = RESOURCES / "Terminology"
 
 
+def checked_path(path: str | Path, error: type[Exception], role: str) -> Path:
+    """``path`` made absolute with its symbolic links resolved, refusing with ``error`` (naming the ``role``:
+    "input", "output", "model folder") what the libraries below cannot open: a name that is not valid UTF-8
+    (SimpleITK aborts the process on it) and a symbolic link loop."""
+    path = Path(path).expanduser()
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"the {role} {str(path)!r} has a name that is not valid UTF-8, which the imaging libraries "
+                    "cannot open; rename it") from None
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 reports a loop as RuntimeError, 3.13 as OSError
+        raise error(f"the {role} {path} cannot be resolved ({exc}): it is a symbolic link loop or unreadable; "
+                    "give the real file or folder") from None
+
+
 def cache_dir() -> Path:
     """The user cache (built variants, latency tables, my variants): ``TUCKERSEGMENT_CACHE``, else the
     platform's user cache folder."""

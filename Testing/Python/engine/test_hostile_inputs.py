@@ -377,3 +377,65 @@ def test_a_second_run_writing_the_same_output_folder_is_refused(tiny_model, tmp_
     run = subprocess.run(compress, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def cli(*args: str | bytes) -> subprocess.CompletedProcess:
+    """The CLI with arguments that may be bytes (file names that are not valid UTF-8)."""
+    command = [os.fsencode(sys.executable), b"-m", b"TuckerSegmentLib.cli", *(os.fsencode(a) for a in args)]
+    return subprocess.run(command, capture_output=True, timeout=300, env=NO_BYTECODE)
+
+
+def one_error_line(run: subprocess.CompletedProcess, message: str) -> None:
+    err = os.fsdecode(run.stderr)
+    assert run.returncode == 2 and message in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def test_a_model_folder_with_a_non_ascii_name_simply_works(tiny_model, tmp_path):
+    import slicerio
+    folder = tmp_path / "modèle_ü 肺"
+    shutil.copytree(tiny_model, folder)
+    ct = write_ct(tmp_path / "ct.nrrd")
+    run = cli("segment", str(ct), str(tmp_path / "ct.seg.nrrd"), "--model", str(folder), "--quiet")
+    assert run.returncode == 0, run.stderr
+    tags = slicerio.read_segmentation(str(tmp_path / "ct.seg.nrrd"))["segments"][0]["tags"]
+    assert tags["TuckerSegment.Model"] == "modele_u \\u80ba"  # NRRD headers are ASCII: accents dropped, rest escaped
+
+
+def test_file_names_that_are_not_utf8_are_refused_not_crashed_on(tiny_model, tmp_path):
+    ct = write_ct(tmp_path / "ct.nrrd")
+    odd_input = os.fsencode(tmp_path) + b"/\xff.nrrd"
+    shutil.copy(ct, odd_input)
+    one_error_line(cli("segment", odd_input, str(tmp_path / "a.seg.nrrd"), "--model", str(tiny_model), "--quiet"),
+                   "has a name that is not valid UTF-8, which the imaging libraries cannot open; rename it")
+    one_error_line(cli("segment", str(ct), os.fsencode(tmp_path) + b"/\xfe.seg.nrrd", "--model", str(tiny_model), "--quiet"),
+                   "has a name that is not valid UTF-8")
+    assert sorted(os.listdir(os.fsencode(tmp_path))) == sorted([b"ct.nrrd", b"\xff.nrrd"])  # no partial, no output
+
+
+def test_symbolic_link_loops_are_named_as_such(tiny_model, tmp_path):
+    ct = write_ct(tmp_path / "ct.nrrd")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for args, role in ((["segment", str(ct), str(loop), "--model", str(tiny_model)], "output"),
+                       (["segment", str(ct), str(loop / "x.seg.nrrd"), "--model", str(tiny_model)], "output"),
+                       (["compress", str(tiny_model), str(loop), "--factor", "0.5"], "output"),
+                       (["info", str(loop)], "model folder"), (["segment", str(loop), str(tmp_path / "o.seg.nrrd")], "input")):
+        one_error_line(cli(*args), f"the {role} {loop}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd", "loop"]
+
+
+def test_odd_inputs_and_outputs_get_messages_that_say_what_is_wrong(tiny_model, tmp_path):
+    ct = write_ct(tmp_path / "ct.nrrd")
+    (tmp_path / "empty").mkdir()
+    one_error_line(cli("segment", str(tmp_path / "empty"), str(tmp_path / "out"), "--model", str(tiny_model)),
+                   f"{tmp_path / 'empty'} holds no NIfTI or NRRD volume")
+    one_error_line(cli("segment", str(ct), "/dev/full", "--model", str(tiny_model)),
+                   "/dev/full is not a folder; name the output .seg.nrrd (Slicer segmentation) or .nii.gz")
+    singular = tmp_path / "singular.nrrd"
+    singular.write_bytes(ct.read_bytes().replace(b"space directions: (3,0,0) (0,3,0) (0,0,3)",
+                                                 b"space directions: (3,0,0) (0,3,0) (0,3,0)"))
+    assert singular.read_bytes() != ct.read_bytes()
+    one_error_line(cli("segment", str(singular), str(tmp_path / "s.seg.nrrd"), "--model", str(tiny_model)),
+                   "Bad direction, determinant is 0: the file's orientation (direction matrix) is singular")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd", "empty", "singular.nrrd"]

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import VolumeError
+from ..paths import checked_path
 from .integrity import NIFTI_SUFFIXES, nifti_problem
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -88,9 +90,21 @@ def _image_to_volume(image: sitk.Image, source: str) -> Volume:
     return Volume(sitk.GetArrayFromImage(image), LPS_TO_RAS @ ijk_to_lps)
 
 
+def itk_reason(error: RuntimeError) -> str:
+    """The reason in a SimpleITK/ITK exception, without its source location and object address."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    itk = next((line for line in lines if "ITK ERROR" in line), None)
+    if itk is None:
+        return lines[-1] if lines else "unreadable"
+    reason = re.sub(r"^.*ITK ERROR: [^:]*: ", "", itk).split(". Refusing")[0].rstrip(".")
+    if "direction" in reason.lower():
+        reason += ": the file's orientation (direction matrix) is singular, fix its header"
+    return reason
+
+
 def read_volume(path: str | Path, check: bool = True) -> Volume:
     """A NIfTI or NRRD file as a ``Volume``; ``check`` applies ``check_volume`` (for CT input)."""
-    path = Path(path)
+    path = checked_path(path, VolumeError, "input")
     if not path.is_file():
         raise VolumeError(f"input {path} does not exist or is not a file; pass a NIfTI (.nii.gz) or NRRD CT volume")
     if path.name.lower().endswith(NIFTI_SUFFIXES) and (problem := nifti_problem(path)) is not None:
@@ -98,8 +112,7 @@ def read_volume(path: str | Path, check: bool = True) -> Volume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise VolumeError(f"cannot read {path} as an image ({first}); pass a NIfTI (.nii.gz) or NRRD CT "
+        raise VolumeError(f"cannot read {path} as an image ({itk_reason(exc)}); pass a NIfTI (.nii.gz) or NRRD CT "
                           "volume") from exc
     volume = _image_to_volume(image, str(path))
     if check:
@@ -132,7 +145,7 @@ def checked_volume(volume: Volume | str | Path) -> Volume:
 
 def volume_files(inputs: str | Path | list[str | Path]) -> list[Path]:
     """The CT files to segment: the paths given, or the volume files of a folder (``.seg.nrrd`` excluded)."""
-    paths = [Path(p).expanduser() for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    paths = [checked_path(p, VolumeError, "input") for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     if len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]
         paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)

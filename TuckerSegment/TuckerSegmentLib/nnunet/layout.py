@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFolderError
+from ..paths import checked_path
 
 TUCKER_JSON = "tucker.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -34,6 +35,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def locate_model(path: Path) -> Path:
     """The folder holding plans.json: ``path`` itself, its only trainer subfolder, or the only trainer
     folder of its only dataset (an nnU-Net results folder holding one model)."""
+    path = checked_path(path, ModelFolderError, "model folder")
     if not path.exists():
         raise ModelFolderError(f"model folder {path} does not exist; {LAYOUT_HINT}")
     if not path.is_dir():

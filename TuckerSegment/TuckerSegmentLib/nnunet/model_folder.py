@@ -33,7 +33,7 @@ class ModelFolder:
 
     @classmethod
     def open(cls, path: str | Path, configuration: str | None = None) -> ModelFolder:
-        folder = locate_model(Path(path).expanduser().resolve())
+        folder = locate_model(Path(path))
         if not (folder / "dataset.json").is_file():
             raise ModelFolderError(f"{folder} has plans.json but no dataset.json; {LAYOUT_HINT}")
         plans = read_json(folder / "plans.json")

@@ -98,7 +98,7 @@ def structure_names(task: str, variant: str, device: str = AUTO) -> list[str]:
         return [values[v] for v in sorted(values)]
     names: list[str] = []
     for folder in choice.folders:
-        path = locate_model(Path(folder).expanduser().resolve())
+        path = locate_model(Path(folder))
         dataset_json = read_json(path / "dataset.json")
         check_dataset_json(dataset_json)
         names += [s.name for s in segment_labels(dataset_json, path)]
