@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,6 +36,31 @@ def renamed_copy(source: Path, target: Path, prefix: str) -> Path:
     (target / "dataset.json").write_text(json.dumps(dataset))
     (target / "terminology.csv").unlink()
     return target
+
+
+CONFIG = "3d_fullres"
+
+
+def arch(plans: dict[str, Any]) -> dict[str, Any]:
+    return plans["configurations"][CONFIG]["architecture"]
+
+
+def hub_payload(plans: dict[str, Any], folder: Path) -> None:
+    """torch.hub.load of a local "repository" (the folder itself) runs its hubconf.py."""
+    (folder / "hubconf.py").write_text(f"open({str(folder / 'PWNED')!r}, 'w').write('code ran')\n"
+                                       "def model(**kwargs):\n    return None\n")
+    arch(plans)["network_class_name"] = "torch.hub.load"
+    arch(plans)["arch_kwargs"] = {"repo_or_dir": str(folder), "model": "model", "source": "local"}
+    arch(plans)["_kw_requires_import"] = []
+
+
+def hostile_copy(tiny_model: Path, tmp_path: Path, edit: Callable[[dict[str, Any], Path], None]) -> Path:
+    folder = tmp_path / "models" / tiny_model.name
+    shutil.copytree(tiny_model, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    edit(plans, folder)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

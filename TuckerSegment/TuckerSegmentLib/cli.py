@@ -37,6 +37,8 @@ TARGET_SHORTCUTS = {"target-flops": "flops", "target-params": "params", "target-
 
 
 def _fold(text: str) -> int | str:
+    if text != "all" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a fold is a number or 'all', not {text!r}")
     return text if text == "all" else int(text)
 
 

@@ -15,27 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import tree_digest
+from conftest import CONFIG, arch, hostile_copy, hub_payload, tree_digest
 from TuckerSegmentLib import ModelFolder
 from TuckerSegmentLib.errors import CheckpointError, ModelFolderError
 from TuckerSegmentLib.nnunet.checkpoint import load_checkpoint
 from TuckerSegmentLib.variants.panel import structure_names
 
-CONFIG = "3d_fullres"
 Edit = Callable[[dict[str, Any], Path], None]
-
-
-def arch(plans: dict[str, Any]) -> dict[str, Any]:
-    return plans["configurations"][CONFIG]["architecture"]
-
-
-def hub_payload(plans: dict[str, Any], folder: Path) -> None:
-    """torch.hub.load of a local "repository" (the folder itself) runs its hubconf.py."""
-    (folder / "hubconf.py").write_text(f"open({str(folder / 'PWNED')!r}, 'w').write('code ran')\n"
-                                       "def model(**kwargs):\n    return None\n")
-    arch(plans)["network_class_name"] = "torch.hub.load"
-    arch(plans)["arch_kwargs"] = {"repo_or_dir": str(folder), "model": "model", "source": "local"}
-    arch(plans)["_kw_requires_import"] = []
 
 
 def truncating_logger(plans: dict[str, Any], folder: Path) -> None:
@@ -43,12 +29,6 @@ def truncating_logger(plans: dict[str, Any], folder: Path) -> None:
     arch(plans)["network_class_name"] = "logging.basicConfig"
     arch(plans)["arch_kwargs"] = {"filename": str(folder.parent / "victim.txt"), "filemode": "w"}
     arch(plans)["_kw_requires_import"] = []
-
-
-def imported_block(key: str, name: str) -> Edit:
-    def edit(plans: dict[str, Any], folder: Path) -> None:
-        arch(plans)["arch_kwargs"][key] = name
-    return edit
 
 
 def configuration(key: str, value: Any) -> Edit:
@@ -81,8 +61,8 @@ def no_ct_statistics(plans: dict[str, Any], folder: Path) -> None:
 CASES: dict[str, tuple[Edit, str]] = {
     "torch.hub.load runs the folder's code": (hub_payload, "network_class_name names 'torch.hub.load'"),
     "logging.basicConfig truncates a file": (truncating_logger, "network_class_name names 'logging.basicConfig'"),
-    "os.system as the convolution": (imported_block("conv_op", "os.system"), "conv_op names 'os.system'"),
-    "a class outside torch.nn as nonlinearity": (imported_block("nonlin", "subprocess.Popen"),
+    "os.system as the convolution": (arch_kwarg("conv_op", "os.system"), "conv_op names 'os.system'"),
+    "a class outside torch.nn as nonlinearity": (arch_kwarg("nonlin", "subprocess.Popen"),
                                                  "nonlin names 'subprocess.Popen'"),
     "an extra imported keyword": (lambda p, f: arch(p)["_kw_requires_import"].append("block"),
                                   "_kw_requires_import names 'block'"),
@@ -101,15 +81,6 @@ CASES: dict[str, tuple[Edit, str]] = {
     "missing CT statistics": (no_ct_statistics, "foreground_intensity_properties_per_channel['0'].percentile_99_5 is None"),
     "stages and widths disagree": (arch_kwarg("features_per_stage", [8, 16]), "features_per_stage is [8, 16], not a list of 3"),
 }
-
-
-def hostile_copy(tiny_model: Path, tmp_path: Path, edit: Edit) -> Path:
-    folder = tmp_path / "models" / tiny_model.name
-    shutil.copytree(tiny_model, folder)
-    plans = json.loads((folder / "plans.json").read_text())
-    edit(plans, folder)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    return folder
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -212,7 +183,7 @@ def test_a_truncated_nifti_is_refused_not_filled_with_zeros(tiny_model, tmp_path
     run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(out),
                           "--model", str(tiny_model), "--quiet"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert f"{ct} is incomplete: " in run.stderr and "copy or export it again" in run.stderr
+    assert f"cannot read {ct}: " in run.stderr and "cut short; copy or export it again" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no output, no partial file
 
 
@@ -291,7 +262,8 @@ def test_an_original_checkpoint_with_nan_weights_is_refused(tiny_model, tmp_path
     (["--tile-step", "0"], "tile step 0.0 is outside (0, 1]"), (["--tile-step", "-1"], "tile step -1.0 is outside"),
     (["--tile-step", "5"], "tile step 5.0 is outside"), (["--tile-step", "nan"], "tile step nan is outside"),
     (["--tile-step", "x"], "argument --tile-step: invalid float value: 'x'"),
-    (["--task", "nope"], "argument --task: invalid choice: 'nope'")])
+    (["--task", "nope"], "argument --task: invalid choice: 'nope'"),
+    (["--fold", "7"], "has no fold 7; available folds: 0, 1"), (["--fold", "x"], "a fold is a number or 'all', not 'x'")])
 def test_bad_segment_options_are_refused_in_one_line_before_any_work(tiny_model, tmp_path, args, message):
     ct = write_ct(tmp_path / "ct.nrrd")
     run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(tmp_path / "o.seg.nrrd"),

@@ -162,7 +162,7 @@ def test_unwritable_or_clashing_outputs_are_refused_before_segmenting(tmp_path):
         plan_outputs([source], source.with_name("ct.nrrd"))
     with pytest.raises(OutputPathError, match="does not exist"):
         plan_outputs([source], tmp_path / "no" / "out.seg.nrrd")
-    with pytest.raises(VolumeError, match="input\(s\) not found"):
+    with pytest.raises(VolumeError, match=r"input\(s\) not found"):
         plan_outputs([tmp_path / "missing.nii.gz"], tmp_path / "out.seg.nrrd")
     other = tmp_path / "b"
     other.mkdir()

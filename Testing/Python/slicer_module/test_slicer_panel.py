@@ -13,7 +13,7 @@ from pathlib import Path
 import headless_slicer
 import numpy as np
 import pytest
-from conftest import tree_digest
+from conftest import hostile_copy, hub_payload, tree_digest
 from test_slicer_logic import CT_PATH, node_ids, segments_by_name, snapshot
 from TuckerSegmentLib import dependencies
 from TuckerSegmentLib.background import CANCELLED, DONE
@@ -180,6 +180,18 @@ def test_compression_refuses_bad_input_before_starting_and_cancel_leaves_nothing
     assert job.wait(600) == CANCELLED
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slicer_home", "taken"]  # no output, no staging
     assert tree_digest(DEMO_SOURCE) == source_before
+
+
+def test_the_logic_refuses_a_model_folder_whose_plans_name_code(logic, scene, ct_node, tiny_model, tmp_path):
+    folder = hostile_copy(tiny_model, tmp_path, hub_payload)
+    before, nodes = tree_digest(folder), node_ids(scene)
+    for start in (lambda: logic.startCompression(folder, tmp_path / "out"),
+                  lambda: logic.startSegmentation(ct_node, model=str(folder), device="cpu"),
+                  lambda: logic.segmentVolumeNodes([ct_node], model=str(folder), device="cpu", save=False)):
+        with pytest.raises(ModelFolderError, match="network_class_name names 'torch.hub.load'.*nothing from the folder"):
+            start()
+    assert not (folder / "PWNED").exists() and tree_digest(folder) == before and node_ids(scene) == nodes
+    assert not (tmp_path / "out").exists()
 
 
 def test_console_batch_over_the_scenes_volumes_loads_the_model_once_and_saves_beside_each(logic, scene, tmp_path):

@@ -108,7 +108,7 @@ def read_volume(path: str | Path, check: bool = True) -> Volume:
     if not path.is_file():
         raise VolumeError(f"input {path} does not exist or is not a file; pass a NIfTI (.nii.gz) or NRRD CT volume")
     if path.name.lower().endswith(NIFTI_SUFFIXES) and (problem := nifti_problem(path)) is not None:
-        raise VolumeError(f"{path} is incomplete: {problem}; copy or export it again")
+        raise VolumeError(f"cannot read {path}: {problem}; copy or export it again")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -59,6 +59,8 @@ def segment_batch(sources: Sequence[T], work: Callable[[T, Progress], tuple[Any,
             record(BatchItem(source, None, str(error)))
             break
         except TuckerSegmentError as error:
+            if len(sources) == 1:
+                raise
             raise type(error)(f"{name(source)}: {error} (batch stopped after {index} of {len(sources)} inputs; "
                               "the ones done are kept)") from error
         record(BatchItem(source, output, message))
