@@ -133,7 +133,17 @@ def test_old_format_plans_are_checked_too(tiny_model, tmp_path):
         del config["architecture"]
         config["UNet_class_name"] = "os.system"
     with pytest.raises(ModelFolderError, match="UNet_class_name names 'os.system'"):
-        ModelFolder.open(hostile_copy(tiny_model, tmp_path, old))
+        ModelFolder.open(hostile_copy(tiny_model, tmp_path / "name", old))
+
+    def huge(plans: dict[str, Any], folder: Path) -> None:
+        config = plans["configurations"][CONFIG]
+        arch_kwargs = config.pop("architecture")["arch_kwargs"]
+        config.update({"UNet_class_name": "PlainConvUNet", "UNet_base_num_features": 10 ** 9,
+                       "unet_max_num_features": 320, "n_conv_per_stage_encoder": arch_kwargs["n_conv_per_stage"],
+                       "n_conv_per_stage_decoder": arch_kwargs["n_conv_per_stage_decoder"],
+                       "conv_kernel_sizes": arch_kwargs["kernel_sizes"], "pool_op_kernel_sizes": arch_kwargs["strides"]})
+    with pytest.raises(ModelFolderError, match="UNet_base_num_features is 1000000000, not a whole number in 1–4096"):
+        ModelFolder.open(hostile_copy(tiny_model, tmp_path / "size", huge))
 
 
 class _RunsCode:

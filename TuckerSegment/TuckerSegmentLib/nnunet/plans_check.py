@@ -145,7 +145,13 @@ def check_architecture(config: dict[str, Any], where: str) -> int:
                            "plans")
     if "architecture" not in config:  # pre-2.3 plans: nnU-Net converts them with fixed names
         _one_of(config.get("UNet_class_name"), f"{where}.UNet_class_name", OLD_ARCHITECTURES)
-        return len(_list(config.get("patch_size"), f"{where}.patch_size", (2, 3)))
+        for key in ("UNet_base_num_features", "unet_max_num_features"):
+            _int(config.get(key), f"{where}.{key}", FEATURES)
+        stages = len(_list(config.get("n_conv_per_stage_encoder"), f"{where}.n_conv_per_stage_encoder", STAGES))
+        dims = len(_list(config.get("patch_size"), f"{where}.patch_size", (2, 3)))
+        _check_stages(config, where, stages, dims, "n_conv_per_stage_encoder",
+                      {"conv_kernel_sizes": KERNEL, "pool_op_kernel_sizes": STRIDE})
+        return dims
     arch = _dict(config["architecture"], f"{where}.architecture")
     kind = ARCHITECTURES[_one_of(arch.get("network_class_name"), f"{where}.architecture.network_class_name",
                                  ARCHITECTURES)]
@@ -170,15 +176,21 @@ def check_architecture(config: dict[str, Any], where: str) -> int:
     dims = len(_list(config.get("patch_size"), f"{where}.patch_size", (2, 3)))
     for index, width in enumerate(_list(kwargs.get("features_per_stage"), f"{field}.features_per_stage", stages)):
         _int(width, f"{field}.features_per_stage[{index}]", FEATURES)
-    for key, limits in (("kernel_sizes", KERNEL), ("strides", STRIDE)):
-        for stage, sizes in enumerate(_list(kwargs.get(key), f"{field}.{key}", stages)):
+    blocks = "n_conv_per_stage" if kind == "PlainConvUNet" else "n_blocks_per_stage"
+    _check_stages(kwargs, field, stages, dims, blocks, {"kernel_sizes": KERNEL, "strides": STRIDE})
+    return dims
+
+
+def _check_stages(entries: dict[str, Any], field: str, stages: int, dims: int, blocks: str,
+                  geometry: dict[str, tuple[int, int]]) -> None:
+    """Per-stage kernel sizes and strides (one per axis) and convolution counts within their limits."""
+    for key, limits in geometry.items():
+        for stage, sizes in enumerate(_list(entries.get(key), f"{field}.{key}", stages)):
             for axis, size in enumerate(_list(sizes, f"{field}.{key}[{stage}]", dims)):
                 _int(size, f"{field}.{key}[{stage}][{axis}]", limits)
-    blocks = "n_conv_per_stage" if kind == "PlainConvUNet" else "n_blocks_per_stage"
     for key, count in ((blocks, stages), ("n_conv_per_stage_decoder", stages - 1)):
-        for index, value in enumerate(_list(kwargs.get(key), f"{field}.{key}", count)):
+        for index, value in enumerate(_list(entries.get(key), f"{field}.{key}", count)):
             _int(value, f"{field}.{key}[{index}]", CONVS)
-    return dims
 
 
 def check_configuration(plans: dict[str, Any], configuration: str, channels: int) -> None:
