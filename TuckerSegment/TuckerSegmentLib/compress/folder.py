@@ -39,8 +39,7 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
     if twice:
         raise ModelFolderError(f"fold {', '.join(twice)} is named more than once; name each fold once")
     for fold in fold_names:
-        if fold not in model.folds:
-            raise ModelFolderError(f"{model.path} has no fold {fold}; available folds: {', '.join(model.folds)}")
+        model.require_fold(fold)
     target = check_output_dir(Path(output), overwrite, protected=model.path)
     reports: dict[str, CompressionReport] = {}
     with atomic_output_dir(target, overwrite) as staging:

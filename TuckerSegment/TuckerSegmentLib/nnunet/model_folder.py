@@ -137,23 +137,24 @@ class ModelFolder:
     def checkpoint_path(self, fold: Fold) -> Path:
         return self.fold_path(fold) / CHECKPOINT_NAME
 
-    def _require_fold(self, fold: Fold) -> None:
+    def require_fold(self, fold: Fold) -> None:
+        """Refuse a fold this folder does not hold, naming the ones it does."""
         if str(fold) not in self.folds:
             raise ModelFolderError(f"{self.path} has no fold {fold}; available folds: {', '.join(self.folds)}")
 
     def tucker_record(self, fold: Fold) -> dict[str, Any]:
         """The validated ``tucker.json`` of a compressed fold."""
-        self._require_fold(fold)
+        self.require_fold(fold)
         return read_tucker_json(self.fold_path(fold) / TUCKER_JSON)
 
     def load_checkpoint(self, fold: Fold, trust: bool = False) -> dict[str, Any]:
-        self._require_fold(fold)
+        self.require_fold(fold)
         return load_checkpoint(self.checkpoint_path(fold), trust=trust)
 
     def fold_structure(self, fold: Fold) -> tuple[nn.Module, dict[str, Any] | None]:
         """The network of ``fold`` with its factorised layers in place (weights not loaded), and its
         ``tucker.json`` record (``None`` for an original fold)."""
-        self._require_fold(fold)
+        self.require_fold(fold)
         network = self.build_network()
         if not self.is_compressed_fold(fold):
             return network, None

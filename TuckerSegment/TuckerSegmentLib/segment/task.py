@@ -41,10 +41,9 @@ class TaskSegmenter:
             raise TaskError("a segmentation task needs at least one model folder")
         check_tile_step(segmenter_options.get("tile_step", 0.8))  # before any model is opened
         folders = [m if isinstance(m, ModelFolder) else ModelFolder.open(m) for m in models]
-        fold = segmenter_options.get("fold")
-        for folder in folders:
-            if fold is not None and str(fold) not in folder.folds:
-                raise TaskError(f"{folder.path} has no fold {fold}; available folds: {', '.join(folder.folds)}")
+        if segmenter_options.get("fold") is not None:
+            for folder in folders:
+                folder.require_fold(segmenter_options["fold"])
         if label_maps is not None and len(label_maps) != len(folders):
             raise TaskError(f"{len(label_maps)} label maps for {len(folders)} models; give one per model")
         self._options = segmenter_options
