@@ -4,9 +4,9 @@
 Slicer's and CTK's custom widgets are not available outside Slicer, so the .ui XML is rewritten in
 memory: each custom class becomes a plain Qt stand-in (``STAND_INS``), Slicer-only properties are
 dropped, collapsible sections become expanded group boxes, and the loaded panel is filled with
-example entries before it is grabbed offscreen. Needs PySide6-Essentials (requirements/render.txt):
+example entries before it is grabbed offscreen. Needs PySide6-Essentials (in requirements/test.txt):
 
-    .venv/bin/pip install -r requirements/render.txt
+    bash scripts/setup.sh --test
     .venv/bin/python scripts/render_ui.py [--ui PATH] [--out PATH] [--width PIXELS]
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ TEXTS: dict[str, str] = {
     "structureCountLabel": "2 of 7 structures",
     "statusLabel": "",
     "modelFolderPathLineEdit": "~/nnUNet_results/Dataset291_TotalSegmentator_part1/nnUNetTrainer__nnUNetPlans__3d_fullres",
-    "outputFolderPathLineEdit": "~/TuckerSegment/Dataset291-flops-0.5",
+    "outputParentPathLineEdit": "~/TuckerSegment",
+    "outputNameLineEdit": "Dataset291-flops-0.5",
 }
 REPORT_COLUMNS = ["Quantity", "Original", "Compressed", "Ratio"]
 

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # segmentation
-    "segment.predictor": ("Segmenter", "SegmentationResult"),
+    "segment.predictor": ("Segmenter",),
+    "segment.result": ("SegmentationResult",),
     "segment.task": ("TaskSegmenter",),
     "segment.output": ("write_result",),
     "segment.batch": ("BatchItem", "segment_batch"),
@@ -22,6 +23,8 @@ _EXPORTS = {
     # compression
     "compress.folder": ("compress_model_folder", "describe_model"),
     "compress.network": ("CompressionReport", "LayerRecord", "compress_network"),
+    "compress.figures": ("CompressionReview", "ModelFigures", "pareto_front"),
+    "compress.review": ("review_compression",),
     "compress.calibration_data": ("calibration_patches",),
     "policies.methods": ("METHODS", "policy_for", "policy_from_dict"),
     "policies.base": ("RankPolicy",),

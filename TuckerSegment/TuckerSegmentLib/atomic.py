@@ -87,8 +87,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(target: Path) -> list[Path]:
-    """Remove the partial files and folders (and retired ``.old-*`` copies) that runs which no longer exist
-    left beside ``target``; never a live run's. Returns what was removed."""
+    """Remove the partial files and folders, retired ``.old-*`` copies and ``.lock`` claims that runs which no
+    longer exist left beside ``target``; never a live run's. Returns what was removed."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)\.[^.]+\.partial.*|old-(\d+))$")
     removed = []
     for path in target.parent.iterdir() if target.parent.is_dir() else ():
@@ -99,7 +99,19 @@ def remove_stale(target: Path) -> list[Path]:
             else:
                 path.unlink(missing_ok=True)
             removed.append(path)
+    lock = target.with_name(f".{target.name}.lock")
+    if lock.is_file() and not _alive(_lock_owner(lock) or 0):
+        lock.unlink(missing_ok=True)
+        removed.append(lock)
     return removed
+
+
+def _lock_owner(lock: Path) -> int | None:
+    """The process id a ``.lock`` claim holds (None when it cannot be read)."""
+    try:
+        return int(lock.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
 
 
 @contextmanager
@@ -111,10 +123,7 @@ def _claimed(target: Path) -> Iterator[None]:
         try:
             handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
+            owner = _lock_owner(lock)
             if owner and _alive(owner):
                 raise OutputPathError(f"another TuckerSegment run (process {owner}) is writing {target}; wait for it "
                                       "to finish or choose another output") from None

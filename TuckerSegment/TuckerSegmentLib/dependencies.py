@@ -36,6 +36,7 @@ class Requirement:
 
 
 PYTHON_MINIMUM = "3.11"  # tensorly 0.10 needs it (nnU-Net 2.8 needs 3.10); Slicer 5.10 ships 3.12
+SLICER_MINIMUM = (5, 10)  # the first Slicer with a Python >= PYTHON_MINIMUM (5.8 ships 3.9.10)
 # torch: a recent build (CPU, or the CUDA build matching the GPU, which Slicer's PyTorch extension picks),
 # without the 2.9 series that nnU-Net 2.8.1 excludes; the others bounded to the versions tested
 # (nnU-Net's predictor internals change between minor releases).
@@ -43,7 +44,9 @@ TORCH = Requirement("torch", "torch", "2.5", excluded="2.9")
 REQUIREMENTS = (
     TORCH,
     Requirement("tensorly", "tensorly", "0.10", "0.11"),
-    Requirement("nnunetv2", "nnunetv2", "2.8.1", "2.9"),
+    NNUNET := Requirement("nnunetv2", "nnunetv2", "2.8.1", "2.9"),
+    # nnU-Net 2.8.1 asks this range; installers were seen to leave acvl_utils 0.2 behind
+    Requirement("acvl-utils", "acvl_utils", "0.2.6", "0.3"),
     Requirement("dynamic-network-architectures", "dynamic_network_architectures", "0.4.4", "0.5"),
     Requirement("safetensors", "safetensors", "0.8", "1"),
     Requirement("nibabel", "nibabel", "5.0", "6"),
@@ -103,3 +106,16 @@ def problems(version_of: Callable[[str], str | None] = installed_version) -> lis
             found.append(Problem(requirement, version))
     return found
 
+
+
+def platform_problem(python: tuple[int, ...], slicer: tuple[int, int] | None = None) -> str | None:
+    """Why this Python (or this 3D Slicer) cannot run TuckerSegment, or None. Parses under Python 3.9, so
+    an old Slicer can load the module and show this message."""
+    if slicer is not None and tuple(slicer) < SLICER_MINIMUM:
+        return (f"TuckerSegment needs 3D Slicer {SLICER_MINIMUM[0]}.{SLICER_MINIMUM[1]} or newer (Python "
+                f"{PYTHON_MINIMUM}+); this is Slicer {slicer[0]}.{slicer[1]} with Python "
+                f"{python[0]}.{python[1]}: install a current Slicer from download.slicer.org")
+    if tuple(python[:2]) < version_tuple(PYTHON_MINIMUM):
+        return (f"TuckerSegment needs Python {PYTHON_MINIMUM} or newer; this is Python {python[0]}.{python[1]}"
+                + (": install a current 3D Slicer from download.slicer.org" if slicer is not None else ""))
+    return None

@@ -1,7 +1,7 @@
 """The Pareto plot's data: which compressed models are compared, and which of them no cheaper one beats."""
 from __future__ import annotations
 
-from TuckerSegmentLib.compress.review import CompressionReview, ModelFigures, pareto_front
+from TuckerSegmentLib.compress.figures import CompressionReview, ModelFigures, pareto_front
 from TuckerSegmentLib.variants.user_variants import UserVariant, comparison_points
 
 

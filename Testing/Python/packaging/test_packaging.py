@@ -20,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 MODULE_DIR = ROOT / "TuckerSegment"
 MODULE_PY = MODULE_DIR / "TuckerSegment.py"
+PARAMETERS_PY = MODULE_DIR / "TuckerSegmentModule" / "Parameters.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "TuckerSegment.ui"
 INDEX_ENTRY = ROOT / "TuckerSegment.json"
 SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json"
@@ -33,7 +34,8 @@ REQUIRED_WIDGETS = [
     "applyButton", "cancelButton", "progressBar", "statusLabel", "inputVolumeSelector", "outputSegmentationSelector",
     "taskComboBox", "variantComboBox", "deviceComboBox", "structureListWidget", "structureSearchBox",
     "tileStepSliderWidget", "halfPrecisionCheckBox", "showStatisticsButton", "compressCollapsibleButton",
-    "modelFolderPathLineEdit", "policyComboBox", "targetSpinBox", "calibrationVolumesSelector", "outputFolderPathLineEdit",
+    "modelFolderPathLineEdit", "policyComboBox", "targetSpinBox", "calibrationVolumesSelector", "outputParentPathLineEdit",
+    "outputNameLineEdit", "dependenciesLabel", "installButton",
     "compressButton", "compressCancelButton", "compressProgressBar", "reportTableView", "paretoPlotWidget", "addVariantButton",
 ]
 # Widget name suffix -> classes a widget so named may be (or derive from); the longest suffix wins.
@@ -95,7 +97,9 @@ def lineage(cls: str) -> set[str]:
 
 
 def module_source() -> str:
-    return MODULE_PY.read_text(encoding="utf-8")
+    """The Slicer side: the module file and its parts in TuckerSegmentModule/."""
+    files = [MODULE_PY, *sorted((MODULE_DIR / "TuckerSegmentModule").glob("*.py"))]
+    return "\n".join(path.read_text(encoding="utf-8") for path in files)
 
 
 def test_ui_has_one_qmrmlwidget_at_the_top() -> None:
@@ -139,21 +143,21 @@ def test_widget_classes_follow_their_names() -> None:
 
 
 def test_module_lookups_exist_in_ui() -> None:
-    """Every ``self.ui.<name>`` in TuckerSegment.py names a .ui widget whose class supports what is used."""
+    """Every ``self.ui.<name>`` of the module names a .ui widget whose class supports what is used."""
     source, widgets = module_source(), ui_widgets()
     missing = sorted({n for n in re.findall(r"self\.ui\.(\w+)", source) if n not in widgets})
-    assert not missing, f"looked up in TuckerSegment.py but not in the .ui: {missing}"
+    assert not missing, f"looked up by the module but not in the .ui: {missing}"
     for name, member in set(re.findall(r"self\.ui\.(\w+)\.(\w+)", source)):
         if member in MEMBER_CLASSES:
             assert lineage(widgets[name]) & MEMBER_CLASSES[member], f"self.ui.{name}.{member}: {name} is a {widgets[name]}"
 
 
 def parameter_node_fields() -> set[str]:
-    tree = ast.parse(module_source(), filename=str(MODULE_PY))
+    tree = ast.parse(PARAMETERS_PY.read_text(encoding="utf-8"), filename=str(PARAMETERS_PY))
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "TuckerSegmentParameterNode":
             return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
-    pytest.fail("TuckerSegment.py has no class TuckerSegmentParameterNode")
+    pytest.fail("Parameters.py has no class TuckerSegmentParameterNode")
 
 
 def test_slicer_parameter_names_are_parameter_node_fields() -> None:

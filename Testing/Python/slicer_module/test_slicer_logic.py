@@ -24,6 +24,12 @@ RIGHT_LUNG_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SC
                           "~SCT^39607008^Lung~SCT^24028007^Right~Anatomic codes - DICOM master list~^^~^^")
 
 
+def engine_task(model="auto", task: str = "auto"):
+    """The engine's segmenter for what the Logic's worker picks, run in this process to compare with."""
+    from TuckerSegmentLib.worker.server import LoadedModel
+    return LoadedModel().get(model, "auto", task, 0.8, True)
+
+
 def matrix_of(node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
@@ -113,7 +119,7 @@ def test_segments_the_loaded_ct_into_named_coloured_coded_segments(logic, scene,
 
 def test_node_labels_equal_the_engine_output_on_the_volume_geometry(logic, scene, ct_node):
     node = logic.segment(ct_node)
-    task = logic.task("auto")
+    task = engine_task()
     engine = task.segment(Volume(slicer.util.arrayFromVolume(ct_node).copy(), matrix_of(ct_node)))
     assert np.array_equal(exported_labels(node, ct_node, task.segments), engine.labels)
     # the reference geometry is the volume's: spacing, origin and directions
@@ -138,7 +144,7 @@ def rotation(degrees: float, axis: int) -> np.ndarray:
 @pytest.mark.parametrize("storage", ["LPS", "oblique", "transformed"])
 def test_left_and_right_survive_lps_oblique_and_transformed_volumes(logic, scene, ct_node, storage):
     array, ras = slicer.util.arrayFromVolume(ct_node).copy(), matrix_of(ct_node)
-    task = logic.task("auto")
+    task = engine_task()
     if storage == "LPS":  # the same patient, voxels stored with i towards L and j towards P
         flipped = array[:, ::-1, ::-1].copy()
         m = ras.copy()
@@ -179,7 +185,7 @@ def test_rerun_replaces_segments_and_subset_limits_them(logic, scene, ct_node):
     assert again is node
     assert list(segments_by_name(node)) == ["ribs", "left lung"]
     assert node.GetAttribute("TuckerSegment.Policy") == "UniformPolicy(factor=0.7, rank_min=8)"
-    task = logic.task("chest-demo-tucker-0.7")
+    task = engine_task("chest-demo-tucker-0.7")
     labels = exported_labels(node, ct_node, task.segments)
     engine = task.segment(Volume(slicer.util.arrayFromVolume(ct_node).copy(), matrix_of(ct_node)),
                           subset=["left lung", "ribs"])
@@ -193,7 +199,11 @@ def test_subset_skips_models_of_a_task_that_hold_none_of_the_structures(scene, c
     models = [first, renamed_copy(first, tmp_path / "second", "copy ")]
     logic = TuckerSegment.TuckerSegmentLogic()
     node = logic.segment(ct_node, model=models, subset=["copy left lung"])
-    assert logic.task(models).loaded() == [False, True]
+    engine = engine_task([str(m) for m in models])
+    labels = engine.segment(Volume(slicer.util.arrayFromVolume(ct_node).copy(), matrix_of(ct_node)),
+                            subset=["copy left lung"]).labels
+    assert engine.loaded() == [False, True]  # the first model holds none of the structures: never loaded
+    assert np.array_equal(exported_labels(node, ct_node, engine.segments), labels)
     assert list(segments_by_name(node)) == ["copy left lung"]
     assert segments_by_name(node)["copy left lung"].GetLabelValue() == 13
 
@@ -241,7 +251,7 @@ def test_saved_seg_nrrd_reads_back_with_slicerio(logic, scene, ct_node, tmp_path
     assert right["tags"]["TuckerSegment.Model"] == "chest-demo"
     assert right["tags"]["TuckerSegment.Notice"] == RESEARCH_NOTICE
     # voxels and geometry: the file holds the node's labels on the volume's grid (cropped, with its offset)
-    task = logic.task("auto")
+    task = engine_task()
     labels = exported_labels(node, ct_node, task.segments)
     full = np.zeros(labels.shape[::-1], dtype=np.int32)
     offset = np.array(seg["referenceImageExtentOffset"])
@@ -329,10 +339,11 @@ def test_batch_over_a_folder_loads_the_model_once_and_saves_beside_each_volume(l
     sitk.WriteImage(sitk.DICOMOrient(image, "LPS"), str(folder / "b.nii.gz"))
     sitk.WriteImage(image[:, :, 5], str(folder / "c_slice.nrrd"))  # a 2D image: reported, the rest go on
     baseline = node_ids(scene)
-    task = logic.task("chest-demo")
+    worker = logic.workerStatus()
     progress = []
     outcomes = logic.segmentFiles(folder, model="chest-demo", progress=lambda f, m: progress.append((f, m)))
-    assert logic.task("chest-demo") is task  # the same loaded model for every file
+    after = logic.workerStatus()  # the same worker, and at most one model load for all the files
+    assert after["pid"] == worker["pid"] and after["loads"] - worker["loads"] <= 1
     assert [(o[0].name, o[1].name if o[1] else None) for o in outcomes] == [
         ("a.nrrd", "a.seg.nrrd"), ("b.nii.gz", "b.seg.nrrd"), ("c_slice.nrrd", None)]
     assert outcomes[0][2] == "7 segments" and "single slice" in outcomes[2][2]

@@ -1,5 +1,5 @@
-"""What the Slicer panel does, through the Logic on real MRML (slicer-core): background jobs with
-progress and cancel, task/variant/structure choices, Segment Statistics figures, compression with its
+"""What the Slicer panel does, through the Logic on real MRML (slicer-core): jobs in the worker process
+with progress and cancel, task/variant/structure choices, Segment Statistics figures, compression with its
 report table, Pareto plot and "my variants", dependency checks, batches of volume nodes from the
 console; and the module's own self-test (TuckerSegmentTest) run by pytest."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from conftest import hostile_copy, hub_payload, tree_digest
 from test_slicer_logic import CT_PATH, node_ids, segments_by_name, snapshot
 from TuckerSegmentLib import dependencies
-from TuckerSegmentLib.background import CANCELLED, DONE
-from TuckerSegmentLib.errors import Cancelled, ModelFolderError, NotEnoughMemoryError, OutputPathError, VolumeError
+from TuckerSegmentLib.worker.client import CANCELLED, DONE
+from TuckerSegmentLib.errors import ModelFolderError, OutputPathError, SegmentationCancelled, TuckerSegmentError, VolumeError
 from TuckerSegmentLib.image.volume import read_volume
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.segment.predictor import Segmenter
@@ -37,16 +37,16 @@ def test_background_segmentation_equals_the_direct_one_and_cancel_or_removal_cha
     reference = Segmenter(DEMO_SOURCE, device="cpu").segment(read_volume(CT_PATH)).labels
     job = logic.startSegmentation(ct_node, task="demo", device="cpu", tileStep=0.8)
     assert job.wait(300) == DONE, job.error
-    assert np.array_equal(job.result.labels, reference)  # the same engine result as a direct run
-    node = logic.finishSegmentation(job, ct_node)
+    assert np.array_equal(job.labels, reference)  # the same engine result as a direct run
+    node = logic.finishSegmentation(job)
     assert {name: s.GetLabelValue() for name, s in segments_by_name(node).items()} == expected
 
     before = snapshot(scene, node)
-    job = logic.startSegmentation(ct_node, task="demo", device="cpu")
+    job = logic.startSegmentation(ct_node, task="demo", device="cpu", segmentationNode=node)
     job.cancel()
     assert job.wait(300) == CANCELLED
-    with pytest.raises(Cancelled):
-        logic.finishSegmentation(job, ct_node, node)
+    with pytest.raises(SegmentationCancelled):
+        logic.finishSegmentation(job)
     assert snapshot(scene, node) == before
 
     job = logic.startSegmentation(ct_node, task="demo", device="cpu", subset=["left lung"])
@@ -54,7 +54,7 @@ def test_background_segmentation_equals_the_direct_one_and_cancel_or_removal_cha
     assert job.wait(300) == DONE
     ids = node_ids(scene)
     with pytest.raises(VolumeError, match="removed while it was segmented"):
-        logic.finishSegmentation(job, ct_node)
+        logic.finishSegmentation(job)
     assert node_ids(scene) == ids
     with pytest.raises(VolumeError, match="no CT volume selected"):
         logic.startSegmentation(None)
@@ -85,19 +85,20 @@ def test_task_variant_and_structure_choices(logic):
 def test_statistics_give_each_segments_volume_and_mean_hu(logic, scene, ct_node):
     job = logic.startSegmentation(ct_node, task="demo", device="cpu")
     assert job.wait(300) == DONE
-    node = logic.finishSegmentation(job, ct_node)
+    node = logic.finishSegmentation(job)
     table = logic.showStatistics(node, ct_node)
     columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
     assert columns[:4] == ["Segment", "Number of voxels", "Volume [cm3]", "Mean [HU]"]
     ct = read_volume(CT_PATH).array
     voxel_cm3 = float(np.prod(ct_node.GetSpacing())) / 1000
-    labels = job.result.labels
+    labels = job.labels
     rows = {table.GetCellText(r, 0): r for r in range(table.GetNumberOfRows())}
     assert set(rows) == set(segments_by_name(node))
     count, cm3, mean = (table.GetTable().GetColumn(i) for i in (1, 2, 3))
-    for segment in job.result.found():
-        row = rows[segment.name]
-        inside = labels == segment.value
+    for name, segment in segments_by_name(node).items():
+        row, inside = rows[name], labels == segment.GetLabelValue()
+        if not inside.any():
+            continue
         assert count.GetValue(row) == int(inside.sum())
         assert cm3.GetValue(row) == pytest.approx(inside.sum() * voxel_cm3, rel=1e-9)
         assert mean.GetValue(row) == pytest.approx(ct[inside].mean(), rel=1e-9)
@@ -176,8 +177,8 @@ def test_compression_refuses_bad_input_before_starting_and_cancel_leaves_nothing
     with pytest.raises(Exception, match="unknown compression method 'magic'; choose one of flops"):
         logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="magic")
     job = logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="uniform", target=0.5, device="cpu")
-    job.cancel()
-    assert job.wait(600) == CANCELLED
+    job.on_progress = lambda fraction, message: job.cancel() if message.startswith("compressing layer 3/") else None
+    assert job.wait(600) == CANCELLED  # killed mid-compression: its staging folder and claim are removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slicer_home", "taken"]  # no output, no staging
     assert tree_digest(DEMO_SOURCE) == source_before
 
@@ -185,13 +186,17 @@ def test_compression_refuses_bad_input_before_starting_and_cancel_leaves_nothing
 def test_the_logic_refuses_a_model_folder_whose_plans_name_code(logic, scene, ct_node, tiny_model, tmp_path):
     folder = hostile_copy(tiny_model, tmp_path, hub_payload)
     before, nodes = tree_digest(folder), node_ids(scene)
-    for start in (lambda: logic.startCompression(folder, tmp_path / "out"),
-                  lambda: logic.startSegmentation(ct_node, model=str(folder), device="cpu"),
-                  lambda: logic.segmentVolumeNodes([ct_node], model=str(folder), device="cpu", save=False)):
+
+    def outcome(job):
+        job.wait(300)
+        return job.outcome()
+    for run in (lambda: outcome(logic.startCompression(folder, tmp_path / "out")),
+                lambda: outcome(logic.startSegmentation(ct_node, model=str(folder), device="cpu")),
+                lambda: logic.segmentVolumeNodes([ct_node], model=str(folder), device="cpu", save=False)):
         with pytest.raises(ModelFolderError, match="network_class_name names 'torch.hub.load'.*nothing from the folder"):
-            start()
+            run()
     assert not (folder / "PWNED").exists() and tree_digest(folder) == before and node_ids(scene) == nodes
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_console_batch_over_the_scenes_volumes_loads_the_model_once_and_saves_beside_each(logic, scene, tmp_path):
@@ -203,10 +208,11 @@ def test_console_batch_over_the_scenes_volumes_loads_the_model_once_and_saves_be
     unsaved.SetAndObserveImageData(nodes[0].GetImageData())
     scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")  # no voxels: reported
     scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")  # not a CT: skipped
-    task = logic.task("chest-demo")
+    worker = logic.workerStatus()
     progress = []
     outcomes = logic.segmentVolumeNodes(model="chest-demo", progress=lambda f, m: progress.append((f, m)))
-    assert logic.task("chest-demo") is task
+    after = logic.workerStatus()
+    assert after["pid"] == worker["pid"] and after["loads"] - worker["loads"] <= 1  # one model load at most
     assert [(o[0].GetName(), o[2].name if o[2] else None) for o in outcomes] == [
         ("first", "first.seg.nrrd"), ("second", "second.seg.nrrd"), ("unsaved", None), ("empty", None)]
     assert outcomes[2][3] == "7 segments; not saved: the volume has no file (save it with File > Save Data)"
@@ -217,21 +223,29 @@ def test_console_batch_over_the_scenes_volumes_loads_the_model_once_and_saves_be
     assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] <= 1
 
 
-def test_console_batch_stops_on_a_memory_error_and_keeps_what_was_done(logic, scene, tmp_path, monkeypatch):
-    from TuckerSegmentLib.variants import guard
+def test_console_batch_stops_when_the_worker_dies_and_keeps_what_was_done(logic, scene):
+    import os
+    import signal
     first = headless_slicer.load_volume(CT_PATH, "first")
-    headless_slicer.load_volume(CT_PATH, "second")
+    second = headless_slicer.load_volume(CT_PATH, "second")
     before = node_ids(scene)
-    monkeypatch.setattr(guard, "system_memory", lambda: (8 << 30, 1 << 20))  # 1 MiB of RAM free
-    with pytest.raises(NotEnoughMemoryError, match=r"^first: chest-demo needs about .* too little even in slabs.*"
-                                                   r"\(batch stopped after 0 of 2 inputs; the ones done are kept\)$"):
-        logic.segmentVolumeNodes([first, scene.GetFirstNodeByName("second")], model="chest-demo", device="cpu",
-                                 save=False)
-    assert node_ids(scene) == before  # nothing half-added
+
+    def kill_during_the_second(fraction, message):  # as the kernel does when memory runs out
+        if message.startswith("2/2 second: tile 2/"):
+            os.kill(logic.worker().worker_pid, signal.SIGKILL)
+    with pytest.raises(TuckerSegmentError, match=r"^second: the TuckerSegment worker process was killed \(SIGKILL; "
+                                                 r"out of memory is the usual cause\).*\(batch stopped after 1 of 2"):
+        logic.segmentVolumeNodes([first, second], model="chest-demo", device="cpu", save=False,
+                                 progress=kill_during_the_second)
+    added = [i for i in node_ids(scene) if i not in before]
+    assert [scene.GetNodeByID(i).GetClassName() for i in added] == [  # the first volume's segmentation only
+        "vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode"]
+    assert logic.segment(second, model="chest-demo", device="cpu").GetSegmentation().GetNumberOfSegments() == 7
 
 
-def test_dependency_check_names_missing_and_untested_versions_and_installs_only_when_asked(monkeypatch):
-    versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": "2.8.1", "dynamic-network-architectures": "0.4.4",
+def test_dependency_check_names_missing_and_untested_versions():
+    versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": "2.8.1", "acvl-utils": "0.2.6",
+                "dynamic-network-architectures": "0.4.4",
                 "safetensors": "0.8.0", "nibabel": "5.4.2", "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4"}
     problems = dependencies.problems(versions.get)
     assert [str(p) for p in problems] == ["torch is not installed",
@@ -241,19 +255,68 @@ def test_dependency_check_names_missing_and_untested_versions_and_installs_only_
     assert [str(p) for p in dependencies.problems({**versions, "torch": "2.9.0", "tensorly": "0.10.0"}.get)] == [
         "torch 2.9.0 is installed; TuckerSegment needs torch>=2.5,!=2.9.*"]
 
-    import TuckerSegment
-    calls = []
-    torch_utils = types.ModuleType("PyTorchUtils")
-    torch_utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
-        installTorch=lambda **kwargs: calls.append(("torch", kwargs)) or "torch")
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
-    monkeypatch.setattr(TuckerSegment.slicer.util, "pip_install", lambda requirements: calls.append(("pip", requirements)))
-    TuckerSegment.TuckerSegmentLogic.installDependencies(problems)
-    assert calls == [("torch", {"askConfirmation": False, "torchVersionRequirement": ">=2.5,!=2.9.*"}),
-                     ("pip", ["tensorly>=0.10,<0.11"])]
+
+class StandInInstallers:
+    """Slicer's installers as the install logic calls them (PyTorch extension, NNUNet extension, pip), recording
+    each call and changing ``versions`` as the real ones would; the NNUNet installer leaves acvl_utils 0.2
+    behind, as versions of it were seen to."""
+
+    def __init__(self, versions: dict, monkeypatch) -> None:
+        self.versions, self.calls = versions, []
+        torch_utils = types.ModuleType("PyTorchUtils")
+        torch_utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=self.install_torch)
+        nnunet = types.ModuleType("SlicerNNUNetLib")
+        nnunet.InstallLogic = self.nnunet_installer
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+        monkeypatch.setitem(sys.modules, "SlicerNNUNetLib", nnunet)
+        import slicer
+        monkeypatch.setattr(slicer.util, "pip_install", self.pip, raising=False)
+
+    def install_torch(self, **kwargs):
+        self.calls.append(("torch", kwargs))
+        self.versions["torch"] = "2.13.0+cu128"
+        return "torch module"
+
+    def nnunet_installer(self, doAskConfirmation=True):
+        def setup(requirement):
+            self.calls.append(("nnunet", requirement, doAskConfirmation))
+            self.versions.update({"nnunetv2": requirement.split("==")[1], "acvl-utils": "0.2"})
+            return True
+        return types.SimpleNamespace(setupPythonRequirements=setup, needsRestart=False)
+
+    def pip(self, requirements):
+        self.calls.append(("pip", list(requirements)))
+        for requirement in requirements:
+            name, low = requirement.split(">=")[0], requirement.split(">=")[1].split(",")[0]
+            self.versions[name] = low
+
+
+def test_install_uses_slicers_installers_then_checks_and_repairs_what_they_left(monkeypatch):
+    from TuckerSegmentModule.InstallLogic import TuckerSegmentInstallLogic
+    versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": None, "acvl-utils": "0.2.6",
+                "dynamic-network-architectures": "0.4.4", "safetensors": "0.8.0", "nibabel": "5.4.2",
+                "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4"}
+    installers = StandInInstallers(versions, monkeypatch)
+    logic = TuckerSegmentInstallLogic(versionOf=versions.get)
+    outcome = logic.install(logic.problems())
+    assert installers.calls == [
+        ("torch", {"askConfirmation": False, "torchVersionRequirement": ">=2.5,!=2.9.*"}),
+        ("nnunet", "nnunetv2==2.8.1", False),
+        ("pip", ["tensorly>=0.10,<0.11"]),
+        ("pip", ["acvl-utils>=0.2.6,<0.3"]),  # the NNUNet installer left acvl_utils 0.2: repaired
+    ]
+    assert logic.problems() == [] and not outcome.needsRestart
+    assert outcome.messages[-1] == ("repaired with pip, as an installer had left it: acvl-utils 0.2 is installed; "
+                                    "TuckerSegment needs acvl-utils>=0.2.6,<0.3")
+
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # PyTorch extension not installed
-    with pytest.raises(Exception, match="install the PyTorch extension"):
-        TuckerSegment.TuckerSegmentLogic.installDependencies(problems)
+    versions["torch"] = None
+    with pytest.raises(TuckerSegmentError, match="^PyTorch is missing: install the PyTorch extension"):
+        logic.install(logic.problems())
+    monkeypatch.setitem(sys.modules, "SlicerNNUNetLib", None)
+    versions.update(torch="2.13.0", nnunetv2=None)
+    with pytest.raises(TuckerSegmentError, match="^the NNUNet extension is missing: install it"):
+        logic.install(logic.problems())
 
 
 def test_dependency_check_and_module_import_work_without_torch():
@@ -266,3 +329,51 @@ def test_dependency_check_and_module_import_work_without_torch():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(len(dependencies.REQUIREMENTS))
+
+
+def test_the_output_folder_is_an_existing_parent_and_a_new_plain_name(logic, tmp_path):
+    from TuckerSegmentModule.Logic import compressionOutput, suggestedOutputName
+    assert suggestedOutputName("/m/Dataset291/nnUNetTrainer__nnUNetPlans__3d_fullres", "flops", 0.5) == \
+        "nnUNetTrainer__nnUNetPlans__3d_fullres-tucker-flops-0.5"
+    assert suggestedOutputName("", "vbmf", 0.5) == "model-tucker-vbmf"  # a method without a target
+    assert compressionOutput(str(tmp_path), "", "/m/demo", "uniform", 0.7) == tmp_path / "demo-tucker-uniform-0.7"
+    assert compressionOutput(str(tmp_path), "  mine ", "/m/demo", "uniform", 0.7) == tmp_path / "mine"
+    for name in ("a/b", "..", ".", "x\\y", "nul\0"):
+        with pytest.raises(OutputPathError, match="is not a folder name; type a new name without"):
+            compressionOutput(str(tmp_path), name, "/m/demo", "flops", 0.5)
+    with pytest.raises(OutputPathError, match="^choose the folder the compressed model goes in"):
+        compressionOutput("  ", "name", "/m/demo", "flops", 0.5)
+    with pytest.raises(ModelFolderError, match="^choose the nnU-Net model folder"):
+        logic.startCompression("", tmp_path / "out")
+    with pytest.raises(OutputPathError, match="^choose where the compressed model goes"):
+        logic.startCompression(DEMO_SOURCE, " ")
+    assert not logic.worker().busy and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_module_files_parse_on_python_3_9_so_an_old_slicer_can_say_what_it_needs():
+    import ast
+
+    from TuckerSegmentLib.dependencies import platform_problem
+    module = ROOT / "TuckerSegment"
+    files = [module / "TuckerSegment.py", *sorted((module / "TuckerSegmentModule").glob("*.py")),
+             module / "TuckerSegmentLib" / "__init__.py", module / "TuckerSegmentLib" / "dependencies.py"]
+    for path in files:
+        ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))
+    assert platform_problem((3, 9, 10), (5, 8)) == (
+        "TuckerSegment needs 3D Slicer 5.10 or newer (Python 3.11+); this is Slicer 5.8 with Python 3.9: install a "
+        "current Slicer from download.slicer.org")
+    assert platform_problem((3, 12, 10), (5, 10)) is None and platform_problem((3, 11, 7)) is None
+    assert platform_problem((3, 10, 4)) == "TuckerSegment needs Python 3.11 or newer; this is Python 3.10"
+
+
+def test_the_self_test_skips_and_says_why_without_its_dependencies(monkeypatch, capsys):
+    from TuckerSegmentLib import dependencies
+    missing = [dependencies.Problem(dependencies.TORCH, None)]
+    monkeypatch.setattr(dependencies, "problems", lambda *args: missing)
+    started = []
+    monkeypatch.setattr(TuckerSegmentTest, "test_segments_the_bundled_sample_with_the_demo_model",
+                        lambda self: started.append("segment"))
+    TuckerSegmentTest("runTest").runTest()
+    assert started == []
+    assert capsys.readouterr().out.strip() == ("TuckerSegment self-test skipped: missing Python packages (torch is not "
+                                               "installed); install them from the panel")

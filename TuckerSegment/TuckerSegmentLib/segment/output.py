@@ -14,7 +14,7 @@ from ..errors import OutputPathError
 from ..paths import checked_path
 from ..image.integrity import image_problem
 from ..image.volume import LPS_TO_RAS, SEG_NRRD, VOLUME_SUFFIXES, volume_files, volume_to_image
-from .predictor import SegmentationResult
+from .result import SegmentationResult
 from .provenance import provenance
 
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")

@@ -12,7 +12,6 @@ import contextlib
 import io
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,38 +28,12 @@ from ..progress import Cancel, Progress
 from ..runtime.devices import resolve_device
 from ..runtime.execution import ExecutionReport, optimise_execution
 from ..runtime.latency import LatencyTable
-from .labels import SegmentLabel, label_values, segment_labels
+from .labels import label_values, segment_labels
+from .result import SegmentationResult
 
 TOTALSEGMENTATOR_MAX_VOXELS = 512 * 512 * 900  # TotalSegmentator splits larger volumes in three along z
 EXECUTIONS = ("fastest", "reference")
 SLAB_OVERLAP = 20  # voxels of context on each side of a slab (TotalSegmentator's margin)
-
-
-@dataclass
-class SegmentationResult:
-    """Labels on the input grid (``volume.array``, (k, j, i)) and the model's segment descriptions."""
-
-    volume: Volume
-    segments: list[SegmentLabel]
-    model: str
-    device: str
-    seconds: float
-    tiles: int
-    policy: str = "original"  # how the model was compressed, e.g. "UniformPolicy(factor=0.7, rank_min=8)"
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.volume.array
-
-    def voxel_counts(self) -> dict[str, int]:
-        """Voxels per segment name (zero for segments the model did not find)."""
-        counts = np.bincount(self.labels.ravel(), minlength=max((s.value for s in self.segments), default=0) + 1)
-        return {s.name: int(counts[s.value]) for s in self.segments}
-
-    def found(self) -> list[SegmentLabel]:
-        counts = self.voxel_counts()
-        return [s for s in self.segments if counts[s.name] > 0]
 
 
 class _Predictor(nnUNetPredictor):

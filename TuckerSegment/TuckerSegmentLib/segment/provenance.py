@@ -7,7 +7,7 @@ when a segment is copied to another segmentation).
 from __future__ import annotations
 
 from .. import __version__
-from .predictor import SegmentationResult
+from .result import SegmentationResult
 
 PREFIX = "TuckerSegment."
 RESEARCH_NOTICE = ("Automatic segmentation for research use only, not for clinical use; "

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from ..atomic import atomic_output_file
 from ..image.geometry import resample_image, resample_labels_nearest, to_canonical
 from ..image.volume import Volume
-from ..segment.predictor import SegmentationResult
+from ..segment.result import SegmentationResult
 
 WINDOW_HU = (-1000.0, 600.0)
 ALPHA = 0.45

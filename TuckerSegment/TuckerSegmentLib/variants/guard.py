@@ -17,7 +17,7 @@ import torch
 from ..errors import NotEnoughMemoryError
 from ..image.volume import Volume, checked_volume
 from ..progress import Cancel, Progress
-from ..segment.predictor import SegmentationResult
+from ..segment.result import SegmentationResult
 from ..segment.task import TaskSegmenter
 from .build import verify_built
 from .catalogue import Variant

@@ -17,7 +17,7 @@ from ..errors import ModelFolderError
 from ..paths import cache_dir
 
 if TYPE_CHECKING:
-    from ..compress.review import CompressionReview
+    from ..compress.figures import CompressionReview
 
 REGISTRY = "my_variants.json"
 

@@ -1,0 +1,125 @@
+"""The worker process and its protocol without Slicer: answers, errors by class, hostile input (option
+values, request lines, voxel files, answers), stdout kept for the protocol, idle exit and restart."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from TuckerSegmentLib.errors import ModelFolderError, TuckerSegmentError, VolumeError
+from TuckerSegmentLib.segment.labels import SegmentLabel, Terminology
+from TuckerSegmentLib.worker import protocol
+from TuckerSegmentLib.worker.client import DONE, FAILED, ENGINE_FOLDER, WorkerClient, worker_command, worker_environment
+from TuckerSegmentLib.worker.process import SubprocessChild
+
+
+def client(idle_seconds: float | None = None) -> WorkerClient:
+    return WorkerClient(SubprocessChild, *worker_command(idle_seconds=idle_seconds))
+
+
+def test_answers_carry_results_and_errors_by_class_and_the_worker_goes_on(tmp_path):
+    worker = client()
+    try:
+        status = worker.run("status", {})
+        assert status["loads"] == 0 and status["pid"] == worker.worker_pid
+        with pytest.raises(TuckerSegmentError, match="^the worker has no command 'format_disk'$"):
+            worker.run("format_disk", {})
+        with pytest.raises(ModelFolderError, match="does not exist"):
+            worker.run("segment", {"volume": str(tmp_path / "v.npz"), "labels": str(tmp_path / "l.npy"),
+                                   "model": [str(tmp_path / "no model")], "device": "cpu"})
+        job = worker.submit("compress", {"source": str(tmp_path / "none"), "output": str(tmp_path / "out")})
+        assert job.wait(60) == FAILED and isinstance(job.error, ModelFolderError)
+        assert worker.run("status", {})["pid"] == status["pid"] and worker.starts == 1  # one process throughout
+    finally:
+        worker.shutdown()
+    assert not worker.alive()
+
+
+def test_hostile_request_lines_get_an_error_answer_and_library_prints_never_reach_the_protocol():
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.worker"], input=b'not json\n{"id": 1}\n[]\n'
+                         b'{"id": 2, "command": "status", "args": {}}\n', capture_output=True, timeout=120,
+                         env=worker_environment(), cwd=ENGINE_FOLDER)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.decode().splitlines()
+    messages = [protocol.decode(line) for line in lines]
+    assert all(messages) and len(messages) == 5  # ready, three refusals, one answer: nothing else on stdout
+    assert messages[0]["event"] == protocol.READY
+    assert [m["error"]["message"] for m in messages[1:4]] == [
+        "the worker got a request that is not JSON with id and command"] * 3
+    assert messages[4] == {"id": 2, "result": {"pid": messages[0]["pid"], "loads": 0, "version": messages[0]["version"]}}
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_a_bad_idle_option_is_refused_in_one_line(value):
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.worker", "--idle-seconds", value], input="",
+                         capture_output=True, text=True, timeout=60, env=worker_environment(), cwd=ENGINE_FOLDER)
+    assert run.returncode == 2 and "--idle-seconds" in run.stderr.strip().splitlines()[-1]
+
+
+def test_an_idle_worker_exits_by_itself_and_the_next_request_starts_another():
+    worker = client(idle_seconds=1)
+    try:
+        first = worker.run("status", {})["pid"]
+        deadline = time.monotonic() + 30
+        while worker.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not worker.alive()
+        assert worker.run("status", {})["pid"] != first and worker.starts == 2
+    finally:
+        worker.shutdown()
+
+
+def test_voxel_files_hold_arrays_only_and_labels_must_fit_the_volume(tmp_path):
+    voxels, matrix = np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.diag([0.5, 0.5, 2.0, 1.0])
+    protocol.save_volume(tmp_path / "v.npz", voxels, matrix)
+    read, read_matrix = protocol.load_volume(tmp_path / "v.npz")
+    assert np.array_equal(read, voxels) and read.dtype == np.int16 and np.array_equal(read_matrix, matrix)
+    np.savez(tmp_path / "pickled.npz", voxels=np.array([object()], dtype=object), ijk_to_ras=matrix)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        protocol.load_volume(tmp_path / "pickled.npz")
+    np.savez(tmp_path / "flat.npz", voxels=np.zeros(5), ijk_to_ras=matrix)
+    with pytest.raises(protocol.ProtocolError, match="does not hold a 3D volume"):
+        protocol.load_volume(tmp_path / "flat.npz")
+    protocol.save_labels(tmp_path / "l.npy", np.ones((2, 3, 4), np.uint8))
+    assert protocol.load_labels(tmp_path / "l.npy", (2, 3, 4)).sum() == 24
+    for shape in ((2, 3, 5), (24,)):
+        with pytest.raises(protocol.ProtocolError, match="do not fit the volume"):
+            protocol.load_labels(tmp_path / "l.npy", shape)
+    protocol.save_labels(tmp_path / "f.npy", np.ones((2, 3, 4), np.float32))
+    with pytest.raises(protocol.ProtocolError):
+        protocol.load_labels(tmp_path / "f.npy", (2, 3, 4))
+
+
+def test_segments_and_errors_travel_as_json_and_unknown_error_names_stay_generic():
+    right = Terminology("ctx", ("SCT", "123037004", "Anatomical Structure"), ("SCT", "39607008", "Lung"),
+                        ("SCT", "24028007", "Right"))
+    segments = [SegmentLabel(5, "right lung", (0.5, 0.25, 1.0), right), SegmentLabel(7, "tissue", (0, 0, 0), None)]
+    assert protocol.segments_from_json(protocol.segments_to_json(segments)) == segments
+    with pytest.raises(protocol.ProtocolError, match="no RGB colour"):
+        protocol.segments_from_json([{"value": 1, "name": "x", "color": [1, "nan", 0], "terminology": None}])
+    assert isinstance(protocol.error_from_json(protocol.error_to_json(VolumeError("empty"))), VolumeError)
+    assert str(protocol.error_from_json(protocol.error_to_json(KeyError("k")))) == "KeyError: 'k'"
+    for name in ("Path", "__builtins__", "Interrupted", "Exception", None):
+        error = protocol.error_from_json({"type": name, "message": "m"})
+        assert type(error) is TuckerSegmentError and str(error) == "m"
+
+
+def test_only_protocol_lines_are_messages():
+    assert protocol.decode(protocol.encode({"id": 1, "fraction": 0.5})) == {"id": 1, "fraction": 0.5}
+    for line in (b"", b"Loading checkpoint...\n", b"[1, 2]\n", b"{broken\n", b"{" + b" " * protocol.MAX_LINE + b"}\n"):
+        assert protocol.decode(line) is None
+
+
+def test_a_job_that_is_not_finished_has_no_outcome_and_a_busy_worker_takes_no_second_job():
+    worker = client()
+    try:
+        job = worker.submit("status", {})
+        with pytest.raises(TuckerSegmentError, match="has not finished"):
+            job.outcome()
+        with pytest.raises(TuckerSegmentError, match="still busy with the status"):
+            worker.submit("status", {})
+        assert job.wait(60) == DONE
+    finally:
+        worker.shutdown()

@@ -1,0 +1,129 @@
+"""The Logic's worker process on real MRML (slicer-core), started through ``subprocess`` and through Qt's
+QProcess (PySide6's, the class Slicer's ``qt.QProcess`` wraps): progress while the main thread only polls
+(as the panel's timer does), Cancel mid-tile, a worker killed from outside, the live worker reused with
+its model loaded, one model load for a console batch."""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import headless_slicer
+import pytest
+from test_slicer_logic import CT_PATH, node_ids, snapshot
+from TuckerSegmentLib.errors import SegmentationCancelled, TuckerSegmentError
+from TuckerSegmentLib.worker.client import CANCELLED, DONE, FAILED, RUNNING
+
+headless_slicer.setup()
+import TuckerSegment  # noqa: E402
+from TuckerSegmentModule.Logic import TEMPORARY_PREFIX  # noqa: E402
+
+CHILDREN = ["subprocess", "qprocess"]
+
+
+@pytest.fixture(params=CHILDREN)
+def worker(request):
+    """(Logic with its own worker started the given way, the event pump a GUI would run)."""
+    from TuckerSegmentLib.worker.process import SubprocessChild, qt_child_factory
+    if request.param == "subprocess":
+        logic, pump = TuckerSegment.TuckerSegmentLogic(childFactory=SubprocessChild), (lambda: None)
+    else:
+        qtcore = pytest.importorskip("PySide6.QtCore")
+        app = qtcore.QCoreApplication.instance() or qtcore.QCoreApplication([])
+        logic, pump = TuckerSegment.TuckerSegmentLogic(childFactory=qt_child_factory(qtcore.QProcess)), app.processEvents
+    yield logic, pump
+    logic.shutdownWorker()
+
+
+def poll(job, pump, until=lambda job: False, timeout: float = 600) -> list[tuple[float, str]]:
+    """What the panel's timer does: poll the job, let the event loop run, never wait on the worker; stops
+    when the job ends or ``until(job)``. Returns the (fraction, message) pairs seen."""
+    seen, deadline = [], time.monotonic() + timeout
+    while job.poll() == RUNNING and not until(job) and time.monotonic() < deadline:
+        if not seen or seen[-1] != job.progress():
+            seen.append(job.progress())
+        pump()
+        time.sleep(0.02)
+    return seen
+
+
+def temporary_folders() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob(TEMPORARY_PREFIX + "*")}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_progress_arrives_while_polling_and_a_second_run_reuses_the_live_worker(worker, scene, ct_node):
+    logic, pump = worker
+    other = headless_slicer.load_volume(CT_PATH, "CT again")
+    timings = []
+    for volume in (ct_node, other):
+        started = time.perf_counter()
+        job = logic.startSegmentation(volume, task="demo", device="cpu")
+        seen = poll(job, pump)
+        assert job.state == DONE, job.error
+        node = logic.finishSegmentation(job)
+        timings.append((time.perf_counter() - started, dict(logic.lastRun)))
+        assert node.GetSegmentation().GetNumberOfSegments() == 7
+        messages = [m for _, m in seen]
+        assert any(m.startswith("tile 1/") for m in messages) and any(m.startswith("tile 2/") for m in messages)
+        fractions = [f for f, _ in seen]
+        assert fractions == sorted(fractions) and len(set(fractions)) >= 3
+    (first, run1), (second, run2) = timings
+    assert logic.worker().starts == 1 and run1["loads"] == run2["loads"] == 1  # one process, one model load
+    assert run1["load_seconds"] > 0 and run2["load_seconds"] == 0
+    assert second < first - 0.5 * run1["load_seconds"], timings  # the second run did not pay for loading
+
+
+def test_cancel_mid_tile_ends_the_worker_within_two_seconds_and_leaves_nothing(worker, scene, ct_node, dataset291_model):
+    logic, pump = worker
+    folders, before = temporary_folders(), snapshot(scene)
+    job = logic.startSegmentation(ct_node, model=[str(dataset291_model)], device="cpu")  # TotalSegmentator-size tiles
+    poll(job, pump, until=lambda job: job.message.startswith("tile "), timeout=300)
+    assert job.state == RUNNING and job.message.startswith("tile "), job.message
+    pid = logic.worker().worker_pid
+    time.sleep(0.3)  # inside the next tile's forward pass
+    cancelled = time.perf_counter()
+    job.cancel()
+    poll(job, pump, timeout=10)
+    assert job.state == CANCELLED and time.perf_counter() - cancelled < 2.0
+    assert not alive(pid)
+    with pytest.raises(SegmentationCancelled):
+        logic.finishSegmentation(job)
+    assert snapshot(scene) == before and temporary_folders() == folders
+
+
+def test_a_worker_killed_from_outside_is_a_clear_error_and_the_next_run_starts_a_new_one(worker, scene, ct_node):
+    logic, pump = worker
+    node = logic.segment(ct_node, task="demo", device="cpu", subset=["ribs"])
+    folders, before = temporary_folders(), snapshot(scene, node)
+    job = logic.startSegmentation(ct_node, task="demo", device="cpu", segmentationNode=node)
+    poll(job, pump, until=lambda job: job.message.startswith("tile "))
+    os.kill(logic.worker().worker_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    poll(job, pump, timeout=10)
+    assert job.state == FAILED
+    with pytest.raises(TuckerSegmentError, match=r"^the TuckerSegment worker process was killed \(SIGKILL; out of "
+                                                 r"memory is the usual cause\) before it finished"):
+        logic.finishSegmentation(job)
+    assert snapshot(scene, node) == before and temporary_folders() == folders
+    again = logic.segment(ct_node, task="demo", device="cpu", segmentationNode=node)
+    assert again is node and node.GetSegmentation().GetNumberOfSegments() == 7
+    assert logic.worker().starts == 2
+
+
+def test_a_console_batch_over_three_volumes_loads_the_model_once(worker, scene, ct_node):
+    logic, _ = worker
+    volumes = [ct_node] + [headless_slicer.load_volume(CT_PATH, f"CT {n}") for n in (2, 3)]
+    ids = node_ids(scene)
+    outcomes = logic.segmentVolumeNodes(volumes, model="chest-demo", device="cpu", save=False)
+    assert [o[3] for o in outcomes] == ["7 segments"] * 3
+    assert logic.workerStatus()["loads"] == 1 and logic.worker().starts == 1
+    assert len(node_ids(scene)) == len(ids) + 3 * 2  # a segmentation and its display node per volume

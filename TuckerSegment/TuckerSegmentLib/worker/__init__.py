@@ -1,0 +1,1 @@
+"""The worker process Slicer's Logic runs long work in, its protocol and the client that drives it."""

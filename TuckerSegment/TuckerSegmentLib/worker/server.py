@@ -1,0 +1,203 @@
+"""The worker process: segments, compresses and builds variants for a client (Slicer's Logic) that talks
+to it over stdin/stdout (``protocol``), keeping the last model loaded between requests.
+
+Started as ``python -m TuckerSegmentLib.worker``. It exits when its stdin closes, after ``idle_seconds``
+without a request, or when it is terminated; it never cleans up after a cancel itself: a terminated
+worker dies at once and the client removes what it left (its temporary folder, partial outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .. import __version__
+from ..errors import TuckerSegmentError
+from ..image.volume import IntensityWarning, Volume
+from ..progress import Progress
+from .protocol import (READY, encode, error_to_json, load_volume, save_labels, segments_to_json)
+
+IDLE_SECONDS = 600.0
+Handler = Callable[[dict[str, Any], Progress], dict[str, Any]]
+
+
+class LoadedModel:
+    """The segmenter of the last (model, device, task, options) asked for; another choice replaces it."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.segmenter: Any = None
+        self.reason = ""
+        self.loads = 0  # how many times a model was loaded into this process
+        self.notices: list[str] = []
+
+    def get(self, model: str | list[str], device: str, task: str, tile_step: float, half_precision: bool) -> Any:
+        from ..segment.task import TaskSegmenter
+        from ..variants.catalogue import catalogue
+        from ..variants.choice import choose_model, usable_devices
+        from ..variants.guard import SafeTask
+        from ..variants.hardware import detect_devices
+        options = {"tile_step": float(tile_step), "half_precision": bool(half_precision)}
+        if isinstance(model, list):
+            paths = tuple(Path(m).expanduser().resolve() for m in model)
+            key: tuple = (paths, device, tuple(options.items()))
+            if key != self.key:
+                self.segmenter, self.key = None, None  # the previous model's memory is free before the next loads
+                self.segmenter, self.key = TaskSegmenter(list(paths), device=device, **options), key
+                self.loads += 1
+            self.reason = "model folders given"
+            return self.segmenter
+        variants, devices = catalogue(), detect_devices()
+        choice = choose_model(model, task, device, variants, devices)
+        key = (choice.folders, choice.device, tuple(options.items()))
+        if key != self.key:
+            self.segmenter, self.key = None, None  # the previous model's memory is free before the next loads
+            self.segmenter = SafeTask(choice, variants, usable_devices(device, devices), notify=self.notices.append,
+                                      **options)
+            self.key = key
+            self.loads += 1
+        self.reason = choice.reason
+        return self.segmenter
+
+
+class Worker:
+    """Answers requests one at a time; ``serve`` runs until stdin closes or the worker idles out."""
+
+    def __init__(self, output: BinaryIO) -> None:
+        self._output = output
+        self.model = LoadedModel()
+        self.handlers: dict[str, Handler] = {"segment": self.segment, "compress": self.compress,
+                                             "build": self.build, "status": self.status}
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._output.write(encode(message))
+        self._output.flush()
+
+    def serve(self, requests: queue.Queue, idle_seconds: float) -> None:
+        self.send({"event": READY, "pid": os.getpid(), "version": __version__})
+        while True:
+            try:
+                line = requests.get(timeout=idle_seconds)
+            except queue.Empty:
+                return  # idle: the client starts a new worker when it needs one
+            if line is None:
+                return  # the client closed our stdin
+            self.answer(line)
+
+    def answer(self, line: bytes) -> None:
+        import json
+        try:
+            request = json.loads(line)
+            ident, command, args = request["id"], request["command"], request.get("args", {})
+        except (ValueError, KeyError, TypeError):
+            self.send({"id": None, "error": {"type": "TuckerSegmentError", "message": "the worker got a request "
+                                             "that is not JSON with id and command"}})
+            return
+
+        def progress(fraction: float, message: str) -> None:
+            self.send({"id": ident, "fraction": round(min(max(float(fraction), 0.0), 1.0), 4), "message": message})
+        handler = self.handlers.get(command)
+        try:
+            if handler is None:
+                raise TuckerSegmentError(f"the worker has no command {command!r}")
+            result = handler(args, progress)
+        except Exception as error:  # every failure is an answer; the worker itself goes on
+            if not isinstance(error, TuckerSegmentError):
+                traceback.print_exc(file=sys.stderr)
+            self.send({"id": ident, "error": error_to_json(error)})
+            return
+        self.send({"id": ident, "result": result})
+
+    def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return {"pid": os.getpid(), "loads": self.model.loads, "version": __version__}
+
+    def segment(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Segment the volume file ``args["volume"]`` and write its labels to ``args["labels"]``."""
+        self.model.notices.clear()
+        loads, started = self.model.loads, time.perf_counter()
+        progress(0.0, "loading the model")
+        segmenter = self.model.get(args.get("model", "auto"), args.get("device", "auto"), args.get("task", "auto"),
+                                   args.get("tile_step", 0.8), args.get("half_precision", True))
+        load_seconds = time.perf_counter() - started if self.model.loads > loads else 0.0
+        subset = args.get("subset") or None
+        segmenter.check_subset(subset)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IntensityWarning)
+            result = segmenter.segment(Volume(*load_volume(args["volume"])), progress, None, subset)
+        save_labels(Path(args["labels"]), result.labels)
+        return {"segments": segments_to_json(result.segments), "model": result.model, "device": result.device,
+                "seconds": result.seconds, "tiles": result.tiles, "policy": result.policy,
+                "warnings": list(result.warnings), "reason": self.model.reason, "notices": list(self.model.notices),
+                "loads": self.model.loads, "load_seconds": load_seconds,
+                "intensity_warnings": [str(w.message) for w in caught if issubclass(w.category, IntensityWarning)]}
+
+    def compress(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Compress ``args["source"]`` into ``args["output"]`` and review it against the original."""
+        from ..atomic import check_output_dir
+        from ..compress.folder import compress_model_folder
+        from ..compress.review import review_compression
+        from ..nnunet.model_folder import ModelFolder
+        from ..policies.methods import method, policy_for
+        device = args.get("device", "auto")
+        policy_key, target = args.get("policy", "flops"), args.get("target")
+        policy = policy_for(policy_key, target if method(policy_key).target else None, device=device)
+        source = ModelFolder.open(args["source"]).path
+        output = check_output_dir(Path(args["output"]).expanduser(), protected=source)
+        volumes = [Volume(*load_volume(path)) for path in args.get("calibration", [])]
+
+        def layer(done: int, total: int, name: str) -> None:
+            progress(0.6 * done / total, f"compressing layer {done}/{total}: {name}")
+        progress(0.0, "reading the model" + (" and calibration volumes" if volumes else ""))
+        compress_model_folder(source, output, policy, progress=layer, calibration=volumes or None)
+        review = review_compression(source, output, volumes, device, bool(args.get("measure", True)),
+                                    lambda fraction, message: progress(0.6 + 0.4 * fraction, message))
+        return review.to_json()
+
+    def build(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Build the catalogue variants ``args["variants"]`` (ids) into the user cache."""
+        from ..variants.build import build_variant
+        from ..variants.catalogue import catalogue, find_variant
+        roots = [Path(args["weights"])] if args.get("weights") else None
+        variants = catalogue(weights_roots=roots)
+        chosen = [find_variant(variants, v) for v in args.get("variants", [])]
+        if not chosen:
+            raise TuckerSegmentError("name the variants to build (ids from `tuckersegment variants`)")
+        built = {}
+        for index, variant in enumerate(chosen):
+            at = index / len(chosen)
+            progress(at, f"building {variant.id}")
+            if variant.original or variant.bundled:
+                continue
+            built[variant.id] = str(build_variant(variant, weights_roots=roots,
+                                                  report=lambda message, at=at: progress(at, message)))
+        return {"built": built}
+
+
+def _read_lines(stream: BinaryIO, lines: queue.Queue) -> None:
+    for line in iter(stream.readline, b""):
+        lines.put(line)
+    lines.put(None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m TuckerSegmentLib.worker", description=__doc__)
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS,
+                        help="exit after this long without a request (default 600)")
+    args = parser.parse_args(argv)
+    if not args.idle_seconds > 0:
+        parser.error("--idle-seconds must be positive")
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # libraries' prints go to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    requests: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(sys.stdin.buffer, requests), daemon=True).start()
+    Worker(protocol).serve(requests, args.idle_seconds)
+    return 0

@@ -1,0 +1,30 @@
+"""The panel's state, saved with the scene (``parameterNodeWrapper``).
+
+``modelFolder`` and ``outputParent`` are plain strings bound by the widget itself: Slicer's connector for
+``ctkPathLineEdit`` binds only ``pathlib.Path``, which reads as ``"."`` when empty."""
+from typing import Annotated
+
+from slicer import vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+
+
+@parameterNodeWrapper
+class TuckerSegmentParameterNode:
+    """Task and variant are keys of ``TuckerSegmentLib.variants.panel``; device one of ``Widget.DEVICES``."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    task: str = "auto"
+    variant: str = "auto"
+    device: str = "auto"
+    structures: list[str]
+    tileStep: Annotated[float, WithinRange(0.25, 1.0)] = 0.8
+    halfPrecision: bool = True
+    modelFolder: str = ""
+    policy: str = "flops"
+    target: Annotated[float, WithinRange(0.05, 1.0)] = 0.5
+    outputParent: str = ""
+    outputName: str = ""
+    measureSpeed: bool = True
+    reportTable: vtkMRMLTableNode
+    paretoChart: vtkMRMLPlotChartNode
