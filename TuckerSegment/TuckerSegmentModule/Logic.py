@@ -23,16 +23,19 @@ TEMPORARY_PREFIX = "TuckerSegment-"
 
 
 def _defaultChild():
-    """(child process factory, Python) for this application: Qt's QProcess and PythonSlicer inside Slicer,
-    ``subprocess`` and this interpreter elsewhere (the console of a plain Python, headless tests)."""
+    """(child process factory, Python, environment) for this application: Qt's QProcess and PythonSlicer
+    with Slicer's startup environment (PythonSlicer sets its own paths, as for
+    ``slicer.util.launchConsoleProcess``) inside Slicer; ``subprocess``, this interpreter and this
+    environment elsewhere (the console of a plain Python, headless tests)."""
+    from TuckerSegmentLib.errors import TuckerSegmentError
     from TuckerSegmentLib.worker.process import SubprocessChild, qt_child_factory
     if hasattr(slicer, "app"):
         import qt
         python = shutil.which("PythonSlicer")
         if python is None:
-            raise RuntimeError("PythonSlicer was not found next to Slicer; reinstall Slicer")
-        return qt_child_factory(qt.QProcess), python
-    return SubprocessChild, sys.executable
+            raise TuckerSegmentError("PythonSlicer was not found on Slicer's PATH; reinstall Slicer")
+        return qt_child_factory(qt.QProcess), python, slicer.util.startupEnvironment()
+    return SubprocessChild, sys.executable, None
 
 
 def platformProblem():
@@ -91,8 +94,9 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             from TuckerSegmentLib.worker.client import WorkerClient, worker_command
             if self._childFactory is None:
                 if TuckerSegmentLogic._sharedClient is None:
-                    factory, python = _defaultChild()
-                    TuckerSegmentLogic._sharedClient = WorkerClient(factory, *worker_command(python, self._idleSeconds))
+                    factory, python, environment = _defaultChild()
+                    TuckerSegmentLogic._sharedClient = WorkerClient(factory, *worker_command(python, self._idleSeconds),
+                                                                    environment)
                 self._client = TuckerSegmentLogic._sharedClient
             else:
                 self._client = WorkerClient(self._childFactory, *worker_command(self._python, self._idleSeconds))

@@ -163,8 +163,16 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.targetSpinBox.enabled = bool(chosen.target)
             self.ui.targetSpinBox.toolTip = chosen.target or _("this method chooses its ranks itself")
             self.ui.outputNameLineEdit.placeholderText = suggestedOutputName(node.modelFolder, node.policy, node.target)
+            shown = {name: _currentData(combo) for name, combo in (
+                ("task", self.ui.taskComboBox), ("variant", self.ui.variantComboBox),
+                ("device", self.ui.deviceComboBox), ("policy", self.ui.policyComboBox))}
         finally:
             self._updating = False
+        corrections = {name: key for name, key in shown.items() if key is not None and key != getattr(node, name)}
+        if corrections:  # a saved choice this computer does not offer: the node follows what is shown
+            with slicer.util.NodeModify(node.parameterNode):
+                for name, key in corrections.items():
+                    setattr(node, name, key)
         self.updateButtons()
 
     @staticmethod
@@ -378,10 +386,13 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             traceback.format_exception(type(error), error, error.__traceback__))
         slicer.util.errorDisplay(f"{message}\n\n{error}", detailedText=details)
 
+    def _parameters(self):
+        """The parameter node, also while the module is not shown (a job may end then)."""
+        return self._parameterNode or TuckerSegmentParameterNode(self.logic.getParameterNode())
+
     def _finishSegmentation(self, job) -> None:
         segmentation = self.logic.finishSegmentation(job)
-        if self._parameterNode is not None:
-            self._parameterNode.outputSegmentation = segmentation
+        self._parameters().outputSegmentation = segmentation
         self.ui.showStatisticsButton.enabled = True
         run = self.logic.lastRun
         text = _("Done in {seconds:.1f} s with {model} on {device}: {count} segments").format(
@@ -390,7 +401,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._status("\n".join([text, self.logic.modelReason, *self.logic.notices]), 1)
 
     def _finishCompression(self, job) -> None:
-        node = self._parameterNode
+        node = self._parameters()
         self._review = self.logic.finishCompression(job)
         node.reportTable, node.paretoChart = self.logic.showReview(self._review, node.reportTable, node.paretoChart)
         self.ui.reportTableView.setMRMLTableNode(node.reportTable)

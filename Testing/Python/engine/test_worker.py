@@ -123,3 +123,17 @@ def test_a_job_that_is_not_finished_has_no_outcome_and_a_busy_worker_takes_no_se
         assert job.wait(60) == DONE
     finally:
         worker.shutdown()
+
+
+def test_a_python_that_cannot_start_is_one_clear_error(tmp_path):
+    missing = str(tmp_path / "no-python")
+    children = [SubprocessChild]
+    qtcore = pytest.importorskip("PySide6.QtCore")
+    qtcore.QCoreApplication.instance() or qtcore.QCoreApplication([])
+    from TuckerSegmentLib.worker.process import qt_child_factory
+    children.append(qt_child_factory(qtcore.QProcess))
+    for child in children:
+        worker = WorkerClient(child, missing, ["-m", "TuckerSegmentLib.worker"])
+        with pytest.raises(TuckerSegmentError, match=f"^could not start {missing}: "):
+            worker.run("status", {})
+        assert not worker.busy

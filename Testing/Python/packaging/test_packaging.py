@@ -329,3 +329,11 @@ def test_extensions_index_entry() -> None:
     assert entry.get("build_subdirectory", ".") == "."
     assert entry["build_dependencies"] == depends()
     assert type(entry["tier"]) is int and entry["tier"] == 1
+
+
+def test_the_repository_root_holds_the_apache_license() -> None:
+    """The Extensions Index refuses a submission without a LICENSE file at the repository root."""
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert "LICENSE" in repository_files()
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")

@@ -127,3 +127,29 @@ def test_a_console_batch_over_three_volumes_loads_the_model_once(worker, scene, 
     assert [o[3] for o in outcomes] == ["7 segments"] * 3
     assert logic.workerStatus()["loads"] == 1 and logic.worker().starts == 1
     assert len(node_ids(scene)) == len(ids) + 3 * 2  # a segmentation and its display node per volume
+
+
+def test_variant_builds_run_in_the_worker(tmp_path, monkeypatch):
+    from TuckerSegmentLib.testing.example_models import write_totalsegmentator_task
+    from TuckerSegmentLib.variants.catalogue import catalogue
+    from TuckerSegmentLib.worker.process import SubprocessChild
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))  # the worker starts with this environment
+    weights = tmp_path / "weights"
+    write_totalsegmentator_task(weights, "fast", divisor=8)
+    logic = TuckerSegment.TuckerSegmentLogic(childFactory=SubprocessChild)
+    try:
+        with pytest.raises(TuckerSegmentError, match="^choose the variants to build"):
+            logic.startVariantBuild([])
+        job = logic.startVariantBuild(["fast-tucker-9"], weightsFolder=weights)
+        assert job.wait(120) == FAILED and "fast-tucker-9" in str(job.error)
+        job, messages = logic.startVariantBuild(["fast-tucker-0.5"], weightsFolder=weights), []
+        job.on_progress = lambda fraction, message: messages.append(message)
+        poll(job, lambda: None)
+        assert job.state == DONE, job.error
+        built = Path(job.outcome()["built"]["fast-tucker-0.5"])
+        assert built.is_relative_to(tmp_path / "cache") and messages[0] == "building fast-tucker-0.5"
+        assert {v.id: v.availability for v in catalogue(weights_roots=[weights])}["fast-tucker-0.5"] == "built"
+    finally:
+        logic.shutdownWorker()

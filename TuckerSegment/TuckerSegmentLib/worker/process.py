@@ -12,7 +12,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ..errors import TuckerSegmentError
+
 CHUNK = 1 << 16
+START_MS = 20000  # how long Qt may take to start the worker
 
 
 class ChildProcess(Protocol):
@@ -41,8 +44,11 @@ class SubprocessChild:
         self._arrived = threading.Event()
 
     def start(self, program: str, arguments: Sequence[str], environment: dict[str, str], folder: str) -> None:
-        self._popen = subprocess.Popen([program, *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, env=environment, cwd=folder, bufsize=0)
+        try:
+            self._popen = subprocess.Popen([program, *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, env=environment, cwd=folder, bufsize=0)
+        except OSError as error:
+            raise TuckerSegmentError(f"could not start {program}: {error.strerror or error}") from error
         for stream, chunks in ((self._popen.stdout, self._output), (self._popen.stderr, self._errors)):
             threading.Thread(target=self._pump, args=(stream, chunks), daemon=True).start()
 
@@ -121,6 +127,8 @@ class QtChild:
         process.setEnvironment([f"{key}={value}" for key, value in environment.items()])
         process.setWorkingDirectory(folder)
         process.start()
+        if not process.waitForStarted(START_MS):  # milliseconds normally; a missing program fails here
+            raise TuckerSegmentError(f"could not start {program}: {process.errorString()}")
         self._process = process
 
     def write(self, data: bytes) -> None:
