@@ -21,6 +21,7 @@ from .image.volume import IntensityWarning
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, policy_for
 from .progress import Progress
+from .runtime.inference import PRECISIONS, RUNTIMES
 from .segment.batch import BatchItem, segment_batch
 from .segment.output import plan_outputs, write_result
 from .segment.predictor import EXECUTIONS
@@ -145,7 +146,7 @@ def _segment(args: argparse.Namespace) -> int:
     segmenter = SafeTask(choice, variants, usable_devices(args.device, devices),
                          notify=lambda message: print(f"tuckersegment: {message}", file=sys.stderr),
                          fold=args.fold, tile_step=args.tile_step, mirroring=args.mirroring,
-                         execution=args.execution)
+                         execution=args.execution, runtime=args.runtime, precision=args.precision)
     segmenter.check_subset(args.subset)  # unknown names fail before any volume is read
 
     def work(job: tuple[Path, Path], progress: Progress) -> tuple[Path, str]:
@@ -158,7 +159,7 @@ def _segment(args: argparse.Namespace) -> int:
             print(f"tuckersegment: warning: {warning.message}", file=sys.stderr)
         write_result(result, target)
         return target, (f"{len(result.found())}/{len(result.segments)} structures, {result.seconds:.1f} s "
-                        f"on {result.device} ({segmenter.choice.id})")
+                        f"on {result.device} ({segmenter.choice.id}; {result.runtime})")
 
     def done(item: BatchItem[tuple[Path, Path]]) -> None:
         source, target = item.source
@@ -316,8 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sliding-window step as a fraction of the patch (default 0.8, as TotalSegmentator)")
     segment.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower; off by default)")
     segment.add_argument("--execution", choices=EXECUTIONS, default="fastest",
-                         help="fastest (default): each layer in its fastest exact form on this device, timed once "
-                              "and cached; reference: as stored")
+                         help="for the torch runtime: fastest (default): each layer in its fastest exact form on "
+                              "this device, timed once and cached; reference: as stored")
+    segment.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                         help="what runs the network under nnU-Net's predictor: auto (default: OpenVINO on a CPU "
+                              "when installed, PyTorch elsewhere), torch, or openvino (CPU)")
+    segment.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="auto (default: f32 on the CPU, fp16 autocast on CUDA as nnU-Net does), f32, bf16 "
+                              "(OpenVINO on CPUs with native bf16: faster, labels very close) or fp16")
     segment.add_argument("--overwrite", action="store_true",
                          help="replace existing output files (without it they are reported and kept)")
     segment.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -22,6 +22,7 @@ class Requirement:
     minimum: str
     below: str | None = None
     excluded: str | None = None  # a release series left out, e.g. "2.9" for every 2.9.x
+    recommended: bool = False  # installed with the others, but the engine runs without it
 
     @property
     def specifier(self) -> str:
@@ -53,6 +54,8 @@ REQUIREMENTS = (
     Requirement("SimpleITK", "SimpleITK", "2.2.1", "3"),
     Requirement("slicerio", "slicerio", "1.4", "2"),
     Requirement("numpy", "numpy", "1.25", "3"),
+    # the CPU runtime; without it PyTorch runs the network (runtime.inference says so)
+    Requirement("openvino", "openvino", "2026.0", "2027", recommended=True),
 )
 
 
@@ -62,6 +65,11 @@ class Problem:
 
     requirement: Requirement
     installed: str | None
+
+    @property
+    def blocking(self) -> bool:
+        """Whether the engine cannot run without it (a recommended package only makes it faster)."""
+        return not self.requirement.recommended
 
     def __str__(self) -> str:
         if self.installed is None:

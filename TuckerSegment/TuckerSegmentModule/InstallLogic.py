@@ -59,9 +59,11 @@ class TuckerSegmentInstallLogic:
             self._pip([p.requirement.pip for p in repairable])
             outcome.messages += [f"repaired with pip, as an installer had left it: {p}" for p in repairable]
             left = self.problems()
-        if left and not outcome.needsRestart:
-            raise TuckerSegmentError("still missing after the install: " + "; ".join(str(p) for p in left)
+        blocking = [p for p in left if p.blocking]
+        if blocking and not outcome.needsRestart:
+            raise TuckerSegmentError("still missing after the install: " + "; ".join(str(p) for p in blocking)
                                      + "; see the Python console, or restart Slicer and try again")
+        outcome.messages += [f"{p}: PyTorch runs the network on the CPU instead" for p in left if not p.blocking]
 
     @staticmethod
     def _installTorch(specifier: str) -> None:

@@ -142,7 +142,8 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
 
     # --- segmentation ------------------------------------------------------------------------------
     def startSegmentation(self, volumeNode, model="auto", device: str = "auto", subset=None, task: str = "auto",
-                          tileStep: float = 0.8, halfPrecision: bool = True, segmentationNode=None):
+                          tileStep: float = 0.8, runtime: str = "auto", precision: str = "auto",
+                          segmentationNode=None):
         """Start segmenting ``volumeNode`` in the worker and return its ``WorkerJob`` at once. The job keeps
         the volume and segmentation node it started with; poll it, then call ``finishSegmentation``.
         ``job.cancel()`` stops the worker at once; the temporary folder goes when the job ends."""
@@ -155,7 +156,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             job = self.worker().submit("segment", {
                 "volume": folder / "volume.npz", "labels": folder / "labels.npy", "model": models, "task": task,
                 "device": device, "subset": list(subset) if subset else None, "tile_step": float(tileStep),
-                "half_precision": bool(halfPrecision)}, name="segmentation")
+                "runtime": str(runtime), "precision": str(precision)}, name="segmentation")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -189,7 +190,8 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         for message in outcome["intensity_warnings"]:  # the worker's warnings, raised here as the engine raises them
             warnings.warn(message, IntensityWarning, stacklevel=2)
             self.notices.append(message)
-        self.lastRun = {key: outcome[key] for key in ("loads", "load_seconds", "seconds", "tiles", "model", "device")}
+        self.lastRun = {key: outcome[key] for key in ("loads", "load_seconds", "seconds", "tiles", "model", "device",
+                                                      "runtime")}
         volumeNode, segmentationNode = job.volumeNode, job.segmentationNode
         if volumeNode is None or not slicer.mrmlScene.IsNodePresent(volumeNode):
             raise VolumeError("the input volume was removed while it was segmented; nothing was added")
@@ -197,16 +199,17 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             segmentationNode = None
         result = SegmentationResult(Volume(job.labels, job.ijkToWorld), segments_from_json(outcome["segments"]),
                                     outcome["model"], outcome["device"], outcome["seconds"], outcome["tiles"],
-                                    outcome["policy"], list(outcome["warnings"]))
+                                    outcome["policy"], list(outcome["warnings"]), outcome["runtime"])
         return writeSegmentation(result, volumeNode, segmentationNode)
 
     def segment(self, volumeNode, model="auto", device: str = "auto", subset=None, segmentationNode=None,
-                progress=None, cancel=None, task: str = "auto", tileStep: float = 0.8, halfPrecision: bool = True):
+                progress=None, cancel=None, task: str = "auto", tileStep: float = 0.8, runtime: str = "auto",
+                precision: str = "auto"):
         """Segment ``volumeNode`` where it is shown (parent linear transform included) and return the
         segmentation node: ``segmentationNode`` with its segments replaced, or a new node. Waits for the
         worker (the console's way). ``progress`` gets (fraction, message); ``cancel()`` returning True stops
         the worker at once. On any error the scene is left as it was."""
-        job = self.startSegmentation(volumeNode, model, device, subset, task, tileStep, halfPrecision,
+        job = self.startSegmentation(volumeNode, model, device, subset, task, tileStep, runtime, precision,
                                      segmentationNode)
         job.follow(progress, cancel, _processEvents)
         return self.finishSegmentation(job)

@@ -10,7 +10,8 @@ from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 @parameterNodeWrapper
 class TuckerSegmentParameterNode:
-    """Task and variant are keys of ``TuckerSegmentLib.variants.panel``; device one of ``Widget.DEVICES``."""
+    """Task and variant are keys of ``TuckerSegmentLib.variants.panel``; device, runtime and precision keys of
+    ``Widget.DEVICES``, ``RUNTIMES`` and ``PRECISIONS``."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
@@ -19,7 +20,8 @@ class TuckerSegmentParameterNode:
     device: str = "auto"
     structures: list[str]
     tileStep: Annotated[float, WithinRange(0.25, 1.0)] = 0.8
-    halfPrecision: bool = True
+    runtime: str = "auto"
+    precision: str = "auto"
     modelFolder: str = ""
     policy: str = "flops"
     target: Annotated[float, WithinRange(0.05, 1.0)] = 0.5

@@ -22,7 +22,7 @@ def skipReason():
     if problem:
         return problem
     from TuckerSegmentLib.dependencies import problems
-    missing = problems()
+    missing = [p for p in problems() if p.blocking]
     if missing:
         return "missing Python packages (" + "; ".join(str(p) for p in missing) + "); install them from the panel"
     return None

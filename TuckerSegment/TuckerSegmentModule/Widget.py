@@ -18,6 +18,9 @@ from .Parameters import TuckerSegmentParameterNode
 POLL_MS = 200
 CHOOSE_FOLDER = "choose-folder"
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"), ("mps", "Apple GPU (MPS)"))
+RUNTIMES = (("auto", "Auto (OpenVINO on the CPU when installed)"), ("torch", "PyTorch"), ("openvino", "OpenVINO (CPU)"))
+PRECISIONS = (("auto", "Auto (float32 on the CPU, fp16 autocast on CUDA)"), ("f32", "float32"),
+              ("bf16", "bfloat16 (faster; CPUs with native bf16)"), ("fp16", "float16 (GPU)"))
 
 
 class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -33,7 +36,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updating = False
         self._shown = {}  # what the combos and the structure list were filled for
         self._structureNames = []
-        self._missing = []
+        self._missing = self._installable = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -53,14 +56,18 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self.onPoll)
-        for key, label in DEVICES:
-            self.ui.deviceComboBox.addItem(label, key)
+        for combo, entries in ((self.ui.deviceComboBox, DEVICES), (self.ui.runtimeComboBox, RUNTIMES),
+                               (self.ui.precisionComboBox, PRECISIONS)):
+            for key, label in entries:
+                combo.addItem(label, key)
         from TuckerSegmentLib.policies.methods import METHODS
         for method in METHODS:
             self.ui.policyComboBox.addItem(method.label, method.key)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
         self.ui.variantComboBox.connect("currentIndexChanged(int)", self.onVariantChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.runtimeComboBox.connect("currentIndexChanged(int)", self.onRuntimeChanged)
+        self.ui.precisionComboBox.connect("currentIndexChanged(int)", self.onPrecisionChanged)
         self.ui.policyComboBox.connect("currentIndexChanged(int)", self.onPolicyChanged)
         self.ui.structureSearchBox.connect("textChanged(QString)", self.onStructureFilter)
         self.ui.structureListWidget.connect("itemChanged(QListWidgetItem*)", self.onStructureChecked)
@@ -136,6 +143,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updating = True
         try:
             _select(self.ui.deviceComboBox, node.device)
+            _select(self.ui.runtimeComboBox, node.runtime)
+            _select(self.ui.precisionComboBox, node.precision)
             _select(self.ui.policyComboBox, node.policy)
             if self._shown.get("tasks") != node.task:
                 self._fill(self.ui.taskComboBox, self.logic.taskChoices(node.task))
@@ -165,7 +174,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputNameLineEdit.placeholderText = suggestedOutputName(node.modelFolder, node.policy, node.target)
             shown = {name: _currentData(combo) for name, combo in (
                 ("task", self.ui.taskComboBox), ("variant", self.ui.variantComboBox),
-                ("device", self.ui.deviceComboBox), ("policy", self.ui.policyComboBox))}
+                ("device", self.ui.deviceComboBox), ("policy", self.ui.policyComboBox),
+                ("runtime", self.ui.runtimeComboBox), ("precision", self.ui.precisionComboBox))}
         finally:
             self._updating = False
         corrections = {name: key for name, key in shown.items() if key is not None and key != getattr(node, name)}
@@ -237,6 +247,14 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._updating and self._parameterNode is not None:
             self._parameterNode.device = _currentData(self.ui.deviceComboBox) or "auto"
 
+    def onRuntimeChanged(self, index=None) -> None:
+        if not self._updating and self._parameterNode is not None:
+            self._parameterNode.runtime = _currentData(self.ui.runtimeComboBox) or "auto"
+
+    def onPrecisionChanged(self, index=None) -> None:
+        if not self._updating and self._parameterNode is not None:
+            self._parameterNode.precision = _currentData(self.ui.precisionComboBox) or "auto"
+
     def onPolicyChanged(self, index=None) -> None:
         if not self._updating and self._parameterNode is not None:
             from TuckerSegmentLib.policies.methods import DEFAULT_METHOD
@@ -277,6 +295,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addVariantButton.enabled = idle and self._review is not None
         for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.taskComboBox,
                        self.ui.variantComboBox, self.ui.deviceComboBox, self.ui.structureListWidget,
+                       self.ui.runtimeComboBox, self.ui.precisionComboBox,
                        self.ui.clearStructuresButton, self.ui.advancedCollapsibleButton,
                        self.ui.modelFolderPathLineEdit, self.ui.policyComboBox, self.ui.calibrationVolumesSelector,
                        self.ui.outputParentPathLineEdit, self.ui.outputNameLineEdit, self.ui.installButton):
@@ -284,21 +303,30 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- dependencies --------------------------------------------------------------------------------
     def checkDependencies(self) -> None:
-        self._missing = self.installLogic.problems()
-        listed = "; ".join(str(p) for p in self._missing)
-        self.ui.dependenciesLabel.text = (_("TuckerSegment needs Python packages that are missing: {listed}.").format(
-            listed=listed) if self._missing else "")
-        self.ui.installButton.visible = bool(self._missing)
+        """List what is missing; only required packages block Apply and Compress (OpenVINO only speeds the CPU)."""
+        problems = self.installLogic.problems()
+        self._missing = [p for p in problems if p.blocking]
+        lines = []
+        if self._missing:
+            lines.append(_("TuckerSegment needs Python packages that are missing: {listed}.").format(
+                listed="; ".join(str(p) for p in self._missing)))
+        recommended = [p for p in problems if not p.blocking]
+        if recommended:
+            lines.append(_("Recommended, for speed on the CPU: {listed} (PyTorch runs meanwhile).").format(
+                listed="; ".join(str(p) for p in recommended)))
+        self.ui.dependenciesLabel.text = "\n".join(lines)
+        self.ui.installButton.visible = bool(problems)
+        self._installable = problems
         self.updateButtons()
 
     def onInstall(self) -> None:
-        if not self._missing or not slicer.util.confirmOkCancelDisplay(
+        if not self._installable or not slicer.util.confirmOkCancelDisplay(
                 _("Install these Python packages into Slicer? This takes a few minutes and downloads PyTorch when "
-                  "it is missing.\n\n{listed}").format(listed="\n".join(f"- {p}" for p in self._missing))):
+                  "it is missing.\n\n{listed}").format(listed="\n".join(f"- {p}" for p in self._installable))):
             return
         slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            outcome = self.installLogic.install(self._missing)
+            outcome = self.installLogic.install(self._installable)
         except Exception as error:
             slicer.app.restoreOverrideCursor()
             self._showError(_("Installing TuckerSegment's dependencies failed."), error)
@@ -317,7 +345,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model, task = self.logic.modelAndTask(node.task, node.variant)
             job = self.logic.startSegmentation(node.inputVolume, model=model, device=node.device,
                                                subset=self._subset(), task=task, tileStep=node.tileStep,
-                                               halfPrecision=node.halfPrecision,
+                                               runtime=node.runtime, precision=node.precision,
                                                segmentationNode=node.outputSegmentation)
         except Exception as error:
             self._showError(_("Segmentation could not start."), error)
@@ -395,8 +423,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameters().outputSegmentation = segmentation
         self.ui.showStatisticsButton.enabled = True
         run = self.logic.lastRun
-        text = _("Done in {seconds:.1f} s with {model} on {device}: {count} segments").format(
-            seconds=job.seconds, model=run["model"], device=run["device"],
+        text = _("Done in {seconds:.1f} s with {model} on {device}, {runtime}: {count} segments").format(
+            seconds=job.seconds, model=run["model"], device=run["device"], runtime=run["runtime"],
             count=segmentation.GetSegmentation().GetNumberOfSegments())
         self._status("\n".join([text, self.logic.modelReason, *self.logic.notices]), 1)
 

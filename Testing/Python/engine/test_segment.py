@@ -189,18 +189,18 @@ def test_a_failed_write_leaves_no_file(segmenter, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_half_precision_switch_keeps_the_network_in_float32():
-    segmenter = Segmenter(DEMO_SOURCE, device="cpu", half_precision=False)
+def test_precision_switch_sets_the_autocast_of_the_torch_runtime():
+    segmenter = Segmenter(DEMO_SOURCE, device="cpu", runtime="torch", precision="f32")
     predictor = segmenter._predictor
     dtypes = []
     first_conv = next(m for m in predictor.network.modules() if isinstance(m, torch.nn.Conv3d))
     first_conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     x = torch.randn(1, 1, *segmenter.model.patch_size)
-    for half in (False, True):
-        predictor.half_precision = half
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as nnU-Net's CUDA autocast
+    for precision in ("f32", "fp16", "bf16"):
+        predictor.precision = precision
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):  # as nnU-Net's CUDA autocast
             predictor._internal_maybe_mirror_and_predict(x)
-    assert dtypes == [torch.float32, torch.bfloat16]
+    assert dtypes == [torch.float32, torch.float16, torch.bfloat16]
 
 
 def test_segment_statistics_on_a_known_label_map():

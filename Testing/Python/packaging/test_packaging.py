@@ -33,7 +33,7 @@ SCHEMA_REQUIRED = {"$schema", "category", "scm_url"}
 REQUIRED_WIDGETS = [
     "applyButton", "cancelButton", "progressBar", "statusLabel", "inputVolumeSelector", "outputSegmentationSelector",
     "taskComboBox", "variantComboBox", "deviceComboBox", "structureListWidget", "structureSearchBox",
-    "tileStepSliderWidget", "halfPrecisionCheckBox", "showStatisticsButton", "compressCollapsibleButton",
+    "tileStepSliderWidget", "runtimeComboBox", "precisionComboBox", "showStatisticsButton", "compressCollapsibleButton",
     "modelFolderPathLineEdit", "policyComboBox", "targetSpinBox", "calibrationVolumesSelector", "outputParentPathLineEdit",
     "outputNameLineEdit", "dependenciesLabel", "installButton",
     "compressButton", "compressCancelButton", "compressProgressBar", "reportTableView", "paretoPlotWidget", "addVariantButton",

@@ -245,15 +245,18 @@ def test_console_batch_stops_when_the_worker_dies_and_keeps_what_was_done(logic,
 
 def test_dependency_check_names_missing_and_untested_versions():
     versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": "2.8.1", "acvl-utils": "0.2.6",
-                "dynamic-network-architectures": "0.4.4",
-                "safetensors": "0.8.0", "nibabel": "5.4.2", "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4"}
+                "dynamic-network-architectures": "0.4.4", "safetensors": "0.8.0", "nibabel": "5.4.2",
+                "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4", "openvino": "2026.4.1"}
     problems = dependencies.problems(versions.get)
     assert [str(p) for p in problems] == ["torch is not installed",
                                           "tensorly 0.9.0 is installed; TuckerSegment needs tensorly>=0.10,<0.11"]
+    assert all(p.blocking for p in problems)
     assert not dependencies.problems({**versions, "torch": "2.13.0+cpu", "tensorly": "0.10.0"}.get)
     assert dependencies.problems({**versions, "torch": "2.13.0", "tensorly": "0.10.0", "nnunetv2": "2.9.0rc1"}.get)
     assert [str(p) for p in dependencies.problems({**versions, "torch": "2.9.0", "tensorly": "0.10.0"}.get)] == [
         "torch 2.9.0 is installed; TuckerSegment needs torch>=2.5,!=2.9.*"]
+    without_openvino = dependencies.problems({**versions, "torch": "2.13.0", "tensorly": "0.10.0", "openvino": None}.get)
+    assert [(str(p), p.blocking) for p in without_openvino] == [("openvino is not installed", False)]
 
 
 class StandInInstallers:
@@ -302,7 +305,7 @@ def test_install_uses_slicers_installers_then_checks_and_repairs_what_they_left(
     assert installers.calls == [
         ("torch", {"askConfirmation": False, "torchVersionRequirement": ">=2.5,!=2.9.*"}),
         ("nnunet", "nnunetv2==2.8.1", False),
-        ("pip", ["tensorly>=0.10,<0.11"]),
+        ("pip", ["openvino>=2026.0,<2027", "tensorly>=0.10,<0.11"]),
         ("pip", ["acvl-utils>=0.2.6,<0.3"]),  # the NNUNet installer left acvl_utils 0.2: repaired
     ]
     assert logic.problems() == [] and not outcome.needsRestart

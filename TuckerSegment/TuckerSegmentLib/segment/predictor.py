@@ -27,6 +27,7 @@ from ..policies.methods import policy_from_dict
 from ..progress import Cancel, Progress
 from ..runtime.devices import resolve_device
 from ..runtime.execution import ExecutionReport, optimise_execution
+from ..runtime.inference import OpenVINONetwork, choose_runtime, folder_key
 from ..runtime.latency import LatencyTable
 from .labels import label_values, segment_labels
 from .result import SegmentationResult
@@ -47,7 +48,7 @@ class _Predictor(nnUNetPredictor):
         self.on_tile: Callable[[int, int], None] | None = None
         self.cancel: Cancel | None = None
         self.cancelled = False
-        self.half_precision = True  # False: no fp16 autocast on CUDA (nnU-Net enables it), float32 throughout
+        self.precision = "fp16"  # on CUDA: fp16 autocast as nnU-Net does; "bf16" autocast; "f32" none
         self.tiles_total = self._tiles_done = 0
 
     def _internal_get_sliding_window_slicers(self, image_size):
@@ -60,8 +61,11 @@ class _Predictor(nnUNetPredictor):
             self.cancelled = True
         if self.cancelled:
             return torch.zeros((x.shape[0], self.label_manager.num_segmentation_heads, *x.shape[2:]), device=x.device)
-        if self.half_precision:
+        if self.precision == "fp16":
             prediction = super()._internal_maybe_mirror_and_predict(x)
+        elif self.precision == "bf16":
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                prediction = super()._internal_maybe_mirror_and_predict(x)
         else:
             with torch.autocast(x.device.type, enabled=False):
                 prediction = super()._internal_maybe_mirror_and_predict(x.float())
@@ -94,12 +98,15 @@ class Segmenter:
     def __init__(self, model: str | Path | ModelFolder, fold: Fold | None = None, device: str = "auto",
                  tile_step: float = 0.8, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
                  trust_checkpoint: bool = False, name: str | None = None, network: torch.nn.Module | None = None,
-                 policy: str = "original", execution: str = "fastest", half_precision: bool = True) -> None:
+                 policy: str = "original", execution: str = "fastest", runtime: str = "auto",
+                 precision: str = "auto") -> None:
         """``network``: run this network (e.g. compressed in memory, described by ``policy``) instead of the
         fold's saved weights; the folder then only supplies plans and labels. ``execution``: "fastest"
         runs every layer in its fastest exact form on this device (timed once, cached: see
         ``execution.optimise_execution``), "reference" exactly as stored (three convolutions per
-        factorised layer). ``half_precision``: fp16 autocast on CUDA as nnU-Net does (False: float32)."""
+        factorised layer); it applies to the PyTorch runtime. ``runtime``/``precision``: see
+        ``runtime.inference.choose_runtime`` (auto: OpenVINO on a CPU when installed; fp16 autocast on CUDA
+        as nnU-Net does)."""
         if execution not in EXECUTIONS:
             raise TuckerSegmentError(f"unknown execution {execution!r}; choose one of {', '.join(EXECUTIONS)}")
         tile_step = check_tile_step(tile_step)
@@ -107,8 +114,10 @@ class Segmenter:
         self.name = name or self.model.name
         self.fold = str(fold) if fold is not None else (self.model.folds[0] if network is None else "0")
         self.device = resolve_device(device)
+        self.runtime = choose_runtime(runtime, precision, self.device)
         self.max_voxels = int(max_voxels)
         self.segments = segment_labels(self.model.dataset_json, self.model.path)
+        from_memory = network is not None
         if network is not None:
             network, axes, self.policy = network.eval(), None, policy
         elif self.model.is_compressed_fold(self.fold):
@@ -121,17 +130,25 @@ class Segmenter:
             network, checkpoint = self.model.load_original(self.fold, trust=trust_checkpoint)
             axes = checkpoint.get("inference_allowed_mirroring_axes")
         self.execution: ExecutionReport | None = None
-        if execution == "fastest":
+        if self.runtime.runtime == "openvino":
+            key = None if from_memory else folder_key(self._source_files(), self.model.patch_size)
+            network = OpenVINONetwork(network, self.model.example_input("cpu"), self.runtime.precision, key)
+        elif execution == "fastest":
             self.execution = optimise_execution(network, self.model.example_input(), LatencyTable.for_device(self.device))
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
             self._predictor = _Predictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
                                          perform_everything_on_device=self.device.type == "cuda", device=self.device,
                                          verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        self._predictor.half_precision = half_precision
+        self._predictor.precision = self.runtime.precision
         self._predictor.manual_initialization(network, self.model.plans_manager, self.model.configuration_manager,
                                               [network.state_dict()], self.model.dataset_json,
                                               self.model.trainer_name or "nnUNetTrainer",
                                               (tuple(axes) if axes else (0, 1, 2)) if mirroring else None)
+
+    def _source_files(self) -> list[Path]:
+        """The files the network is built from: the fold's weights and the plans."""
+        fold = self.model.fold_path(self.fold)
+        return [f for f in fold.iterdir() if f.is_file()] + [self.model.path / "plans.json"]
 
     @property
     def target_spacing(self) -> np.ndarray:
@@ -168,7 +185,7 @@ class Segmenter:
         segments = [s for s in self.segments if keep is None or s.value in keep]
         report(1.0, "done")
         return SegmentationResult(volume.with_array(labels), segments, self.name, str(self.device),
-                                  time.perf_counter() - start, tiles, self.policy)
+                                  time.perf_counter() - start, tiles, self.policy, runtime=self.runtime.describe())
 
     def _predict(self, image: np.ndarray, spacing: np.ndarray, report: Progress,
                  cancel: Cancel | None) -> tuple[np.ndarray, int]:

@@ -15,7 +15,7 @@ RESEARCH_NOTICE = ("Automatic segmentation for research use only, not for clinic
 
 
 def provenance(result: SegmentationResult) -> dict[str, str]:
-    """``TuckerSegment.*`` keys: model, compression policy, engine version, device, seconds, notice."""
+    """``TuckerSegment.*`` keys: model, compression policy, engine version, device, runtime, seconds, notice."""
     values = {"Model": result.model, "Policy": result.policy, "Version": __version__, "Device": result.device,
-              "Seconds": f"{result.seconds:.2f}", "Notice": RESEARCH_NOTICE}
+              "Runtime": result.runtime, "Seconds": f"{result.seconds:.2f}", "Notice": RESEARCH_NOTICE}
     return {PREFIX + key: value.replace("|", "/") for key, value in values.items()}  # "|" separates segment tags

@@ -22,6 +22,7 @@ class SegmentationResult:
     tiles: int
     policy: str = "original"  # how the model was compressed, e.g. "UniformPolicy(factor=0.7, rank_min=8)"
     warnings: list[str] = field(default_factory=list)
+    runtime: str = "PyTorch"  # which runtime ran the network, at which precision, and why
 
     @property
     def labels(self) -> np.ndarray:

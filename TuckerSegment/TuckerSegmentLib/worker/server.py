@@ -39,13 +39,14 @@ class LoadedModel:
         self.loads = 0  # how many times a model was loaded into this process
         self.notices: list[str] = []
 
-    def get(self, model: str | list[str], device: str, task: str, tile_step: float, half_precision: bool) -> Any:
+    def get(self, model: str | list[str], device: str, task: str, tile_step: float = 0.8, runtime: str = "auto",
+            precision: str = "auto") -> Any:
         from ..segment.task import TaskSegmenter
         from ..variants.catalogue import catalogue
         from ..variants.choice import choose_model, usable_devices
         from ..variants.guard import SafeTask
         from ..variants.hardware import detect_devices
-        options = {"tile_step": float(tile_step), "half_precision": bool(half_precision)}
+        options = {"tile_step": float(tile_step), "runtime": str(runtime), "precision": str(precision)}
         if isinstance(model, list):
             paths = tuple(Path(m).expanduser().resolve() for m in model)
             key: tuple = (paths, device, tuple(options.items()))
@@ -125,7 +126,7 @@ class Worker:
         loads, started = self.model.loads, time.perf_counter()
         progress(0.0, "loading the model")
         segmenter = self.model.get(args.get("model", "auto"), args.get("device", "auto"), args.get("task", "auto"),
-                                   args.get("tile_step", 0.8), args.get("half_precision", True))
+                                   args.get("tile_step", 0.8), args.get("runtime", "auto"), args.get("precision", "auto"))
         load_seconds = time.perf_counter() - started if self.model.loads > loads else 0.0
         subset = args.get("subset") or None
         segmenter.check_subset(subset)
@@ -134,6 +135,7 @@ class Worker:
             result = segmenter.segment(Volume(*load_volume(args["volume"])), progress, None, subset)
         save_labels(Path(args["labels"]), result.labels)
         return {"segments": segments_to_json(result.segments), "model": result.model, "device": result.device,
+                "runtime": result.runtime,
                 "seconds": result.seconds, "tiles": result.tiles, "policy": result.policy,
                 "warnings": list(result.warnings), "reason": self.model.reason, "notices": list(self.model.notices),
                 "loads": self.model.loads, "load_seconds": load_seconds,

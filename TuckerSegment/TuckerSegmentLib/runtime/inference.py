@@ -1,0 +1,158 @@
+"""Which runtime runs the network, at which precision: PyTorch (CUDA, MPS, CPU) or OpenVINO (CPU).
+
+nnU-Net's predictor stays the inference engine either way (sliding window, Gaussian weighting,
+aggregation); with OpenVINO it calls an ``OpenVINONetwork``, a module that runs the network compiled
+once for the patch shape (static shapes). The converted network is kept in the user cache
+(``openvino/<key>.xml``) and OpenVINO's compiled blobs beside it, so a second load converts and
+compiles nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import TuckerSegmentError
+from ..paths import cache_dir
+
+RUNTIMES = ("auto", "torch", "openvino")
+PRECISIONS = ("auto", "f32", "bf16", "fp16")
+# f32: bf16 moved the held-out Dice of two of the four bundled demo variants by more than 0.001 (-0.0013,
+# -0.0014; scripts/bench_speed.py, docs/speed.md), so bf16 stays a choice, never the default
+CPU_DEFAULT_PRECISION = "f32"
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime and precision that run a network on ``device``, and why."""
+
+    runtime: str  # "torch" or "openvino"
+    precision: str  # "f32", "bf16" or "fp16"
+    reason: str
+
+    def describe(self) -> str:
+        name = "OpenVINO" if self.runtime == "openvino" else "PyTorch"
+        return f"{name} {self.precision} ({self.reason})"
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here, or None."""
+    if importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (pip install openvino)"
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX-512 BF16 or AMX)."""
+    import openvino as ov
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def choose_runtime(runtime: str, precision: str, device: torch.device) -> RuntimeChoice:
+    """``runtime`` (auto|torch|openvino) and ``precision`` (auto|f32|bf16|fp16) for ``device``; auto is
+    OpenVINO on a CPU when it is installed, PyTorch elsewhere. A combination that cannot run is refused."""
+    if runtime not in RUNTIMES:
+        raise TuckerSegmentError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise TuckerSegmentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if device.type != "cpu":
+        if runtime == "openvino":
+            raise TuckerSegmentError(f"OpenVINO runs on the CPU here, not on {device.type}; choose the CPU device "
+                                     "or the torch runtime")
+        if device.type == "mps" and precision == "bf16":
+            raise TuckerSegmentError("bf16 is not offered on Apple GPUs; choose f32 or fp16")
+        chosen = "fp16" if precision == "auto" else precision
+        reason = ("fp16 autocast as nnU-Net does" if precision == "auto" else "asked") + f", on {device.type}"
+        return RuntimeChoice("torch", chosen, reason)
+    missing = openvino_missing()
+    if runtime == "openvino" and missing:
+        raise TuckerSegmentError(f"{missing}; or choose the torch runtime")
+    if runtime == "torch" or missing:
+        if precision not in ("auto", "f32"):
+            raise TuckerSegmentError(f"PyTorch runs {precision} slowly or not at all on the CPU; choose f32, or the "
+                                     "openvino runtime for bf16")
+        why = "asked" if runtime == "torch" else f"auto on the CPU, but {missing}"
+        return RuntimeChoice("torch", "f32", why)
+    if precision == "fp16":
+        raise TuckerSegmentError("OpenVINO on this CPU runs f32 or bf16; choose one of those")
+    if precision == "bf16" and not cpu_has_native_bf16():
+        raise TuckerSegmentError("this CPU has no native bf16 (AVX-512 BF16 or AMX); choose f32")
+    if precision == "auto":
+        return RuntimeChoice("openvino", CPU_DEFAULT_PRECISION, "auto on the CPU")
+    return RuntimeChoice("openvino", precision, "asked")
+
+
+def _openvino_dir() -> Path:
+    return cache_dir() / "openvino"
+
+
+def folder_key(files: list[Path], patch: tuple[int, ...]) -> str:
+    """A cache key for a network read from ``files``: their names, sizes and modification times, the
+    patch shape and the OpenVINO version (a changed file or another OpenVINO converts again)."""
+    import openvino as ov
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
+    text = json.dumps([stamp, list(patch), ov.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class OpenVINONetwork(nn.Module):
+    """``network`` converted and compiled by OpenVINO for inputs shaped like ``example``; called like the
+    PyTorch module (nnU-Net's predictor feeds it whole patches). ``key`` names the converted network in
+    the user cache (None: converted every time, e.g. for a network changed in memory)."""
+
+    def __init__(self, network: nn.Module, example: torch.Tensor, precision: str = "f32",
+                 key: str | None = None) -> None:
+        super().__init__()
+        import openvino as ov
+        if precision not in ("f32", "bf16"):
+            raise TuckerSegmentError(f"OpenVINO runs f32 or bf16 here, not {precision}")
+        self.input_shape, self.precision = tuple(example.shape), precision
+        core = ov.Core()
+        folder = _openvino_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(folder / "compiled")})
+        xml = folder / f"{key}.xml" if key else None
+        if xml is not None and xml.is_file() and xml.with_suffix(".bin").is_file():
+            model = core.read_model(xml)
+        else:
+            example = torch.zeros(self.input_shape, dtype=torch.float32)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: intended
+                warnings.filterwarnings("ignore", r"`torch\.jit\.trace", DeprecationWarning)  # OpenVINO's tracer
+                model = ov.convert_model(network.eval(), example_input=example, input=[self.input_shape])
+            if xml is not None:
+                _save_whole(ov, model, xml)
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                     "PERFORMANCE_HINT": "LATENCY"})
+        self._request = compiled.create_infer_request()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits, in OpenVINO's output buffer itself: valid until the next call (nnU-Net's sliding window
+        weights and adds each tile into its sum before it predicts the next; copying every tile's logits
+        cost more than a tenth of a whole volume's time for 118 classes)."""
+        if tuple(x.shape) != self.input_shape:
+            raise TuckerSegmentError(f"the OpenVINO network was compiled for {self.input_shape}, not {tuple(x.shape)}")
+        patch = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
+        result = self._request.infer([patch], share_inputs=True, share_outputs=True)
+        return torch.from_numpy(result[0])
+
+
+def _save_whole(ov, model, xml: Path) -> None:  # noqa: ANN001 (openvino is imported lazily)
+    """Write the converted network's .xml and .bin under a temporary name, then rename: whole or absent."""
+    staging = xml.with_name(f".{xml.stem}.{os.getpid()}.partial.xml")
+    try:
+        ov.save_model(model, staging, compress_to_fp16=False)
+        os.replace(staging.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(staging, xml)
+    except OSError:
+        for path in (staging, staging.with_suffix(".bin")):
+            path.unlink(missing_ok=True)  # the cache is an optimisation: convert again next time
+
