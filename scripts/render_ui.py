@@ -54,6 +54,8 @@ COMBO_ITEMS: dict[str, list[str]] = {
                      "(not installed)", "Demo: chest CT (bundled, 3 mm) (4 ready)"],
     "variantComboBox": ["Auto: chest-demo", "chest-demo (bundled)", "chest-demo-tucker-0.7 (bundled)"],
     "deviceComboBox": ["Auto", "CPU", "GPU (CUDA)", "Apple GPU (MPS)"],
+    "runtimeComboBox": ["Auto", "PyTorch", "OpenVINO (CPU)"],
+    "precisionComboBox": ["Auto", "float32", "bfloat16 (CPU with native bf16)"],
     "policyComboBox": [method.label for method in METHODS],
     "calibrationVolumesSelector": ["CTChest"],
 }

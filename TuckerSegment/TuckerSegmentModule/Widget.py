@@ -18,9 +18,8 @@ from .Parameters import TuckerSegmentParameterNode
 POLL_MS = 200
 CHOOSE_FOLDER = "choose-folder"
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"), ("mps", "Apple GPU (MPS)"))
-RUNTIMES = (("auto", "Auto (OpenVINO on the CPU when installed)"), ("torch", "PyTorch"), ("openvino", "OpenVINO (CPU)"))
-PRECISIONS = (("auto", "Auto (float32 on the CPU, fp16 autocast on CUDA)"), ("f32", "float32"),
-              ("bf16", "bfloat16 (faster; CPUs with native bf16)"), ("fp16", "float16 (GPU)"))
+RUNTIMES = (("auto", "Auto"), ("torch", "PyTorch"), ("openvino", "OpenVINO (CPU)"))  # the .ui's tooltips explain Auto
+PRECISIONS = (("auto", "Auto"), ("f32", "float32"), ("bf16", "bfloat16 (CPU with native bf16)"), ("fp16", "float16 (GPU)"))
 
 
 class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -60,15 +59,17 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                (self.ui.precisionComboBox, PRECISIONS)):
             for key, label in entries:
                 combo.addItem(label, key)
-        from TuckerSegmentLib.policies.methods import METHODS
+        from TuckerSegmentLib.policies.methods import DEFAULT_METHOD, METHODS
         for method in METHODS:
             self.ui.policyComboBox.addItem(method.label, method.key)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
-        self.ui.variantComboBox.connect("currentIndexChanged(int)", self.onVariantChanged)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
-        self.ui.runtimeComboBox.connect("currentIndexChanged(int)", self.onRuntimeChanged)
-        self.ui.precisionComboBox.connect("currentIndexChanged(int)", self.onPrecisionChanged)
-        self.ui.policyComboBox.connect("currentIndexChanged(int)", self.onPolicyChanged)
+        for field, combo, default in (("variant", self.ui.variantComboBox, "auto"),
+                                      ("device", self.ui.deviceComboBox, "auto"),
+                                      ("runtime", self.ui.runtimeComboBox, "auto"),
+                                      ("precision", self.ui.precisionComboBox, "auto"),
+                                      ("policy", self.ui.policyComboBox, DEFAULT_METHOD)):
+            combo.connect("currentIndexChanged(int)",
+                          lambda index, f=field, c=combo, d=default: self.onChoiceChanged(f, c, d))
         self.ui.structureSearchBox.connect("textChanged(QString)", self.onStructureFilter)
         self.ui.structureListWidget.connect("itemChanged(QListWidgetItem*)", self.onStructureChecked)
         self.ui.clearStructuresButton.connect("clicked(bool)", self.onClearStructures)
@@ -239,26 +240,10 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.NodeModify(self._parameterNode.parameterNode):
             self._parameterNode.task, self._parameterNode.variant = key or "auto", "auto"
 
-    def onVariantChanged(self, index=None) -> None:
+    def onChoiceChanged(self, field, combo, default) -> None:
+        """A combo the user changed: its key goes to the parameter node field ``field``."""
         if not self._updating and self._parameterNode is not None:
-            self._parameterNode.variant = _currentData(self.ui.variantComboBox) or "auto"
-
-    def onDeviceChanged(self, index=None) -> None:
-        if not self._updating and self._parameterNode is not None:
-            self._parameterNode.device = _currentData(self.ui.deviceComboBox) or "auto"
-
-    def onRuntimeChanged(self, index=None) -> None:
-        if not self._updating and self._parameterNode is not None:
-            self._parameterNode.runtime = _currentData(self.ui.runtimeComboBox) or "auto"
-
-    def onPrecisionChanged(self, index=None) -> None:
-        if not self._updating and self._parameterNode is not None:
-            self._parameterNode.precision = _currentData(self.ui.precisionComboBox) or "auto"
-
-    def onPolicyChanged(self, index=None) -> None:
-        if not self._updating and self._parameterNode is not None:
-            from TuckerSegmentLib.policies.methods import DEFAULT_METHOD
-            self._parameterNode.policy = _currentData(self.ui.policyComboBox) or DEFAULT_METHOD
+            setattr(self._parameterNode, field, _currentData(combo) or default)
 
     def onStructureChecked(self, item=None) -> None:
         if self._updating or self._parameterNode is None:

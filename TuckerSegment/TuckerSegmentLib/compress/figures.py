@@ -30,6 +30,7 @@ class CompressionReview:
     agreement: float | None = None  # mean Dice of compressed vs original labels on the calibration volumes
     agreement_volumes: int = 0
     peak_memory: str = ""  # how peak memory was measured
+    runtime: str = "PyTorch"  # what ran the timed patches (the runtime segmentation uses on this device)
     notes: list[str] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str, str, str]]:
@@ -45,7 +46,7 @@ class CompressionReview:
             rows.append(("Peak memory per patch (MB)", f"{a.peak_bytes / 1e6:.0f}", f"{b.peak_bytes / 1e6:.0f}",
                          ratio(a.peak_bytes, b.peak_bytes)))
         if a.seconds is not None and b.seconds is not None:
-            rows.append((f"Time per patch (s, {self.device})", f"{a.seconds:.3f}", f"{b.seconds:.3f}",
+            rows.append((f"Time per patch (s, {self.device}, {self.runtime})", f"{a.seconds:.3f}", f"{b.seconds:.3f}",
                          ratio(a.seconds, b.seconds)))
         if self.agreement is not None:
             rows.append((f"Dice vs original ({self.agreement_volumes} volumes)", "1.000", f"{self.agreement:.3f}", ""))

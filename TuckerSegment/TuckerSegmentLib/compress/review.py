@@ -1,12 +1,14 @@
 """What a compression gained and cost, measured side by side: the table the compression panel shows.
 
 Parameters, FLOPs and weight bytes come from what compression recorded in ``tucker.json``; time per patch and peak memory of one
-patch forward are measured on the device at hand (original as nnU-Net runs it, compressed in its
-fastest exact execution, interleaved); agreement is the mean Dice between the original's and the
+patch forward are measured on the device at hand, in the runtime segmentation uses there (OpenVINO on a
+CPU when installed: both networks as stored; PyTorch: the original as nnU-Net runs it, the compressed
+one in its fastest exact execution; interleaved); agreement is the mean Dice between the original's and the
 compressed model's labels on the calibration volumes, segmented end to end.
 """
 from __future__ import annotations
 
+import statistics
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -23,7 +25,8 @@ from ..image.volume import Volume
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Progress, check_cancel
 from ..runtime.devices import resolve_device
-from ..runtime.execution import compare_latency
+from ..runtime.execution import compare_latency, interleaved_seconds
+from ..runtime.inference import OpenVINONetwork, choose_runtime
 from ..runtime.latency import LatencyTable, autocast, synchronize
 from ..segment.predictor import Segmenter
 from .figures import CompressionReview, ModelFigures
@@ -115,8 +118,16 @@ def review_compression(source: str | Path, output: str | Path, volumes: Sequence
         original, _ = original_folder.load_original(fold)
         compressed = compressed_folder.load_network(fold)
         meta = original_folder.example_input()
-        table = LatencyTable.for_device(torch_device)
-        seconds = compare_latency(original, compressed, meta, table, repeats=repeats)
+        choice = choose_runtime("auto", "auto", torch_device)
+        if choice.runtime == "openvino":  # timed in the runtime that will run it, both in their stored form
+            example = original_folder.example_input("cpu")
+            converted = [OpenVINONetwork(network, example, choice.precision) for network in (original, compressed)]
+            seconds = [statistics.median(t) for t in interleaved_seconds(converted, torch.randn(example.shape),
+                                                                          torch_device, repeats)]
+        else:
+            seconds = compare_latency(original, compressed, meta, LatencyTable.for_device(torch_device),
+                                      repeats=repeats)
+        review.runtime = choice.describe()
         done += 1
         report(done / steps, "measuring peak memory")
         check_cancel(cancelled, "review")

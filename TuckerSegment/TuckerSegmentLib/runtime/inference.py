@@ -26,7 +26,7 @@ from ..paths import cache_dir
 RUNTIMES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "fp16")
 # f32: bf16 moved the held-out Dice of two of the four bundled demo variants by more than 0.001 (-0.0013,
-# -0.0014; scripts/bench_speed.py, docs/speed.md), so bf16 stays a choice, never the default
+# -0.0015; scripts/bench_precision.py, docs/precision.md), so bf16 stays a choice, never the default
 CPU_DEFAULT_PRECISION = "f32"
 
 
