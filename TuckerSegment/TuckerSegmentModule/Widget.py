@@ -169,10 +169,10 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     widget.currentPath = path
                     widget.blockSignals(False)
             from TuckerSegmentLib.policies.methods import method
-            chosen = method(node.policy)
-            self.ui.targetSpinBox.enabled = bool(chosen.target)
-            self.ui.targetSpinBox.toolTip = chosen.target or _("this method chooses its ranks itself")
-            self.ui.outputNameLineEdit.placeholderText = suggestedOutputName(node.modelFolder, node.policy, node.target)
+            policy = _currentData(self.ui.policyComboBox)  # a method the engine knows, whatever a scene saved
+            self.ui.targetSpinBox.enabled = bool(method(policy).target)
+            self.ui.targetSpinBox.toolTip = method(policy).target or _("this method chooses its ranks itself")
+            self.ui.outputNameLineEdit.placeholderText = suggestedOutputName(node.modelFolder, policy, node.target)
             shown = {name: _currentData(combo) for name, combo in (
                 ("task", self.ui.taskComboBox), ("variant", self.ui.variantComboBox),
                 ("device", self.ui.deviceComboBox), ("policy", self.ui.policyComboBox),

@@ -108,6 +108,7 @@ def test_segment_with_no_options_on_a_fresh_machine(tmp_path, original):
     tags = by_name["tissue"]["tags"]  # provenance on every segment
     assert tags["TuckerSegment.Model"] == "chest-demo" and tags["TuckerSegment.Policy"] == "original"
     assert tags["TuckerSegment.Device"] == "cpu" and float(tags["TuckerSegment.Seconds"]) > 0
+    assert tags["TuckerSegment.Runtime"] == "OpenVINO f32 (auto on the CPU)"  # the CLI's default on a CPU
     assert "research use only" in tags["TuckerSegment.Notice"]
 
 

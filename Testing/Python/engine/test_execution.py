@@ -211,8 +211,8 @@ def test_compress_cli_target_latency_measures_and_reports(tiny_model, tmp_path, 
 def test_segmenter_fastest_execution_gives_the_reference_labels():
     entry = next(e for e in bundled_models() if e["policy"] != "original")
     ct = chest_sample().ct
-    fast = Segmenter(entry["path"], device="cpu")
-    reference = Segmenter(entry["path"], device="cpu", execution="reference")
+    fast = Segmenter(entry["path"], device="cpu", runtime="torch")  # execution forms are PyTorch's
+    reference = Segmenter(entry["path"], device="cpu", runtime="torch", execution="reference")
     assert fast.execution is not None and fast.execution.layers and reference.execution is None
     assert any(isinstance(m, ExecutedConv) for m in fast._predictor.network.modules())
     a, b = fast.segment(ct).labels, reference.segment(ct).labels

@@ -27,7 +27,7 @@ RIGHT_LUNG_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SC
 def engine_task(model="auto", task: str = "auto"):
     """The engine's segmenter for what the Logic's worker picks, run in this process to compare with."""
     from TuckerSegmentLib.worker.server import LoadedModel
-    return LoadedModel().get(model, "auto", task, 0.8, True)
+    return LoadedModel().get(model, "auto", task)
 
 
 def matrix_of(node) -> np.ndarray:
@@ -109,6 +109,8 @@ def test_segments_the_loaded_ct_into_named_coloured_coded_segments(logic, scene,
     assert node.GetAttribute("TuckerSegment.Policy") == "original"
     assert node.GetAttribute("TuckerSegment.Notice") == RESEARCH_NOTICE
     assert float(node.GetAttribute("TuckerSegment.Seconds")) > 0
+    assert node.GetAttribute("TuckerSegment.Runtime") == "OpenVINO f32 (auto on the CPU)"
+    assert logic.lastRun["runtime"] == "OpenVINO f32 (auto on the CPU)"
     assert tag(right, "TuckerSegment.Model") == "chest-demo"
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
     assert messages[-1] == (1.0, "done") and all(0 <= f <= 1 for f, _ in messages)

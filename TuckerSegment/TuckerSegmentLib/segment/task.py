@@ -106,7 +106,8 @@ class TaskSegmenter:
         devices = sorted({r.device for r in results})
         return SegmentationResult(volume.with_array(labels), segments, self.name, ",".join(devices) or "none",
                                   time.perf_counter() - start, sum(r.tiles for r in results),
-                                  policy="; ".join(r.policy for r in results))
+                                  policy="; ".join(r.policy for r in results),
+                                  runtime="; ".join(dict.fromkeys(r.runtime for r in results)) or "none")
 
 
 def _mapped_dataset(folder: ModelFolder, mapping: Mapping[int, tuple[int, str]]) -> dict:
