@@ -84,27 +84,25 @@ class WorkerJob:
     def wait(self, timeout: float | None = None, between: Callable[[], None] | None = None) -> str:
         """Pump until the job ends or ``timeout`` seconds pass; ``between()`` runs after each step (e.g. Qt's
         ``processEvents``). Returns the state."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() == RUNNING and (deadline is None or time.monotonic() < deadline):
-            self.client.wait_for_output(0.1)
-            if between is not None:
-                between()
-        return self.state
+        return self.follow(between=between, timeout=timeout)
 
     def follow(self, progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
-               between: Callable[[], None] | None = None) -> str:
+               between: Callable[[], None] | None = None, timeout: float | None = None) -> str:
         """Wait for the job to end (the Python console's way): ``progress(fraction, message)`` gets each
         report, ``cancel()`` returning True stops the worker, and so does an error raised by ``progress``
-        (re-raised once the worker has gone). Returns the state."""
-        self.on_progress = progress
+        (re-raised once the worker has gone). Returns the state (still RUNNING after ``timeout``)."""
+        if progress is not None:
+            self.on_progress = progress
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while self.poll() == RUNNING:
+            while self.poll() == RUNNING and (deadline is None or time.monotonic() < deadline):
                 if cancel is not None and cancel():
                     self.cancel()
                 self.client.wait_for_output(0.1)
                 if between is not None:
                     between()
         except BaseException:
+            self.on_progress = None
             self.cancel()
             self.wait(KILL_AFTER + 5)
             raise

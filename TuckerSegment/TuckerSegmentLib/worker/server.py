@@ -49,23 +49,22 @@ class LoadedModel:
         options = {"tile_step": float(tile_step), "runtime": str(runtime), "precision": str(precision)}
         if isinstance(model, list):
             paths = tuple(Path(m).expanduser().resolve() for m in model)
-            key: tuple = (paths, device, tuple(options.items()))
-            if key != self.key:
-                self.segmenter, self.key = None, None  # the previous model's memory is free before the next loads
-                self.segmenter, self.key = TaskSegmenter(list(paths), device=device, **options), key
-                self.loads += 1
             self.reason = "model folders given"
-            return self.segmenter
+            return self._load((paths, device, tuple(options.items())),
+                              lambda: TaskSegmenter(list(paths), device=device, **options))
         variants, devices = catalogue(), detect_devices()
         choice = choose_model(model, task, device, variants, devices)
-        key = (choice.folders, choice.device, tuple(options.items()))
+        self.reason = choice.reason
+        return self._load((choice.folders, choice.device, tuple(options.items())),
+                          lambda: SafeTask(choice, variants, usable_devices(device, devices),
+                                           notify=self.notices.append, **options))
+
+    def _load(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The segmenter for ``key``: the loaded one, or ``build()`` after the previous one is let go."""
         if key != self.key:
             self.segmenter, self.key = None, None  # the previous model's memory is free before the next loads
-            self.segmenter = SafeTask(choice, variants, usable_devices(device, devices), notify=self.notices.append,
-                                      **options)
-            self.key = key
+            self.segmenter, self.key = build(), key
             self.loads += 1
-        self.reason = choice.reason
         return self.segmenter
 
 
