@@ -87,6 +87,9 @@ def test_openvino_segments_the_sample_ct_as_pytorch_does_and_its_conversion_is_c
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     again = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32").segment(volume)
     assert np.array_equal(again.labels, result.labels)  # read back from the cache: the same network
+    converted.write_text("<net>not a network")  # a damaged cache file: converted again and replaced
+    repaired = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32").segment(volume)
+    assert np.array_equal(repaired.labels, result.labels) and converted.read_text().startswith("<?xml")
 
 
 def test_without_openvino_the_cpu_runs_pytorch_and_says_why(monkeypatch):

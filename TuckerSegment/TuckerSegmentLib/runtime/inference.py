@@ -120,9 +120,8 @@ class OpenVINONetwork(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(folder / "compiled")})
         xml = folder / f"{key}.xml" if key else None
-        if xml is not None and xml.is_file() and xml.with_suffix(".bin").is_file():
-            model = core.read_model(xml)
-        else:
+        model = _cached(core, xml)
+        if model is None:
             example = torch.zeros(self.input_shape, dtype=torch.float32)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: intended
@@ -143,6 +142,17 @@ class OpenVINONetwork(nn.Module):
         patch = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
         result = self._request.infer([patch], share_inputs=True, share_outputs=True)
         return torch.from_numpy(result[0])
+
+
+def _cached(core, xml: Path | None):  # noqa: ANN001, ANN202 (openvino is imported lazily)
+    """The converted network kept in the cache, or None when there is none or it cannot be read (a damaged
+    cache file is converted again and replaced: the cache is only an optimisation)."""
+    if xml is None or not xml.is_file() or not xml.with_suffix(".bin").is_file():
+        return None
+    try:
+        return core.read_model(xml)
+    except RuntimeError:
+        return None
 
 
 def _save_whole(ov, model, xml: Path) -> None:  # noqa: ANN001 (openvino is imported lazily)
