@@ -54,8 +54,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "variants.md"
 
 
 def bytes_per_voxel(outputs: int) -> int:
-    """nnU-Net's per-voxel buffers at the model spacing: half-precision logits and counts, then float
-    probabilities per output, the image and the labels (an estimate; the tile term is measured)."""
+    """Per-voxel buffers at the model spacing: the float32 sum of logits (float16 on a GPU) with room for
+    argmax temporaries per output, the weights, the image and the labels (an estimate; the tile term is
+    measured)."""
     return 6 * outputs + 16
 
 

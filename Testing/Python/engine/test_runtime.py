@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from TuckerSegmentLib.compress.network import compress_network
 from TuckerSegmentLib.errors import TuckerSegmentError
 from TuckerSegmentLib.image.volume import read_volume
@@ -99,3 +100,40 @@ def test_without_openvino_the_cpu_runs_pytorch_and_says_why(monkeypatch):
     assert not isinstance(segmenter._predictor.network, OpenVINONetwork)
     result = segmenter.segment(read_volume(BUNDLED_MODELS.parent / "SampleData" / "CTChest4.nrrd"))
     assert result.runtime == "PyTorch f32 (auto on the CPU, but OpenVINO is not installed (pip install openvino))"
+
+
+def test_openvino_with_test_time_mirroring_agrees_with_pytorch():
+    """Mirroring holds one output while the network computes the next: OpenVINO's shared output buffer would
+    turn the sum into twice the mirrored prediction (85 % agreement before this was handled)."""
+    volume = read_volume(BUNDLED_MODELS.parent / "SampleData" / "CTChest4.nrrd")
+    expected = Segmenter(DEMO_SOURCE, device="cpu", runtime="torch", execution="reference", mirroring=True)
+    mirrored = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32", mirroring=True)
+    assert not mirrored._predictor.network.share_output
+    assert (mirrored.segment(volume).labels == expected.segment(volume).labels).mean() >= 0.999
+
+
+def test_the_cpu_sums_tiles_in_float32_closer_to_the_exact_sum_than_nnunets_float16():
+    """Same slicers, Gaussian and weighted sum as nnU-Net's own loop, in float32: against a float64 sum our
+    logits are exact to float32 rounding, while nnU-Net's float16 sum rounds them to whole numbers where the
+    Gaussian weights underflow (the volume's edges: weight 6e-8, float16's smallest step)."""
+    segmenter = Segmenter(DEMO_SOURCE, device="cpu", runtime="torch", execution="reference")
+    predictor = segmenter._predictor
+    image = torch.randn((1, 60, 150, 170), generator=torch.Generator().manual_seed(1))
+    slicers = predictor._internal_get_sliding_window_slicers(image.shape[1:])
+    assert len(slicers) > 1  # overlapping tiles, so the weighting matters
+    gaussian = compute_gaussian(tuple(predictor.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                value_scaling_factor=10, dtype=torch.float64, device=CPU)
+    with torch.inference_mode():
+        ours = predictor._internal_predict_sliding_window_return_logits(image, slicers, False)
+        nnunets = super(type(predictor), predictor)._internal_predict_sliding_window_return_logits(image, slicers, False)
+        exact = torch.zeros(ours.shape, dtype=torch.float64)
+        weights = torch.zeros(ours.shape[1:], dtype=torch.float64)
+        for tile in slicers:
+            exact[tile] += predictor._internal_maybe_mirror_and_predict(image[tile][None])[0].double() * gaussian
+            weights[tile[1:]] += gaussian
+        exact /= weights
+    assert ours.dtype == torch.float32 and nnunets.dtype == torch.float16 and ours.shape == exact.shape
+    span = float(exact.max() - exact.min())
+    assert float((ours - exact).abs().max()) <= 1e-5 * span
+    assert float((nnunets.double() - exact).abs().max()) >= 0.3  # rounded to whole numbers at the edges
+    assert (ours.argmax(0) == exact.argmax(0)).float().mean() >= 0.9999

@@ -106,15 +106,17 @@ def folder_key(files: list[Path], patch: tuple[int, ...]) -> str:
 class OpenVINONetwork(nn.Module):
     """``network`` converted and compiled by OpenVINO for inputs shaped like ``example``; called like the
     PyTorch module (nnU-Net's predictor feeds it whole patches). ``key`` names the converted network in
-    the user cache (None: converted every time, e.g. for a network changed in memory)."""
+    the user cache (None: converted every time, e.g. for a network changed in memory). ``share_output``:
+    return OpenVINO's output buffer itself, overwritten by the next call (see ``forward``); False for
+    callers that hold one output while computing the next (nnU-Net's test-time mirroring)."""
 
     def __init__(self, network: nn.Module, example: torch.Tensor, precision: str = "f32",
-                 key: str | None = None) -> None:
+                 key: str | None = None, share_output: bool = True) -> None:
         super().__init__()
         import openvino as ov
         if precision not in ("f32", "bf16"):
             raise TuckerSegmentError(f"OpenVINO runs f32 or bf16 here, not {precision}")
-        self.input_shape, self.precision = tuple(example.shape), precision
+        self.input_shape, self.precision, self.share_output = tuple(example.shape), precision, share_output
         core = ov.Core()
         folder = _openvino_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -134,13 +136,13 @@ class OpenVINONetwork(nn.Module):
         self._request = compiled.create_infer_request()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits, in OpenVINO's output buffer itself: valid until the next call (nnU-Net's sliding window
-        weights and adds each tile into its sum before it predicts the next; copying every tile's logits
-        cost more than a tenth of a whole volume's time for 118 classes)."""
+        """The logits; with ``share_output`` in OpenVINO's output buffer itself, valid until the next call
+        (the sliding window weights and adds each tile into its sum before it predicts the next; copying
+        every tile's logits cost more than a tenth of a whole volume's time for 118 classes)."""
         if tuple(x.shape) != self.input_shape:
             raise TuckerSegmentError(f"the OpenVINO network was compiled for {self.input_shape}, not {tuple(x.shape)}")
         patch = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
-        result = self._request.infer([patch], share_inputs=True, share_outputs=True)
+        result = self._request.infer([patch], share_inputs=True, share_outputs=self.share_output)
         return torch.from_numpy(result[0])
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from ..errors import SegmentationCancelled, TaskError, TuckerSegmentError
 from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
@@ -38,7 +39,8 @@ SLAB_OVERLAP = 20  # voxels of context on each side of a slab (TotalSegmentator'
 
 
 class _Predictor(nnUNetPredictor):
-    """nnU-Net's predictor, reporting each sliding-window tile and honouring a cancel flag.
+    """nnU-Net's predictor, reporting each sliding-window tile and honouring a cancel flag, and summing
+    tiles in float32 when the sum is kept in RAM.
 
     A cancelled run skips the network for the remaining tiles (so nnU-Net's tile queue drains
     normally) and then raises ``SegmentationCancelled``."""
@@ -55,6 +57,28 @@ class _Predictor(nnUNetPredictor):
         slicers = super()._internal_get_sliding_window_slicers(image_size)
         self.tiles_total, self._tiles_done = len(slicers), 0
         return slicers
+
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers: list,
+                                                       do_on_device: bool = True) -> torch.Tensor:
+        """On a CUDA device exactly nnU-Net's. Elsewhere the sum lives in RAM, where nnU-Net keeps it in
+        float16, which CPUs add about 8 times slower than float32 (0.50 s against 0.06 s per 118-class
+        tile measured here: about 10 s of a 3 mm TotalSegmentator volume); so the same slicers, the same
+        Gaussian and the same weighted sum, in float32: 4 bytes per output and voxel instead of 2, within
+        the 6 the catalogue's memory estimate (and so the RAM guard) allows for."""
+        if self.device.type == "cuda":
+            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        heads, cpu = self.label_manager.num_segmentation_heads, torch.device("cpu")
+        logits = torch.zeros((heads, *data.shape[1:]), dtype=torch.float32)
+        weights = torch.zeros(data.shape[1:], dtype=torch.float32)
+        gaussian = (compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                     value_scaling_factor=10, dtype=torch.float32, device=cpu)
+                    if self.use_gaussian else torch.ones(tuple(self.configuration_manager.patch_size)))
+        for tile in slicers:
+            patch = data[tile][None].contiguous().to(self.device)
+            prediction = self._internal_maybe_mirror_and_predict(patch)[0].to(cpu, torch.float32)
+            logits[tile].addcmul_(prediction, gaussian)
+            weights[tile[1:]] += gaussian
+        return logits.div_(weights)
 
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cancelled and self.cancel is not None and self.cancel():
@@ -132,7 +156,8 @@ class Segmenter:
         self.execution: ExecutionReport | None = None
         if self.runtime.runtime == "openvino":
             key = None if from_memory else folder_key(self._source_files(), self.model.patch_size)
-            network = OpenVINONetwork(network, self.model.example_input("cpu"), self.runtime.precision, key)
+            network = OpenVINONetwork(network, self.model.example_input("cpu"), self.runtime.precision, key,
+                                      share_output=not mirroring)
         elif execution == "fastest":
             self.execution = optimise_execution(network, self.model.example_input(), LatencyTable.for_device(self.device))
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
