@@ -12,11 +12,15 @@ under the same nnU-Net predictor. Timings are interleaved (one run of each varia
 of ``--runs``: one patch forward (random input of the patch size) and end to end (``Segmenter.segment``
 on a CT: resampling, nnU-Net's sliding window and labels back on the input grid; ``--volume large`` is
 the sample resampled to 512 × 512 × 227 voxels, a clinical chest CT's size), with a breakdown of one
-more run by stage (cProfile). For the demo model the held-out Dice of each variant is reported too
-(budget variants calibrated on the sample's image). Writes ``docs/speed.json`` and ``docs/speed.md``.
+more run by stage (cProfile) and its peak memory (resident memory above the level before the call,
+sampled every 5 ms; Linux). The latency budget is timed in the runtime inference uses by default (OpenVINO
+f32 on a CPU when installed). For the demo model the held-out Dice of each variant on the sample is
+reported too (budget variants calibrated on the sample's image). Writes ``docs/speed.json`` and
+``docs/speed.md``.
 
 Usage: python scripts/bench_speed.py [--runs 5] [--models Dataset291 Dataset297 demo] [--device cpu]
        [--variants NAME...] [--runtimes torch openvino-f32 openvino-bf16] [--volume sample|large]
+       [--patch-only MODEL...]
 (Dataset291 alone takes about 30 min on 2 CPU cores, Dataset297 longer: its 117-class end-to-end runs
 dominate; the first run also times each layer's forms and the latency budget's options, cached
 afterwards; results are written after each model)
@@ -28,8 +32,10 @@ import copy
 import cProfile
 import json
 import pstats
+import os
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +87,36 @@ class Variant:
     dice: float | None = None
     runtime: str = "torch"
     stages: dict[str, float] = field(default_factory=dict)
+    peak_bytes: int | None = None  # resident memory above the level before one end-to-end run
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux), or None where /proc is missing."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry while the block runs, sampled every 5 ms in a thread
+    (``peak`` None where it cannot be read)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.base = resident_bytes()
+        self.peak = 0 if self.base is not None else None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.base is not None and not self._stop.wait(0.005):
+            self.peak = max(self.peak, (resident_bytes() or 0) - self.base)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def cropped(volume: Volume, start: tuple[int, int, int], stop: tuple[int, int, int]) -> Volume:
@@ -170,8 +206,10 @@ def time_volumes(variants: list[Variant], folder: ModelFolder, volume: Volume, d
         # the network already runs its chosen execution (or is OpenVINO's); "reference" keeps it as it is
         variant.segmenter = Segmenter(folder, device=str(device), network=variant.network, policy=variant.policy,
                                       execution="reference", runtime="torch", precision="f32")
-        profile = cProfile.Profile()  # the warm-up run, profiled
-        profile.runcall(variant.segmenter.segment, volume)
+        profile = cProfile.Profile()  # the warm-up run, profiled, its peak memory sampled
+        with PeakMemory() as memory:
+            profile.runcall(variant.segmenter.segment, volume)
+        variant.peak_bytes = memory.peak
         cumulative = {key[2]: value[3] for key, value in pstats.Stats(profile).stats.items()}
         stages = {stage: cumulative.get(function, 0.0) for stage, function in STAGES.items()}
         stages["sliding-window aggregation"] -= stages["network"]  # the window's own work, around the network
@@ -192,6 +230,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", help="variant names to run (default: all; the original always)")
     parser.add_argument("--runtimes", nargs="+", default=["torch", "openvino-f32", "openvino-bf16"],
                         choices=["torch", "openvino-f32", "openvino-bf16"])
+    parser.add_argument("--patch-only", nargs="*", default=[], metavar="MODEL",
+                        help="models timed per patch only (the 1.5 mm network's volume takes minutes per run)")
     parser.add_argument("--volume", choices=("sample", "large"), default="sample",
                         help="end-to-end CT for the 3 mm networks: the sample (128×128×34) or it resampled to "
                              "512×512×227 voxels")
@@ -216,18 +256,20 @@ def main() -> None:
             variants = build_variants(folder, device, calibration, LATENCY_TARGETS.get(model, 0.5), args.variants,
                                       args.runtimes)
             time_patches(variants, tuple(folder.example_input().shape), device, args.runs)
-            time_volumes(variants, folder, volume, device, args.runs)
+            if model not in args.patch_only:
+                time_volumes(variants, folder, volume, device, args.runs)
             base = variants[0]
             for variant in variants:
-                if model == "demo" and variant.volume_seconds and variant.labels.shape == sample.labels.shape:
-                    variant.dice = held_out_dice(variant.labels, sample, held)
+                if model == "demo" and variant.segmenter is not None:  # on the sample, whichever CT was timed
+                    variant.dice = held_out_dice(variant.segmenter.segment(sample.ct).labels, sample, held)
                 patch = statistics.median(variant.patch_seconds)
                 row = {"model": model, "variant": variant.name, "runtime": variant.runtime, "policy": variant.policy,
                        "execution": variant.execution, "flops_fraction": variant.flops / base.flops,
                        "params_fraction": variant.params / base.params, "patch_seconds": patch,
                        "patch_ratio": patch / statistics.median(base.patch_seconds),
                        "patch_runs": variant.patch_seconds, "volume_runs": variant.volume_seconds,
-                       "volume_shape": list(volume.array.shape), "dice": variant.dice, "stages": variant.stages}
+                       "volume_shape": list(volume.array.shape), "dice": variant.dice, "stages": variant.stages,
+                       "peak_memory_bytes": variant.peak_bytes}
                 if variant.volume_seconds:
                     row["volume_seconds"] = statistics.median(variant.volume_seconds)
                     row["volume_ratio"] = row["volume_seconds"] / statistics.median(base.volume_seconds)
@@ -279,11 +321,15 @@ def write_markdown(rows: list[dict[str, Any]]) -> None:
     if staged:
         names = [*STAGES, "other"]
         lines += ["", "Where a volume's time goes (one more run, profiled with cProfile, seconds; \"other\": "
-                  "reading, reorientation, nnU-Net's bookkeeping):", "",
-                  "| model | variant | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+                  "reading, reorientation, nnU-Net's bookkeeping) and its peak memory (resident memory above the "
+                  "level before the run, sampled every 5 ms):", "",
+                  "| model | variant | " + " | ".join(names) + " | peak memory GiB |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
         for row in staged:
+            peak = row.get("peak_memory_bytes")
             lines.append(f"| {row['model']} | {row['variant']} | "
-                         + " | ".join(f"{row['stages'].get(n, 0.0):.2f}" for n in names) + " |")
+                         + " | ".join(f"{row['stages'].get(n, 0.0):.2f}" for n in names)
+                         + (f" | {peak / 2**30:.2f} |" if peak is not None else " | – |"))
     (DOCS / "speed.md").write_text("\n".join(lines) + "\n")
 
 

@@ -4,7 +4,9 @@
 Per entry: parameters, FLOPs per patch and weight bytes (from the network structure built from the
 plans, counted on the meta device); peak CPU memory of a fresh subprocess segmenting a volume of
 exactly one patch at the model spacing (its VmHWM); relative CPU time of one patch forward pass
-(variants and original interleaved in one run, median of ``--repeats``). TotalSegmentator weights
+in the runtime segmentation uses on the CPU (OpenVINO f32 when installed, each network as stored;
+variants and original interleaved in one run, median of ``--repeats``), recorded with that runtime
+and the CPU. TotalSegmentator weights
 are not available to this project, so its networks carry random weights: structure, memory and
 speed do not depend on the values. Quality figures are the paper's (TotalSegmentator, no fine-
 tuning) or this project's own measurement (the bundled demo model, from ``models.json``).
@@ -20,7 +22,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from TuckerSegmentLib.tucker.layers import apply_plans
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.paths import BUNDLED_MODELS, CATALOGUE_JSON
 from TuckerSegmentLib.policies.uniform import UniformPolicy
+from TuckerSegmentLib.runtime.execution import interleaved_seconds
+from TuckerSegmentLib.runtime.inference import choose_runtime
+from TuckerSegmentLib.runtime.latency import device_name
+from TuckerSegmentLib.runtime.openvino_timing import openvino_interleaved_seconds
 from TuckerSegmentLib.testing.example_models import EXAMPLE_SPECS, example_model
 from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION, network_stats
 from TuckerSegmentLib.variants.catalogue import SCHEMA, STANDARD_VOLUME_MM, standard_voxels
@@ -51,6 +56,7 @@ PAPER_GPU_MS = {"GTX 1080": {"original": 237.7, 0.7: 230.9, 0.5: 179.0},
 MEASURED_SPEC = {"total": "Dataset292", "fast": "Dataset297", "fastest": "Dataset298"}
 DEMO_ID = "chest-demo"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "variants.md"
+CPU_RUNTIME = choose_runtime("auto", "auto", torch.device("cpu"))  # what segmentation runs on a CPU here
 
 
 def bytes_per_voxel(outputs: int) -> int:
@@ -114,19 +120,16 @@ def peak_memory(spec: str, factor: float | None, device: str = "cpu") -> int:
 
 
 def relative_times(spec: str, repeats: int) -> dict[Any, float]:
-    """Median time of one patch forward per policy, relative to the original, interleaved."""
+    """Median time of one patch forward per policy, relative to the original, interleaved, in the runtime
+    segmentation uses on this CPU (``CPU_RUNTIME``)."""
     folder = ModelFolder.open(BUNDLED_MODELS / DEMO_ID) if spec == DEMO_ID else example_model(spec)
     networks = {f: network_for(folder, UniformPolicy(f) if f else None, "cpu") for f in (None, *FACTORS)}
-    x = torch.randn(folder.example_input().shape)
-    times: dict[Any, list[float]] = {f: [] for f in networks}
-    with torch.inference_mode():
-        for network in networks.values():
-            network(x)  # warm-up
-        for _ in range(repeats):
-            for f, network in networks.items():
-                start = time.perf_counter()
-                network(x)
-                times[f].append(time.perf_counter() - start)
+    example = folder.example_input("cpu")
+    if CPU_RUNTIME.runtime == "openvino":
+        timed = openvino_interleaved_seconds(list(networks.values()), example, CPU_RUNTIME.precision, repeats)
+    else:
+        timed = interleaved_seconds(list(networks.values()), torch.randn(example.shape), torch.device("cpu"), repeats)
+    times = dict(zip(networks, timed, strict=True))
     base = statistics.median(times[None])
     return {f: statistics.median(t) / base for f, t in times.items()}
 
@@ -156,8 +159,10 @@ def quality(task: str, factor: float | None, demo: dict[str, Any] | None) -> dic
 def speed(task: str, factor: float | None, cpu: dict[Any, float]) -> dict[str, Any]:
     if factor is None:
         return {}
-    entries = {"cpu": {"relative_time": round(cpu[factor], 3),
-                       "source": f"measured here: one patch forward, {platform.machine()} CPU, 2 threads"}}
+    entries = {"cpu": {"relative_time": round(cpu[factor], 3), "runtime": CPU_RUNTIME.describe(),
+                       "device": device_name(torch.device("cpu"), CPU_RUNTIME),
+                       "source": f"measured here: one patch forward in {CPU_RUNTIME.describe()}, {platform.machine()} "
+                                 "CPU, 2 threads"}}
     if task == "total":
         for cls, ms in PAPER_GPU_MS.items():
             if factor in ms:

@@ -108,7 +108,8 @@ def _policy(args: argparse.Namespace) -> RankPolicy:
                                  "two targets; give one: --policy METHOD --target T, or one of "
                                  f"{', '.join('--' + option for option in TARGET_SHORTCUTS)}")
     method = methods.pop() if methods else DEFAULT_METHOD
-    return policy_for(method, named.get(method, args.target), device=args.device, rank_min=args.rank_min)
+    return policy_for(method, named.get(method, args.target), device=args.device, runtime=args.runtime,
+                      rank_min=args.rank_min)
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -271,10 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--target-params", type=float, help="shortcut for --policy params --target T")
     compress.add_argument("--target-latency", type=float,
                           help="shortcut for --policy latency --target T: fraction of the original's time per patch "
-                               "to keep, measured on --device (e.g. 0.5: twice as fast)")
+                               "to keep, measured on --device in --runtime (e.g. 0.5: twice as fast)")
     compress.add_argument("--device", default="auto",
                           help="where --target-latency is timed: auto (default: the device inference would use), "
                                "cpu, cuda, cuda:N or mps")
+    compress.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                          help="what --target-latency is timed in: auto (default: the runtime segmentation uses, "
+                               "OpenVINO on a CPU when installed), torch, or openvino (CPU)")
     compress.add_argument("--calibration", nargs="+", metavar="CT",
                           help="unlabeled CT volumes (NIfTI/NRRD) for activation-aware compression: factors and ranks "
                                "then minimise each layer's output error on them (recommended)")

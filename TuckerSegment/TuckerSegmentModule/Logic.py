@@ -316,10 +316,11 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
 
     # --- compression and variant builds ------------------------------------------------------------
     def startCompression(self, modelFolder, outputFolder, policy: str = "flops", target: float = 0.5,
-                         calibrationNodes=(), device: str = "auto", measure: bool = True):
+                         calibrationNodes=(), device: str = "auto", measure: bool = True, runtime: str = "auto"):
         """Compress an nnU-Net v2 model folder into the new folder ``outputFolder`` in the worker, then review
         it against the original; returns the ``WorkerJob`` at once (``finishCompression`` gives the review).
-        ``calibrationNodes``: scene CT volumes for activation-aware ranks and the agreement figure. The
+        ``calibrationNodes``: scene CT volumes for activation-aware ranks and the agreement figure; ``runtime``
+        what time (a latency target, the review) is measured in. The
         output appears whole or not at all: after a cancel, error or crash what the worker left is removed."""
         from TuckerSegmentLib.atomic import check_output_dir, remove_stale
         from TuckerSegmentLib.errors import ModelFolderError, OutputPathError
@@ -342,7 +343,8 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                 save_volume(calibration[-1], volume.array, volume.ijk_to_ras)
             job = self.worker().submit("compress", {
                 "source": source, "output": output, "policy": policy,
-                "target": float(target), "calibration": calibration, "device": device, "measure": bool(measure)},
+                "target": float(target), "calibration": calibration, "device": device, "measure": bool(measure),
+                "runtime": runtime},
                 name="compression")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

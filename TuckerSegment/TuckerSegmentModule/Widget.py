@@ -343,7 +343,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             output = compressionOutput(node.outputParent, node.outputName, node.modelFolder, node.policy, node.target)
             job = self.logic.startCompression(node.modelFolder, output, policy=node.policy, target=node.target,
                                               calibrationNodes=list(self.ui.calibrationVolumesSelector.checkedNodes()),
-                                              device=node.device, measure=node.measureSpeed)
+                                              device=node.device, measure=node.measureSpeed,
+                                              runtime=node.runtime)
         except Exception as error:
             self._showError(_("Compression could not start."), error)
             return

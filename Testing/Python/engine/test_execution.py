@@ -1,6 +1,7 @@
 """Fast exact execution of factorised layers, per-device timing tables, and latency budgets."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
@@ -12,7 +13,8 @@ from test_policies import SmallUNet3d, seeded_unet
 from torch import nn
 from TuckerSegmentLib import BudgetPolicy, UniformPolicy, compress_network, policy_from_dict
 from TuckerSegmentLib.cli import main
-from TuckerSegmentLib.compress.network import survey
+from TuckerSegmentLib.compress.folder import compress_model_folder
+from TuckerSegmentLib.compress.network import CompressionReport, survey
 from TuckerSegmentLib.errors import PolicyError, TuckerSegmentError
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.runtime.execution import (
@@ -27,7 +29,9 @@ from TuckerSegmentLib.runtime.execution import (
     optimise_execution,
     reference_execution,
 )
+from TuckerSegmentLib.runtime.inference import RuntimeChoice, openvino_missing
 from TuckerSegmentLib.runtime.latency import LatencyTable
+from TuckerSegmentLib.runtime.openvino_timing import compile_op
 from TuckerSegmentLib.tucker.layers import ConvOp, conv_op, matmul_applies
 from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.demo_data import chest_sample
@@ -194,18 +198,52 @@ def test_latency_budget_meets_its_target_on_the_timing_model():
         BudgetPolicy(target_latency=1.5)
 
 
-def test_compress_cli_target_latency_measures_and_reports(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("runtime", ["auto", "torch"])
+def test_compress_cli_target_latency_measures_in_the_runtime_and_reports(tiny_model, tmp_path, capsys, runtime):
     out = tmp_path / "fast"
     assert main(["compress", str(tiny_model), str(out), "--target-latency", "0.9", "--device", "cpu", "--quiet",
-                 "--json"]) == 0
+                 "--json", "--runtime", runtime]) == 0
     report = json.loads(capsys.readouterr().out)["0"]
-    assert report["policy"]["params"]["target_latency"] == 0.9
+    assert report["policy"]["params"]["target_latency"] == 0.9 and report["policy"]["params"]["runtime"] == runtime
     timing = report["latency"]
     assert timing["original_seconds"] > 0 and timing["compressed_seconds"] > 0 and 1 <= timing["attempts"] <= 3
     assert timing["ratio"] == pytest.approx(timing["compressed_seconds"] / timing["original_seconds"])
+    openvino = runtime == "auto" and openvino_missing() is None  # auto on a CPU: OpenVINO when installed
+    assert ("OpenVINO" in timing["device"]) == openvino and ("torch" in timing["device"]) != openvino
     record = json.loads((out / "fold_0" / "tucker.json").read_text())
     assert record["policy"]["params"]["target_latency"] == 0.9
     assert ModelFolder.open(out).load_network(0) is not None
+
+
+def test_compress_refuses_an_unknown_runtime_and_writes_nothing(tiny_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", str(tiny_model), str(tmp_path / "a"), "--target-latency", "0.9", "--runtime", "tensorrt"])
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+    policy = BudgetPolicy(target_latency=0.9, device="cpu", runtime="tensorrt")
+    with pytest.raises(TuckerSegmentError, match="^unknown runtime 'tensorrt'; choose one of auto, torch, openvino"):
+        compress_model_folder(tiny_model, tmp_path / "b", policy)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("module, shape", [
+    (nn.Conv3d(4, 8, 3, padding=1, bias=True), (1, 4, 8, 10, 12)),
+    (nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1, bias=False), (1, 4, 8, 10, 12)),
+    (nn.ConvTranspose3d(8, 4, (1, 2, 2), stride=(1, 2, 2), bias=False), (1, 8, 4, 5, 6))])
+def test_openvino_times_the_operation_pytorch_describes(module, shape):
+    """An operation built in OpenVINO's operation set computes what PyTorch's does (same output shape and,
+    with the same weights, the same values), so its timing is of the right operation."""
+    pytest.importorskip("openvino")
+    op = conv_op(module, shape)
+    request = compile_op(op, "f32", weight=module.weight.detach().numpy(),
+                         bias=None if module.bias is None else module.bias.detach().numpy())
+    x = torch.randn(shape)
+    got = request.infer([x.numpy()])[0]
+    with torch.no_grad():
+        expected = module(x).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    table = LatencyTable("cpu", runtime=RuntimeChoice("openvino", "f32", "asked"))
+    assert table.stored_form_only and "OpenVINO" in table.name and "f32" in table.name
+    assert 0 < table.seconds(op) < 5
 
 
 def test_segmenter_fastest_execution_gives_the_reference_labels():
@@ -234,3 +272,31 @@ def test_all_plans_of_a_grid_execute_exactly():
             reference = module(x)
             for execution in executions(module.plan, dense_op(module, tuple(x.shape))):
                 torch.testing.assert_close(execute_as(module, execution)(x), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratios, kept", [([0.35, 0.55, 0.48], 2), ([0.35, 0.60, 0.62], 0), ([0.51], 0),
+                                          ([0.7, 0.6, 0.58], 2)])
+def test_a_latency_budget_replans_when_it_misses_either_way_and_keeps_the_slowest_plan_that_met_it(
+        monkeypatch, ratios, kept):
+    """Faster than asked gives accuracy away, slower misses the target: both re-plan (up to three plans);
+    the network keeps the slowest plan within the target, or the last when none met it."""
+    import TuckerSegmentLib.compress.network as compression
+    original, x = SmallUNet3d(), torch.randn(1, 1, 16, 16, 16)
+    latency = NetworkLatency(LatencyTable("cpu", measure=flop_seconds), network_seconds=1.0, other_seconds=1e-6)
+    policy = BudgetPolicy(target_latency=0.5, device="cpu", sensitivity=None).with_latency(latency)
+    network = copy.deepcopy(original)
+    report = compression._apply(network, policy, survey(network, x), {}, x, None)
+    measured, seen = iter(ratios), []
+
+    def scripted(base_network, compressed, example, table):
+        seen.append(compressed._modules)
+        return 1.0, next(measured)
+    monkeypatch.setattr(compression, "compare_latency", scripted)
+    monkeypatch.setattr(compression, "_apply", lambda net, pol, *args: seen.append(pol.latency.scale) or
+                        CompressionReport(policy=pol.to_dict(), before=report.before))
+    final = compression._meet_latency(network, original, policy, report, {}, x)
+    assert final.latency["attempts"] == len(ratios) and final.latency["ratio"] == ratios[kept]
+    plans = [m for m in seen if isinstance(m, dict)]
+    assert network._modules is plans[kept]
+    corrections = [s for s in seen if isinstance(s, float)]  # each re-plan seen the budget by target / ratio
+    assert corrections == pytest.approx(np.cumprod([0.5 / r for r in ratios[:-1]]).tolist())

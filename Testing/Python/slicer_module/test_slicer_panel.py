@@ -16,7 +16,7 @@ import pytest
 from conftest import hostile_copy, hub_payload, tree_digest
 from test_slicer_logic import CT_PATH, node_ids, segments_by_name, snapshot
 from TuckerSegmentLib import dependencies
-from TuckerSegmentLib.worker.client import CANCELLED, DONE
+from TuckerSegmentLib.worker.client import CANCELLED, DONE, FAILED
 from TuckerSegmentLib.errors import ModelFolderError, OutputPathError, SegmentationCancelled, TuckerSegmentError, VolumeError
 from TuckerSegmentLib.image.volume import read_volume
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
@@ -176,6 +176,10 @@ def test_compression_refuses_bad_input_before_starting_and_cancel_leaves_nothing
         logic.startCompression(DEMO_SOURCE, ModelFolder.open(DEMO_SOURCE).path / "inside")
     with pytest.raises(Exception, match="unknown compression method 'magic'; choose one of flops"):
         logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="magic")
+    refused = logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="uniform", target=0.5, device="cpu",
+                                     runtime="tensorrt")
+    assert refused.wait(120) == FAILED and str(refused.error).startswith("unknown runtime 'tensorrt'; choose one of")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slicer_home", "taken"]  # nothing written
     job = logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="uniform", target=0.5, device="cpu")
     job.on_progress = lambda fraction, message: job.cancel() if message.startswith("compressing layer 3/") else None
     assert job.wait(600) == CANCELLED  # killed mid-compression: its staging folder and claim are removed

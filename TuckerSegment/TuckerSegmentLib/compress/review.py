@@ -3,12 +3,11 @@
 Parameters, FLOPs and weight bytes come from what compression recorded in ``tucker.json``; time per patch and peak memory of one
 patch forward are measured on the device at hand, in the runtime segmentation uses there (OpenVINO on a
 CPU when installed: both networks as stored; PyTorch: the original as nnU-Net runs it, the compressed
-one in its fastest exact execution; interleaved); agreement is the mean Dice between the original's and the
+one in its fastest exact execution; interleaved, ``execution.compare_latency``); agreement is the mean Dice between the original's and the
 compressed model's labels on the calibration volumes, segmented end to end.
 """
 from __future__ import annotations
 
-import statistics
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -25,8 +24,8 @@ from ..image.volume import Volume
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Progress, check_cancel
 from ..runtime.devices import resolve_device
-from ..runtime.execution import compare_latency, interleaved_seconds
-from ..runtime.inference import OpenVINONetwork, choose_runtime
+from ..runtime.execution import compare_latency
+from ..runtime.inference import choose_runtime
 from ..runtime.latency import LatencyTable, autocast, synchronize
 from ..segment.predictor import Segmenter
 from .figures import CompressionReview, ModelFigures
@@ -100,9 +99,11 @@ def _figures(stats: dict[str, Any]) -> ModelFigures:
 
 def review_compression(source: str | Path, output: str | Path, volumes: Sequence[Volume] = (), device: str = "auto",
                        measure: bool = True, progress: Progress | None = None,
-                       cancelled: Callable[[], bool] | None = None, repeats: int = 3) -> CompressionReview:
+                       cancelled: Callable[[], bool] | None = None, repeats: int = 3,
+                       runtime: str = "auto") -> CompressionReview:
     """Compare the original model folder ``source`` with its compressed copy ``output`` (first fold of
-    each): sizes always; with ``measure`` time and peak memory per patch; agreement on ``volumes``."""
+    each): sizes always; with ``measure`` time (in ``runtime``, see ``choose_runtime``) and peak memory
+    per patch; agreement on ``volumes``, segmented in the same runtime."""
     report = progress or (lambda fraction, message: None)
     original_folder, compressed_folder = ModelFolder.open(source), ModelFolder.open(output)
     fold = compressed_folder.folds[0]
@@ -118,15 +119,9 @@ def review_compression(source: str | Path, output: str | Path, volumes: Sequence
         original, _ = original_folder.load_original(fold)
         compressed = compressed_folder.load_network(fold)
         meta = original_folder.example_input()
-        choice = choose_runtime("auto", "auto", torch_device)
-        if choice.runtime == "openvino":  # timed in the runtime that will run it, both in their stored form
-            example = original_folder.example_input("cpu")
-            converted = [OpenVINONetwork(network, example, choice.precision) for network in (original, compressed)]
-            seconds = [statistics.median(t) for t in interleaved_seconds(converted, torch.randn(example.shape),
-                                                                          torch_device, repeats)]
-        else:
-            seconds = compare_latency(original, compressed, meta, LatencyTable.for_device(torch_device),
-                                      repeats=repeats)
+        choice = choose_runtime(runtime, "auto", torch_device)
+        seconds = compare_latency(original, compressed, meta, LatencyTable.for_device(torch_device, runtime=choice),
+                                  repeats=repeats)
         review.runtime = choice.describe()
         done += 1
         report(done / steps, "measuring peak memory")
@@ -139,7 +134,8 @@ def review_compression(source: str | Path, output: str | Path, volumes: Sequence
         done += 1
     if volumes:
         scores = []
-        segmenters = [Segmenter(original_folder, fold, device), Segmenter(compressed_folder, fold, device)]
+        segmenters = [Segmenter(original_folder, fold, device, runtime=runtime),
+                      Segmenter(compressed_folder, fold, device, runtime=runtime)]
         for index, volume in enumerate(volumes):
             labels = []
             for segmenter in segmenters:

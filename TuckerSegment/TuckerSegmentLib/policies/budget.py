@@ -107,15 +107,17 @@ class BudgetPolicy(RankPolicy):
     predictions on the calibration inputs (no labels).
 
     A latency budget is a fraction of the original network's measured time on ``device`` ("auto": the
-    device inference would use); each option's cost is the measured time of its fastest execution
-    (``execution.fastest``), so layers where factorising does not pay in time stay dense.
-    ``compress_network`` measures and binds the timings (``with_latency``)."""
+    device inference would use) in ``runtime`` ("auto": the one inference would use there, OpenVINO on a
+    CPU when installed; see ``runtime.inference.choose_runtime``); each option's cost is its measured time
+    there (in PyTorch its fastest execution, ``execution.fastest``; in OpenVINO the stored form), so layers
+    where factorising does not pay in time stay dense. ``compress_network`` measures and binds the
+    timings (``with_latency``)."""
 
     name = "budget"
 
     def __init__(self, target_flops: float | None = None, target_params: float | None = None,
                  sensitivity: float | str | None = "auto", target_latency: float | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", runtime: str = "auto") -> None:
         for label, value in (("target_flops", target_flops), ("target_params", target_params),
                              ("target_latency", target_latency)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
@@ -131,14 +133,14 @@ class BudgetPolicy(RankPolicy):
         self.target_params = None if target_params is None else float(target_params)
         self.target_latency = None if target_latency is None else float(target_latency)
         self.sensitivity = sensitivity if sensitivity in (None, "auto") else float(sensitivity)
-        self.device = device
+        self.device, self.runtime = device, runtime
         self.latency: LatencyModel | None = None
 
     def params(self) -> dict[str, Any]:
         params = {"target_flops": self.target_flops, "target_params": self.target_params,
                   "sensitivity": self.sensitivity}
         if self.target_latency is not None:
-            params |= {"target_latency": self.target_latency, "device": self.device}
+            params |= {"target_latency": self.target_latency, "device": self.device, "runtime": self.runtime}
         return params
 
     def weighted(self, sensitivity: float | None) -> BudgetPolicy:

@@ -47,9 +47,10 @@ def method(key: str) -> Method:
 
 
 def policy_for(key: str = DEFAULT_METHOD, target: float | None = None, *, device: str = "auto",
-               rank_min: int = 8) -> RankPolicy:
+               runtime: str = "auto", rank_min: int = 8) -> RankPolicy:
     """The rank policy for method ``key`` and its ``target`` (``None``: the method's default).
-    ``device`` is where a time budget is measured; ``rank_min`` the uniform rule's smallest rank."""
+    ``device`` and ``runtime`` are where a time budget is measured; ``rank_min`` the uniform rule's
+    smallest rank."""
     from .budget import BudgetPolicy
     from .spectral import EnergyPolicy, VBMFPolicy
     from .uniform import UniformPolicy
@@ -66,7 +67,7 @@ def policy_for(key: str = DEFAULT_METHOD, target: float | None = None, *, device
     if chosen.key == "params":
         return BudgetPolicy(target_params=target)
     if chosen.key == "latency":
-        return BudgetPolicy(target_latency=target, device=device)
+        return BudgetPolicy(target_latency=target, device=device, runtime=runtime)
     if chosen.key == "uniform":
         return UniformPolicy(target, rank_min=rank_min)
     return EnergyPolicy(target)

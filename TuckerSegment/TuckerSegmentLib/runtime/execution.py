@@ -304,6 +304,8 @@ class NetworkLatency:
     scale: float = 1.0  # correction of the layer budget after a measured miss (see compression._meet_latency)
 
     def layer_seconds(self, info: LayerInfo, plan: LayerPlan) -> float:
+        if self.table.stored_form_only:
+            return execution_seconds(info.op, info.output_shape, plan, reference_execution(plan), self.table.seconds)
         return fastest(info.op, info.output_shape, plan, self.table.seconds)[1]
 
     def original_seconds(self, info: LayerInfo) -> float:
@@ -313,20 +315,27 @@ class NetworkLatency:
 def measure_network_latency(network: nn.Module, example_input: torch.Tensor, table: LatencyTable,
                             repeats: int = 3) -> NetworkLatency:
     """Time forward passes of ``network`` (unchanged) on ``table``'s device, and, in the same runs, the
-    time spent inside its convolutions, so that the rest (norms, activations, copies) is known."""
+    time spent inside its convolutions, so that the rest (norms, activations, copies) is known. In
+    OpenVINO, which fuses the rest into the convolutions, the rest is the whole network's time less its
+    convolutions timed alone (at least zero)."""
     probe = trace(network, example_input)
     before = table.measured
-    convs = []
+    convs, conv_seconds = [], 0.0
     for name, module in network.named_modules():  # each module once, under its first name
         if is_decomposable(module) and id(module) in probe.called:
-            table.seconds(conv_op(module, probe.input_shapes[id(module)]))
+            conv_seconds += table.seconds(conv_op(module, probe.input_shapes[id(module)]))
             convs.append(name)
+    if table.measured > before:
+        table.save()
+    if table.runtime is not None:
+        from .openvino_timing import openvino_interleaved_seconds
+        total = statistics.median(openvino_interleaved_seconds([network], torch.zeros(example_input.shape),
+                                                               table.runtime.precision, repeats)[0])
+        return NetworkLatency(table, total, max(0.0, total - conv_seconds))
     device = table.device
     runner = network if next(network.parameters()).device == device else copy.deepcopy(network).to(device)
     x = torch.randn(example_input.shape, device=device)
     totals, per_pass = time_passes(runner, x, device, repeats, convs)
-    if table.measured > before:
-        table.save()
     others = [total - sum(inside.values()) for total, inside in zip(totals, per_pass, strict=True)]
     return NetworkLatency(table, statistics.median(totals), max(0.0, statistics.median(others)))
 
@@ -334,7 +343,12 @@ def measure_network_latency(network: nn.Module, example_input: torch.Tensor, tab
 def compare_latency(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor, table: LatencyTable,
                     repeats: int = 3) -> tuple[float, float]:
     """Median seconds per forward pass of ``original`` as it is and of ``compressed`` in its fastest
-    execution (on copies), timed interleaved on ``table``'s device."""
+    execution (on copies; in OpenVINO both as stored), timed interleaved on ``table``'s device."""
+    if table.runtime is not None:
+        from .openvino_timing import openvino_interleaved_seconds
+        times = openvino_interleaved_seconds([original, compressed], torch.zeros(example_input.shape),
+                                             table.runtime.precision, repeats)
+        return statistics.median(times[0]), statistics.median(times[1])
     device = table.device
     fast = copy.deepcopy(compressed)
     optimise_execution(fast, example_input, table)

@@ -1,15 +1,17 @@
-"""Measured latencies of single convolutions on the device at hand, cached per device.
+"""Measured latencies of single convolutions on the device and runtime at hand, cached per device.
 
 Speed on a real device is not proportional to FLOPs: small-channel and 1×1×1 convolutions run far
 below peak on oneDNN and cuDNN. So every decision about how a layer runs is taken from timings of the
-exact operation (type, channels, geometry, input shape) measured on the device that will run it, and
-kept in a JSON table per device (``<cache>/latency/<device>.json``) so each is measured once.
+exact operation (type, channels, geometry, input shape) measured on the device, in the runtime that
+will run it (PyTorch, or OpenVINO on a CPU), and kept in a JSON table per device and runtime
+(``<cache>/latency/<device>.json``) so each is measured once.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -24,6 +26,7 @@ from ..atomic import atomic_output_file
 from ..errors import TuckerSegmentError
 from ..paths import cache_dir
 from ..tucker.layers import ConvOp
+from .inference import RuntimeChoice
 
 TABLE_VERSION = 1
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -113,8 +116,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device: torch.device) -> str:
-    """A human-readable description of what runs on ``device`` (model, threads, torch version)."""
+def device_name(device: torch.device, runtime: RuntimeChoice | None = None) -> str:
+    """A human-readable description of what runs on ``device`` (model, threads, runtime and its version;
+    ``runtime`` None or PyTorch: torch)."""
+    if runtime is not None and runtime.runtime == "openvino":
+        import openvino as ov
+        version = ov.__version__.split("-")[0]  # 2026.4.1, not the build string after it
+        return f"{_cpu_model()} ({os.cpu_count()} CPUs, OpenVINO {version} {runtime.precision})"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__}, autocast fp16)"
     if device.type == "mps":
@@ -156,25 +164,36 @@ def time_call(call: Callable[[], object], device: torch.device, repeats: int = 3
 
 
 class LatencyTable:
-    """Seconds per ``ConvOp`` on one device: looked up, or measured once and remembered.
+    """Seconds per ``ConvOp`` on one device in one runtime: looked up, or measured once and remembered.
 
-    ``measure`` may be replaced (e.g. by a fixed table in tests); ``path`` persists the table."""
+    ``runtime``: OpenVINO times each operation compiled alone by OpenVINO (``openvino_timing``), and its
+    networks run as stored (``stored_form_only``); None or PyTorch times PyTorch's modules. ``measure``
+    may be replaced (e.g. by a fixed table in tests); ``path`` persists the table."""
 
     def __init__(self, device: torch.device | str = "cpu", path: Path | None = None, repeats: int = 3,
-                 measure: Callable[[ConvOp], float] | None = None) -> None:
+                 measure: Callable[[ConvOp], float] | None = None, runtime: RuntimeChoice | None = None) -> None:
         self.device = torch.device(device)
         self.path = path
         self.repeats = repeats
-        self.name = device_name(self.device)
+        self.runtime = runtime if runtime is not None and runtime.runtime == "openvino" else None
+        self.name = device_name(self.device, self.runtime)
         self.measured = 0
-        self._measure = measure or self._time_op
+        self._measure = measure or (self._time_openvino_op if self.runtime else self._time_op)
         self._seconds = self._stored()
 
+    @property
+    def stored_form_only(self) -> bool:
+        """Whether networks run as stored here (OpenVINO compiles the stored form; PyTorch can run each layer
+        in its fastest execution, see ``execution``)."""
+        return self.runtime is not None
+
     @classmethod
-    def for_device(cls, device: torch.device | str, cache: Path | None = None) -> LatencyTable:
-        """The persistent table of ``device`` in the user cache (see ``paths.cache_dir``)."""
+    def for_device(cls, device: torch.device | str, cache: Path | None = None,
+                   runtime: RuntimeChoice | None = None) -> LatencyTable:
+        """The persistent table of ``device`` (in ``runtime``) in the user cache (see ``paths.cache_dir``)."""
         device = torch.device(device)
-        return cls(device, (cache or cache_dir()) / "latency" / f"{_slug(device_name(device))}.json")
+        return cls(device, (cache or cache_dir()) / "latency" / f"{_slug(device_name(device, runtime))}.json",
+                   runtime=runtime)
 
     def seconds(self, op: ConvOp) -> float:
         key = op.key()
@@ -200,6 +219,10 @@ class LatencyTable:
         quick = first < 0.05
         return time_call(lambda: module(x), self.device, self.repeats * (3 if quick else 1),
                          warmup=2 if quick else 0, enough=0.5)
+
+    def _time_openvino_op(self, op: ConvOp) -> float:
+        from .openvino_timing import openvino_op_seconds
+        return openvino_op_seconds(op, self.runtime.precision, self.repeats)
 
     def _stored(self) -> dict[str, float]:
         """The timings in ``path`` for this device (none when missing, unreadable or another device's)."""

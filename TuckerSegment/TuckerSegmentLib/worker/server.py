@@ -147,9 +147,12 @@ class Worker:
         from ..compress.review import review_compression
         from ..nnunet.model_folder import ModelFolder
         from ..policies.methods import method, policy_for
-        device = args.get("device", "auto")
+        from ..runtime.devices import resolve_device
+        from ..runtime.inference import choose_runtime
+        device, runtime = args.get("device", "auto"), args.get("runtime", "auto")
+        choose_runtime(runtime, "auto", resolve_device(device))  # refused before anything is written
         policy_key, target = args.get("policy", "flops"), args.get("target")
-        policy = policy_for(policy_key, target if method(policy_key).target else None, device=device)
+        policy = policy_for(policy_key, target if method(policy_key).target else None, device=device, runtime=runtime)
         source = ModelFolder.open(args["source"]).path
         output = check_output_dir(Path(args["output"]).expanduser(), protected=source)
         volumes = [Volume(*load_volume(path)) for path in args.get("calibration", [])]
@@ -159,7 +162,8 @@ class Worker:
         progress(0.0, "reading the model" + (" and calibration volumes" if volumes else ""))
         compress_model_folder(source, output, policy, progress=layer, calibration=volumes or None)
         review = review_compression(source, output, volumes, device, bool(args.get("measure", True)),
-                                    lambda fraction, message: progress(0.6 + 0.4 * fraction, message))
+                                    lambda fraction, message: progress(0.6 + 0.4 * fraction, message),
+                                    runtime=runtime)
         return review.to_json()
 
     def build(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
