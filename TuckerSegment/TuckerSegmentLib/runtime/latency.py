@@ -29,6 +29,7 @@ from ..tucker.layers import ConvOp
 from .inference import RuntimeChoice
 
 TABLE_VERSION = 1
+OPENVINO_TABLE_VERSION = 2  # 1: wall time of operations alone, reorders included
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -177,6 +178,7 @@ class LatencyTable:
         self.repeats = repeats
         self.runtime = runtime if runtime is not None and runtime.runtime == "openvino" else None
         self.name = device_name(self.device, self.runtime)
+        self.version = OPENVINO_TABLE_VERSION if self.runtime else TABLE_VERSION
         self.measured = 0
         self._measure = measure or (self._time_openvino_op if self.runtime else self._time_op)
         self._seconds = self._stored()
@@ -229,7 +231,7 @@ class LatencyTable:
         if self.path is not None and self.path.is_file():
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
                 data = json.loads(self.path.read_text())
-                if data["version"] == TABLE_VERSION and data["device"] == self.name:
+                if data["version"] == self.version and data["device"] == self.name:
                     return {str(k): float(v) for k, v in data["seconds"].items()}
         return {}
 
@@ -242,5 +244,5 @@ class LatencyTable:
         with contextlib.suppress(OSError, TuckerSegmentError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output_file(self.path) as staging:
-                staging.write_text(json.dumps({"version": TABLE_VERSION, "device": self.name,
+                staging.write_text(json.dumps({"version": self.version, "device": self.name,
                                                "seconds": self._seconds}, indent=0, sort_keys=True))

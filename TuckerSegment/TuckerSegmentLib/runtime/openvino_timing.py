@@ -3,15 +3,18 @@ from the runtime that will run the result there.
 
 A single convolution is built directly in OpenVINO's operation set (a few hundredths of a second; a
 conversion from PyTorch takes about two) and compiled as inference compiles networks (latency hint,
-the chosen precision); whole networks go through ``OpenVINONetwork``. Timed alone, an operation also
-pays for reordering its input and output into OpenVINO's blocked layout, which a network does once:
-callers use these times to rank options and correct the total by timing whole networks.
+the chosen precision); whole networks go through ``OpenVINONetwork``. Alone, an operation also
+reorders its input and output between the plain layout and the one its kernel uses, which inside a
+network happens once, not around every convolution; so its time is read from OpenVINO's per-node
+performance counters with those reorders left out (timed with them, the demo network's smallest
+ranks everywhere seemed to take 76 % of the original's time, without them 50 %; as a whole network
+its uniform 0.5 variant, with larger ranks, takes 63 %: docs/speed.md).
 """
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,11 +24,15 @@ from ..tucker.layers import ConvOp
 from .inference import OpenVINONetwork
 
 
-def compile_op(op: ConvOp, precision: str, weight: np.ndarray | None = None,
-               bias: np.ndarray | None = None):  # noqa: ANN201 (openvino is imported lazily)
+LAYOUT_NODES = ("Parameter", "Result", "Reorder")  # not the operation's own work (see the module docstring)
+
+
+def compile_op(op: ConvOp, precision: str, weight: np.ndarray | None = None, bias: np.ndarray | None = None,
+               profile: bool = False):  # noqa: ANN201 (openvino is imported lazily)
     """An infer request running ``op`` in OpenVINO on the CPU, with PyTorch's ``weight`` and ``bias`` layout
-    (random when not given: timing does not depend on them). The execution forms PyTorch needs (matmul,
-    patchmatmul) are the same operation to OpenVINO: built as the convolution."""
+    (random when not given: timing does not depend on them); ``profile``: with per-node performance
+    counters. The execution forms PyTorch needs (matmul, patchmatmul) are the same operation to
+    OpenVINO: built as the convolution."""
     import openvino as ov
     import openvino.opset13 as ops
     rng = np.random.default_rng(0)
@@ -47,31 +54,27 @@ def compile_op(op: ConvOp, precision: str, weight: np.ndarray | None = None,
             bias = rng.standard_normal(op.c_out, dtype=np.float32)
         out = ops.add(out, ops.constant(bias.reshape(1, op.c_out, *(1,) * dims)))
     compiled = ov.Core().compile_model(ov.Model([out], [data]), "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                                         "PERFORMANCE_HINT": "LATENCY"})
+                                                                         "PERFORMANCE_HINT": "LATENCY",
+                                                                         "PERF_COUNT": profile})
     return compiled.create_infer_request()
 
 
-def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1, enough: float = 0.5) -> float:
-    """Median seconds of ``call()`` over ``repeats`` runs after ``warmup`` runs; fewer than ``repeats``
-    (at least three) once they add up to ``enough`` seconds."""
-    for _ in range(warmup):
-        call()
-    times: list[float] = []
-    while len(times) < repeats and (len(times) < min(3, repeats) or sum(times) < enough):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def openvino_op_seconds(op: ConvOp, precision: str, repeats: int = 3) -> float:
-    """Median seconds of ``op`` compiled alone by OpenVINO on the CPU (fast ones get more runs)."""
-    request = compile_op(op, precision)
+    """Median seconds of ``op``'s own nodes, compiled alone by OpenVINO on the CPU, by its performance
+    counters (layout reorders left out; fast operations get more runs)."""
+    request = compile_op(op, precision, profile=True)
     x = np.random.default_rng(1).standard_normal(op.input_shape, dtype=np.float32)
-    first = median_seconds(lambda: request.infer([x], share_inputs=True, share_outputs=True), 1)
-    quick = first < 0.05
-    return median_seconds(lambda: request.infer([x], share_inputs=True, share_outputs=True),
-                          repeats * (3 if quick else 1), warmup=2 if quick else 0)
+
+    def run() -> float:
+        request.infer([x], share_inputs=True, share_outputs=True)
+        return sum(node.real_time.total_seconds() for node in request.profiling_info
+                   if node.node_type not in LAYOUT_NODES)
+    run()  # warm-up
+    times = [run()]
+    count = repeats * (3 if times[0] < 0.05 else 1)
+    while len(times) < count and (len(times) < min(3, count) or sum(times) < 0.5):
+        times.append(run())
+    return statistics.median(times)
 
 
 def openvino_interleaved_seconds(networks: Sequence[nn.Module], example: torch.Tensor, precision: str,
