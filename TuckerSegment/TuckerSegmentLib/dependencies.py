@@ -7,6 +7,7 @@ check before the first use and offer to install; nothing is ever installed at im
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,13 @@ def installed_version(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here, or None."""
+    if importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (pip install openvino)"
+    return None
 
 
 def version_tuple(text: str) -> tuple[int, ...]:

@@ -261,3 +261,12 @@ def test_build_variants_cli_builds_what_the_found_weights_allow(ts_home, tmp_pat
     assert availability["fast"] == "missing"  # the original stays where it was, outside the default folders
     assert main(["build-variants", "--task", "total"]) == 2
     assert "nothing to build: no TotalSegmentator weights found" in capsys.readouterr().err
+
+
+def test_every_catalogue_cpu_time_names_the_runtime_and_cpu_it_was_measured_on():
+    timed = [v for v in catalogue() if v.speed.get("cpu")]
+    assert len(timed) >= 9  # three uniform variants for each of total, fast and the demo at least
+    for variant in timed:
+        cpu = variant.speed["cpu"]
+        assert cpu["runtime"].startswith(("OpenVINO", "PyTorch")) and cpu["device"], variant.id
+        assert cpu["runtime"] in cpu["source"] and 0 < cpu["relative_time"] < 5, variant.id

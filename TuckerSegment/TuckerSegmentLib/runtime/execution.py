@@ -316,8 +316,8 @@ def measure_network_latency(network: nn.Module, example_input: torch.Tensor, tab
                             repeats: int = 3) -> NetworkLatency:
     """Time forward passes of ``network`` (unchanged) on ``table``'s device, and, in the same runs, the
     time spent inside its convolutions, so that the rest (norms, activations, copies) is known. In
-    OpenVINO, which fuses the rest into the convolutions, the rest is the whole network's time less its
-    convolutions timed alone (at least zero)."""
+    OpenVINO, which cannot hook into a compiled network, the rest is the whole network's time less its
+    convolutions' own times from the table (``openvino_timing``; at least zero)."""
     probe = trace(network, example_input)
     before = table.measured
     convs, conv_seconds = [], 0.0

@@ -9,7 +9,6 @@ compiles nothing.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import warnings
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..dependencies import openvino_missing
 from ..errors import TuckerSegmentError
 from ..paths import cache_dir
 
@@ -41,13 +41,6 @@ class RuntimeChoice:
     def describe(self) -> str:
         name = "OpenVINO" if self.runtime == "openvino" else "PyTorch"
         return f"{name} {self.precision} ({self.reason})"
-
-
-def openvino_missing() -> str | None:
-    """Why OpenVINO cannot run here, or None."""
-    if importlib.util.find_spec("openvino") is None:
-        return "OpenVINO is not installed (pip install openvino)"
-    return None
 
 
 def cpu_has_native_bf16() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..dependencies import openvino_missing
 from ..errors import ModelFolderError
 from .catalogue import READY, Variant
 from .hardware import GB, DeviceInfo
@@ -38,11 +39,15 @@ def device_class(device: DeviceInfo, classes: Sequence[str]) -> str | None:
 
 
 def expected_time(variant: Variant, device: DeviceInfo) -> tuple[float | None, str | None]:
-    """Time relative to the original on ``device``'s class, and where the figure comes from (None: unknown)."""
+    """Time relative to the original on ``device``'s class, and where the figure comes from (None: unknown,
+    also for a CPU time measured in OpenVINO where OpenVINO is missing: PyTorch would run it, and a
+    factorisation that pays in one runtime can cost in another)."""
     if variant.original:
         return 1.0, None
     cls = device_class(device, list(variant.speed))
     entry = variant.speed.get(cls) if cls else None
+    if entry and cls == "cpu" and str(entry.get("runtime", "")).startswith("OpenVINO") and openvino_missing():
+        return None, None
     return (float(entry["relative_time"]), entry.get("source")) if entry else (None, None)
 
 
