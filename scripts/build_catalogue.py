@@ -34,10 +34,9 @@ from TuckerSegmentLib.tucker.layers import apply_plans
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.paths import BUNDLED_MODELS, CATALOGUE_JSON
 from TuckerSegmentLib.policies.uniform import UniformPolicy
-from TuckerSegmentLib.runtime.execution import interleaved_seconds
+from TuckerSegmentLib.runtime.execution import interleaved_seconds, openvino_interleaved_seconds
 from TuckerSegmentLib.runtime.inference import choose_runtime
 from TuckerSegmentLib.runtime.latency import device_name
-from TuckerSegmentLib.runtime.openvino_timing import openvino_interleaved_seconds
 from TuckerSegmentLib.testing.example_models import EXAMPLE_SPECS, example_model
 from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION, network_stats
 from TuckerSegmentLib.variants.catalogue import SCHEMA, STANDARD_VOLUME_MM, standard_voxels

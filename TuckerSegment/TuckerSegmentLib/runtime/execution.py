@@ -25,6 +25,7 @@ from torch import nn
 from ..tucker.decomposition import LayerPlan, TuckerConv, conv_like, is_decomposable, reconstruct_weight, replace_modules
 from ..tucker.layers import ConvOp, LayerInfo, conv_op, matmul_applies
 from ..tucker.network_stats import trace
+from .inference import OpenVINONetwork
 from .latency import ChannelMatmul, LatencyTable, PatchMatmul, autocast, synchronize
 
 Impl = Literal["folded", "conv", "matmul"]
@@ -328,7 +329,6 @@ def measure_network_latency(network: nn.Module, example_input: torch.Tensor, tab
     if table.measured > before:
         table.save()
     if table.runtime is not None:
-        from .openvino_timing import openvino_interleaved_seconds
         total = statistics.median(openvino_interleaved_seconds([network], torch.zeros(example_input.shape),
                                                                table.runtime.precision, repeats)[0])
         return NetworkLatency(table, total, max(0.0, total - conv_seconds))
@@ -345,7 +345,6 @@ def compare_latency(original: nn.Module, compressed: nn.Module, example_input: t
     """Median seconds per forward pass of ``original`` as it is and of ``compressed`` in its fastest
     execution (on copies; in OpenVINO both as stored), timed interleaved on ``table``'s device."""
     if table.runtime is not None:
-        from .openvino_timing import openvino_interleaved_seconds
         times = openvino_interleaved_seconds([original, compressed], torch.zeros(example_input.shape),
                                              table.runtime.precision, repeats)
         return statistics.median(times[0]), statistics.median(times[1])
@@ -373,3 +372,11 @@ def interleaved_seconds(networks: Sequence[nn.Module], x: torch.Tensor, device: 
                 synchronize(device)
                 spent.append(time.perf_counter() - start)
     return times
+
+
+def openvino_interleaved_seconds(networks: Sequence[nn.Module], example: torch.Tensor, precision: str,
+                                 rounds: int) -> list[list[float]]:
+    """``interleaved_seconds`` of ``networks`` each converted and compiled by OpenVINO on the CPU for
+    ``example``'s shape, as inference runs them."""
+    converted = [OpenVINONetwork(network, torch.zeros(example.shape), precision) for network in networks]
+    return interleaved_seconds(converted, torch.randn(example.shape), torch.device("cpu"), rounds)

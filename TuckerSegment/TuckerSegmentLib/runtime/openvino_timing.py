@@ -3,7 +3,7 @@ from the runtime that will run the result there.
 
 A single convolution is built directly in OpenVINO's operation set (a few hundredths of a second; a
 conversion from PyTorch takes about two) and compiled as inference compiles networks (latency hint,
-the chosen precision); whole networks go through ``OpenVINONetwork``. Alone, an operation also
+the chosen precision); whole networks are timed by ``execution.openvino_interleaved_seconds``. Alone, an operation also
 reorders its input and output between the plain layout and the one its kernel uses, which inside a
 network happens once, not around every convolution; so its time is read from OpenVINO's per-node
 performance counters with those reorders left out (timed with them, the demo network's smallest
@@ -13,15 +13,10 @@ its uniform 0.5 variant, with larger ranks, takes 63 %: docs/speed.md).
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..tucker.layers import ConvOp
-from .inference import OpenVINONetwork
 
 
 LAYOUT_NODES = ("Parameter", "Result", "Reorder")  # not the operation's own work (see the module docstring)
@@ -75,20 +70,3 @@ def openvino_op_seconds(op: ConvOp, precision: str, repeats: int = 3) -> float:
     while len(times) < count and (len(times) < min(3, count) or sum(times) < 0.5):
         times.append(run())
     return statistics.median(times)
-
-
-def openvino_interleaved_seconds(networks: Sequence[nn.Module], example: torch.Tensor, precision: str,
-                                 rounds: int) -> list[list[float]]:
-    """Per network (each converted and compiled for ``example``'s shape as inference runs it), the seconds
-    of one forward pass in each of ``rounds`` rounds, networks taking turns, after a warm-up pass each."""
-    converted = [OpenVINONetwork(network, example, precision) for network in networks]
-    x = torch.randn(example.shape)
-    times: list[list[float]] = [[] for _ in converted]
-    for network in converted:
-        network(x)
-    for _ in range(rounds):
-        for network, spent in zip(converted, times, strict=True):
-            start = time.perf_counter()
-            network(x)
-            spent.append(time.perf_counter() - start)
-    return times
