@@ -25,7 +25,7 @@ _EXPORTS = {
     "compress.network": ("CompressionReport", "LayerRecord", "compress_network"),
     "compress.figures": ("CompressionReview", "ModelFigures", "pareto_front"),
     "compress.review": ("review_compression",),
-    "compress.calibration_data": ("calibration_patches",),
+    "compress.calibration_data": ("CalibrationVolume", "calibration_patches"),
     "policies.methods": ("METHODS", "policy_for", "policy_from_dict"),
     "policies.base": ("RankPolicy",),
     "policies.uniform": ("UniformPolicy",),
@@ -33,7 +33,7 @@ _EXPORTS = {
     "policies.budget": ("BudgetPolicy",),
     "tucker.decomposition": ("LayerPlan", "TuckerConv", "decompose_conv"),
     "tucker.network_stats": ("NetworkStats", "network_stats"),
-    "tucker.calibration": ("LayerStatistics", "collect_statistics"),
+    "tucker.calibration": ("CalibrationPatch", "LayerStatistics", "collect_statistics"),
     "tucker.layers": ("LayerInfo",),
     # model folders
     "nnunet.model_folder": ("ModelFolder", "load_network"),

@@ -91,6 +91,16 @@ def _print_report(fold: str, report: CompressionReport) -> None:
     print(f"  largest relative weight error: {worst.rel_error:.3f} ({worst.name})")
 
 
+def _calibration_text(record: dict[str, Any]) -> str:
+    """Where a compression's calibration came from, as the compress command says it."""
+    if record["source"] == "sample":
+        return ("the bundled sample chest CT (no --calibration given; pass --calibration with CTs like yours for "
+                "ranks fitted to them)")
+    if record["source"] == "user":
+        return f"your {len(record['volumes'])} CT volume(s) ({', '.join(record['volumes'])})"
+    return "none (--weight-only: ranks and factors from the weights alone)"
+
+
 def _progress(fold_label: str):
     def report(done: int, total: int, name: str) -> None:
         print(f"{fold_label}[{done:>3}/{total}] {name}", file=sys.stderr, flush=True)
@@ -117,10 +127,12 @@ def _compress(args: argparse.Namespace) -> int:
     progress = None if args.quiet else _progress("decomposing ")
     reports = compress_model_folder(args.model_dir, args.out_dir, policy, folds=args.fold,
                                     configuration=args.configuration, trust=args.trust_checkpoint,
-                                    overwrite=args.overwrite, progress=progress, calibration=args.calibration)
+                                    overwrite=args.overwrite, progress=progress, calibration=args.calibration,
+                                    weight_only=args.weight_only)
     if args.json:
         print(json.dumps({fold: report.to_dict() for fold, report in reports.items()}, indent=1))
     else:
+        print(f"calibration: {_calibration_text(next(iter(reports.values())).calibration)}")
         for fold, report in reports.items():
             _print_report(fold, report)
         print(f"wrote {args.out_dir} ({FLOP_CONVENTION})")
@@ -281,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "OpenVINO on a CPU when installed), torch, or openvino (CPU)")
     compress.add_argument("--calibration", nargs="+", metavar="CT",
                           help="unlabeled CT volumes (NIfTI/NRRD) for activation-aware compression: factors and ranks "
-                               "then minimise each layer's output error on them (recommended)")
+                               "then minimise each layer's output error on them (recommended; default for CT models: "
+                               "the bundled sample chest CT)")
+    compress.add_argument("--weight-only", action="store_true",
+                          help="the paper's data-free rule: ranks and factors from the weights alone, no calibration "
+                               "(worse on real networks; models not normalised as CT need this or --calibration)")
     compress.add_argument("--factor", type=float, help="shortcut for --policy uniform --target F (the paper's DF)")
     compress.add_argument("--rank-min", type=int, default=8, help="uniform: smallest rank of any factor (default 8)")
     compress.add_argument("--keep", type=float, help="shortcut for --policy energy --target K")

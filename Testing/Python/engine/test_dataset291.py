@@ -24,7 +24,7 @@ def test_original_counts(dataset291_model):
 def test_factor_05_via_cli_matches_the_paper(dataset291_model, tmp_path):
     out = tmp_path / "ts291_05"
     result = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "compress", str(dataset291_model), str(out),
-                             "--factor", "0.5", "--rank-min", "8", "--quiet"], capture_output=True, text=True)
+                             "--factor", "0.5", "--rank-min", "8", "--weight-only", "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     info = json.loads(subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "info", str(out), "--json"],
                                      capture_output=True, text=True, check=True).stdout)
@@ -35,7 +35,8 @@ def test_factor_05_via_cli_matches_the_paper(dataset291_model, tmp_path):
 
 
 def test_factor_03_matches_the_paper(dataset291_model, tmp_path):
-    reports = compress_model_folder(dataset291_model, tmp_path / "ts291_03", UniformPolicy(0.3, rank_min=8))
+    reports = compress_model_folder(dataset291_model, tmp_path / "ts291_03", UniformPolicy(0.3, rank_min=8),
+                                    weight_only=True)  # the paper's data-free rule
     report = reports["0"]
     assert report.after.params == pytest.approx(PUBLISHED_MILLIONS[0.3] * 1e6, rel=0.01)
     assert 1 - report.after.params / report.before.params == pytest.approx(0.88, abs=0.005)  # "88 % removed"

@@ -243,7 +243,7 @@ def test_compressed_weights_with_nan_or_another_dtype_are_refused(tiny_model, tm
     from safetensors.torch import load_file, save_file
     from TuckerSegmentLib import UniformPolicy, compress_model_folder
     out = tmp_path / "small"
-    compress_model_folder(tiny_model, out, UniformPolicy(0.5, rank_min=2))
+    compress_model_folder(tiny_model, out, UniformPolicy(0.5, rank_min=2), weight_only=True)
     weights = out / "fold_0" / "weights.safetensors"
     tensors = load_file(str(weights))
     first = next(iter(tensors))

@@ -21,7 +21,7 @@ from TuckerSegmentLib.testing.example_models import write_example_model
 @pytest.fixture(scope="module")
 def tiny_compressed(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("compressed") / "tiny_uniform05"
-    compress_model_folder(tiny_model, out, UniformPolicy(0.5, rank_min=2), folds=(0, 1))
+    compress_model_folder(tiny_model, out, UniformPolicy(0.5, rank_min=2), folds=(0, 1), weight_only=True)
     return out
 
 
@@ -215,9 +215,9 @@ def test_output_paths_that_cannot_be_written(tiny_model, tiny_compressed, tmp_pa
 
 def test_overwrite_replaces_the_output_whole(tiny_model, tmp_path):
     out = tmp_path / "out"
-    compress_model_folder(tiny_model, out, UniformPolicy(0.5))
+    compress_model_folder(tiny_model, out, UniformPolicy(0.5), weight_only=True)
     (out / "stale.txt").write_text("old")
-    compress_model_folder(tiny_model, out, UniformPolicy(0.3), overwrite=True)
+    compress_model_folder(tiny_model, out, UniformPolicy(0.3), overwrite=True, weight_only=True)
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "fold_0" / "tucker.json").read_text())["policy"]["params"]["factor"] == 0.3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -3,11 +3,14 @@
 Each volume is reoriented to canonical RAS, resampled to the model spacing and normalised by the
 model's own scheme (nnU-Net's ``CTNormalization`` with the plans' intensity statistics), then cut
 into patch-sized windows on nnU-Net's sliding-window grid, of which an evenly spread subset is kept.
-No labels are read.
+A ``CalibrationVolume`` may restrict calibration to part of its volume (e.g. the training half of
+``image.holdout.holdout_mask``): its mask follows the image (nearest neighbour), windows without a usable
+voxel are passed over, and each patch carries its part of the mask. No labels are read.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,43 @@ import torch
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from nnunetv2.preprocessing.normalization import default_normalization_schemes
 
-from ..errors import ModelFolderError
-from ..image.geometry import resample_image, resampled_shape, to_canonical
+from ..errors import ModelFolderError, VolumeError
+from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
 from ..image.volume import Volume, checked_volume
 from ..nnunet.model_folder import ModelFolder
+from ..tucker.calibration import CalibrationPatch
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationVolume:
+    """A CT volume and the voxels calibration may use: ``mask`` (k, j, i) bool on the volume's grid, True =
+    usable; ``None``: all of them."""
+
+    volume: Volume
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.volume, Volume):
+            raise VolumeError(f"a CalibrationVolume holds a Volume, not {type(self.volume).__name__}; read files "
+                              "with read_volume")
+        if self.mask is None:
+            return
+        if not isinstance(self.mask, np.ndarray) or self.mask.dtype != np.bool_:
+            raise VolumeError(f"a calibration mask must be a bool array, not {getattr(self.mask, 'dtype', type(self.mask))}"
+                              "; pass True where calibration may use the voxel")
+        if self.mask.shape != self.volume.array.shape:
+            raise VolumeError(f"a calibration mask has shape {self.mask.shape}, its volume {self.volume.array.shape} "
+                              "(k, j, i); pass a mask on the volume's grid")
+        if not self.mask.any():
+            raise VolumeError("a calibration mask selects no voxel; mark the voxels calibration may use with True")
+
+
+def checked_calibration(item: CalibrationVolume | Volume | str | Path) -> CalibrationVolume:
+    """``item`` as a ``CalibrationVolume`` whose volume passed ``check_volume`` (files are read)."""
+    if isinstance(item, CalibrationVolume):
+        checked_volume(item.volume)
+        return item
+    return CalibrationVolume(checked_volume(item))
 
 
 def _normalised(model: ModelFolder, image: np.ndarray) -> np.ndarray:
@@ -31,22 +67,36 @@ def _normalised(model: ModelFolder, image: np.ndarray) -> np.ndarray:
     return scheme(use_mask_for_norm=False, intensityproperties=properties).run(image.astype(np.float32))
 
 
-def calibration_patches(model: ModelFolder, volumes: Sequence[Volume | str | Path],
-                        patches_per_volume: int = 4) -> Iterator[torch.Tensor]:
-    """(1, 1, *patch) float tensors from ``volumes`` for ``compress_network(calibration=...)``."""
+def _padded(array: np.ndarray, patch: tuple[int, ...], value: float | bool) -> np.ndarray:
+    return np.pad(array, [(0, max(0, p - s)) for p, s in zip(patch, array.shape, strict=True)], constant_values=value)
+
+
+def calibration_patches(model: ModelFolder, volumes: Sequence[CalibrationVolume | Volume | str | Path],
+                        patches_per_volume: int = 4) -> Iterator[CalibrationPatch]:
+    """Patches of (1, 1, *patch) float images (and bool masks, for masked volumes) from ``volumes`` for
+    ``compress_network(calibration=...)``."""
     patch = tuple(model.patch_size)
     spacing = np.asarray(model.configuration_manager.spacing, dtype=float)
     target = spacing[list(model.plans_manager.transpose_backward)]
-    for item in volumes:
-        canonical, _ = to_canonical(checked_volume(item))
+    for number, item in enumerate(volumes, start=1):
+        source = checked_calibration(item)
+        canonical, _ = to_canonical(source.volume)
         shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
         image = _normalised(model, resample_image(canonical.array, shape))
-        padded = np.pad(image, [(0, max(0, p - s)) for p, s in zip(patch, image.shape, strict=True)],
-                        constant_values=float(image.min()))
+        padded = _padded(image, patch, float(image.min()))
         steps = compute_steps_for_sliding_window(padded.shape, patch, 0.5)
         corners = [(a, b, c) for a in steps[0] for b in steps[1] for c in steps[2]]
+        mask = None
+        if source.mask is not None:
+            oriented, _ = to_canonical(Volume(source.mask, source.volume.ijk_to_ras))
+            mask = _padded(resample_labels_nearest(oriented.array, shape), patch, False)
+            corners = [(a, b, c) for a, b, c in corners if mask[a:a + patch[0], b:b + patch[1], c:c + patch[2]].any()]
+            if not corners:
+                raise VolumeError(f"the calibration mask of volume {number} keeps no voxel at the model's spacing "
+                                  f"({'×'.join(f'{s:g}' for s in target)} mm); mark a larger region")
         chosen = np.linspace(0, len(corners) - 1, min(patches_per_volume, len(corners))).round().astype(int)
         for index in chosen:
             a, b, c = corners[index]
-            window = padded[a:a + patch[0], b:b + patch[1], c:c + patch[2]]
-            yield torch.from_numpy(np.ascontiguousarray(window))[None, None]
+            window = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
+            yield CalibrationPatch(torch.from_numpy(np.ascontiguousarray(padded[window]))[None, None],
+                                   None if mask is None else torch.from_numpy(np.ascontiguousarray(mask[window]))[None, None])

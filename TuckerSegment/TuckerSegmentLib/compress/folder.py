@@ -9,7 +9,7 @@ from typing import Any
 from .. import __version__
 from ..atomic import atomic_output_dir, check_output_dir
 from ..errors import ModelFolderError
-from ..image.volume import Volume, checked_volume
+from ..image.volume import Volume
 from ..nnunet.checkpoint import sha256_file
 from ..nnunet.layout import TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name
 from ..nnunet.model_folder import ModelFolder
@@ -18,7 +18,8 @@ from ..policies.base import RankPolicy
 from ..progress import LayerProgress
 from ..segment.labels import TERMINOLOGY_CSV
 from ..tucker.network_stats import FLOP_CONVENTION, network_stats
-from .calibration_data import calibration_patches
+from .calibration_data import CalibrationVolume, calibration_patches
+from .calibration_source import resolve_calibration
 from .network import CompressionReport, compress_network
 
 COPIED_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", TERMINOLOGY_CSV)
@@ -27,13 +28,16 @@ COPIED_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", TERMIN
 def compress_model_folder(source: str | Path, output: str | Path, policy: RankPolicy, folds: Sequence[Fold] = (0,),
                           configuration: str | None = None, trust: bool = False, overwrite: bool = False,
                           progress: LayerProgress | None = None,
-                          calibration: Sequence[Volume | str | Path] | None = None) -> dict[str, CompressionReport]:
+                          calibration: Sequence[CalibrationVolume | Volume | str | Path] | None = None,
+                          weight_only: bool = False) -> dict[str, CompressionReport]:
     """Write a compressed copy of ``source`` to ``output``: all or nothing, the source untouched.
-    ``calibration``: unlabeled CT volumes (or files) for activation-aware compression."""
+    ``calibration``: unlabeled CT volumes (or files, or masked ``CalibrationVolume``s) for activation-aware
+    compression; without them a CT model is calibrated on the bundled sample CT, and ``weight_only`` asks
+    for the paper's data-free rule instead (see ``resolve_calibration``; each report records which)."""
     model = ModelFolder.open(source, configuration)
-    volumes = [checked_volume(v) for v in calibration] if calibration else None  # bad files fail before any work
     if model.compressed:
         raise ModelFolderError(f"{model.path} is already compressed; compress the original nnU-Net model folder")
+    volumes, record = resolve_calibration(model, calibration, weight_only)
     fold_names = [str(f) for f in folds]
     twice = sorted({f for f in fold_names if fold_names.count(f) > 1})
     if twice:
@@ -50,6 +54,7 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
             network, checkpoint = model.load_original(fold, trust)
             patches = list(calibration_patches(model, volumes)) if volumes else None
             report = compress_network(network, policy, model.example_input(), calibration=patches, progress=progress)
+            report.calibration = record
             fold_dir = staging / fold_dir_name(fold)
             fold_dir.mkdir()
             weights_sha256 = save_weights(network, fold_dir / WEIGHTS_FILE)

@@ -16,7 +16,13 @@ from ..runtime.devices import resolve_device
 from ..runtime.execution import compare_latency, measure_network_latency
 from ..runtime.inference import choose_runtime
 from ..runtime.latency import LatencyTable
-from ..tucker.calibration import LayerStatistics, collect_statistics, output_sensitivity, prediction_agreement
+from ..tucker.calibration import (
+    CalibrationInput,
+    LayerStatistics,
+    collect_statistics,
+    output_sensitivity,
+    prediction_agreement,
+)
 from ..tucker.decomposition import LayerPlan, decompose_conv, relative_error, replace_modules
 from ..tucker.layers import LayerInfo, decomposable_layers, layer_info
 from ..tucker.network_stats import NetworkStats, count_flops, network_stats, stats_from_trace, trace
@@ -55,10 +61,11 @@ class CompressionReport:
     calibration_inputs: int = 0  # unlabeled inputs the layer statistics came from (0: weight-only)
     agreement: float | None = None  # label-free Dice agreement with the original on the calibration inputs
     latency: dict[str, Any] | None = None  # latency budgets: measured time of original and compressed per patch
+    calibration: dict[str, Any] | None = None  # where the calibration inputs came from (set by compress_model_folder)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "calibration_inputs": self.calibration_inputs, "agreement": self.agreement,
-                "latency": self.latency,
+        return {"policy": self.policy, "calibration": self.calibration, "calibration_inputs": self.calibration_inputs,
+                "agreement": self.agreement, "latency": self.latency,
                 "before": self.before.to_dict() if self.before else None,
                 "after": self.after.to_dict() if self.after else None,
                 "unused_layers": self.unused_layers,
@@ -113,14 +120,15 @@ SENSITIVITY_INPUTS = 2  # calibration inputs used to measure sensitivity (one fo
 
 
 def compress_network(network: nn.Module, policy: RankPolicy, example_input: torch.Tensor | None = None,
-                     calibration: Iterable[torch.Tensor] | None = None,
+                     calibration: Iterable[CalibrationInput] | None = None,
                      progress: LayerProgress | None = None) -> CompressionReport:
     """Decompose ``network``'s layers in place as ``policy`` plans and report what changed.
 
     ``example_input`` is as for ``survey``: with it, FLOPs are reported (and budgets can be planned)
-    and unused layers stay dense. ``calibration`` (unlabeled input tensors, e.g. patches of the user's
-    own CTs) makes compression activation-aware: the policy sees each layer's input/output statistics
-    and every factorised layer minimises its output error on them instead of the kernel error. A
+    and unused layers stay dense. ``calibration`` (unlabeled input tensors, or ``CalibrationPatch``es whose
+    masks restrict it to some voxels; e.g. patches of the user's own CTs) makes compression
+    activation-aware: the policy sees each layer's input/output statistics (of the masked voxels) and
+    every factorised layer minimises its output error on them instead of the kernel error. A
     budget policy with ``sensitivity="auto"`` also gets each layer's output sensitivity, and the
     weighting exponent whose compressed network agrees best with the original's predictions on the
     calibration inputs is kept (``report.policy`` records it; ``report.agreement`` is that agreement).
@@ -194,7 +202,7 @@ def _meet_latency(network: nn.Module, original: nn.Module, policy: RankPolicy, r
 
 
 def _trial_agreement(original: nn.Module, policy: RankPolicy, stats: Mapping[str, LayerStatistics],
-                     inputs: list[torch.Tensor], example_input: torch.Tensor | None) -> float:
+                     inputs: list[CalibrationInput], example_input: torch.Tensor | None) -> float:
     trial = copy.deepcopy(original)
     _apply(trial, policy, survey(trial, example_input), stats, example_input, None)
     return prediction_agreement(trial, original, inputs)

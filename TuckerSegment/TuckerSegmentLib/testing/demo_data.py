@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import slicerio
 
+from ..compress.calibration_source import SAMPLE_CT, sample_ct
 from ..image.geometry import resample_image, resampled_matrix
+from ..image.holdout import holdout_mask  # noqa: F401 (scripts and tests import it from here)
 from ..image.volume import Volume, read_volume
 
-SAMPLE_CT = "CTChest4.nrrd"
 SAMPLE_SEGMENTATION = "Segmentation.seg.nrrd"
-HOLDOUT_BLOCKS = (4, 2, 2)  # checkerboard blocks along k, j, i
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ChestSample:
 
 def chest_sample() -> ChestSample:
     """The sample CT and its reference labels on the CT grid."""
-    ct = read_volume(slicerio.get_testdata_file(SAMPLE_CT))
+    ct = read_volume(sample_ct())
     segmentation = slicerio.read_segmentation(slicerio.get_testdata_file(SAMPLE_SEGMENTATION))
     labels = np.ascontiguousarray(np.asarray(segmentation["voxels"]).T)  # slicerio gives (i, j, k)
     offset = np.asarray(segmentation.get("referenceImageExtentOffset", [0, 0, 0]))
@@ -45,15 +45,6 @@ def large_chest_ct(sample: ChestSample | None = None) -> Volume:
     shape = (227, 512, 512)
     return Volume(resample_image(ct.array, shape).round().astype(np.int16),
                   resampled_matrix(ct.ijk_to_ras, ct.array.shape, shape))
-
-
-def holdout_mask(shape: tuple[int, int, int], blocks: tuple[int, int, int] = HOLDOUT_BLOCKS) -> np.ndarray:
-    """True on the held-out half of a checkerboard of ``blocks`` (k, j, i): every z slab keeps two
-    diagonal quadrants, so each structure (cervical at the top, lumbar at the bottom, left and right
-    lung) appears in both the training and the held-out part."""
-    index = [np.minimum(np.arange(n) * b // n, b - 1) for n, b in zip(shape, blocks, strict=True)]
-    k, j, i = np.meshgrid(*index, indexing="ij")
-    return (k + j + i) % 2 == 1
 
 
 def held_out_dice(labels: np.ndarray, sample: ChestSample, held: np.ndarray) -> float:

@@ -141,7 +141,8 @@ class Worker:
                 "intensity_warnings": [str(w.message) for w in caught if issubclass(w.category, IntensityWarning)]}
 
     def compress(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Compress ``args["source"]`` into ``args["output"]`` and review it against the original."""
+        """Compress ``args["source"]`` into ``args["output"]`` and review it against the original. Without
+        ``args["calibration"]`` a CT model is calibrated on the bundled sample CT, unless ``args["weight_only"]``."""
         from ..atomic import check_output_dir
         from ..compress.folder import compress_model_folder
         from ..compress.review import review_compression
@@ -160,7 +161,8 @@ class Worker:
         def layer(done: int, total: int, name: str) -> None:
             progress(0.6 * done / total, f"compressing layer {done}/{total}: {name}")
         progress(0.0, "reading the model" + (" and calibration volumes" if volumes else ""))
-        compress_model_folder(source, output, policy, progress=layer, calibration=volumes or None)
+        compress_model_folder(source, output, policy, progress=layer, calibration=volumes or None,
+                              weight_only=args.get("weight_only", False))
         review = review_compression(source, output, volumes, device, bool(args.get("measure", True)),
                                     lambda fraction, message: progress(0.6 + 0.4 * fraction, message),
                                     runtime=runtime)
