@@ -32,10 +32,8 @@ import copy
 import cProfile
 import json
 import pstats
-import os
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ from TuckerSegmentLib.runtime.devices import resolve_device
 from TuckerSegmentLib.runtime.execution import interleaved_seconds, optimise_execution
 from TuckerSegmentLib.runtime.inference import OpenVINONetwork, openvino_missing
 from TuckerSegmentLib.runtime.latency import LatencyTable, device_name
+from TuckerSegmentLib.runtime.memory import PeakMemory
 from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.demo_data import chest_sample, held_out_dice, holdout_mask, large_chest_ct
 from TuckerSegmentLib.testing.example_models import write_example_model
@@ -88,35 +87,6 @@ class Variant:
     runtime: str = "torch"
     stages: dict[str, float] = field(default_factory=dict)
     peak_bytes: int | None = None  # resident memory above the level before one end-to-end run
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory now (Linux), or None where /proc is missing."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class PeakMemory:
-    """Peak resident memory above the level at entry while the block runs, sampled every 5 ms in a thread
-    (``peak`` None where it cannot be read)."""
-
-    def __enter__(self) -> PeakMemory:
-        self.base = resident_bytes()
-        self.peak = 0 if self.base is not None else None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.base is not None and not self._stop.wait(0.005):
-            self.peak = max(self.peak, (resident_bytes() or 0) - self.base)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def cropped(volume: Volume, start: tuple[int, int, int], stop: tuple[int, int, int]) -> Volume:

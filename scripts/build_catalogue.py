@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write ``TuckerSegment/Resources/variants.json``: every task's original and uniform-rule variants, measured.
+"""Write ``TuckerSegment/Resources/variants.json``: every task's original, its default-policy variants and the
+paper's uniform-rule variants; the bundled demo's models as ``build_demo_variants.py`` measured them.
 
 Per entry: parameters, FLOPs per patch and weight bytes (from the network structure built from the
 plans, counted on the meta device); peak CPU memory of a fresh subprocess segmenting a volume of
@@ -10,9 +11,14 @@ and the CPU. TotalSegmentator weights
 are not available to this project, so its networks carry random weights: structure, memory and
 speed do not depend on the values. Quality figures are the paper's (TotalSegmentator, no fine-
 tuning) or this project's own measurement (the bundled demo model, from ``models.json``).
+TotalSegmentator's default-policy variants ("balanced": 70 % of the original's time per patch, "fast":
+50 %, latency budgets timed in the runtime that will run them, calibrated on the user's CTs) are only
+described: their size and quality depend on the machine and CTs they are built with, so they stay
+unmeasured until ``tuckersegment build-variants`` measures them there.
 
-Usage: python scripts/build_catalogue.py [--repeats 3] [--skip-measure | --speed-only]
-(about 15 min on 2 cores; --speed-only re-measures the CPU times alone and keeps the rest)
+Usage: python scripts/build_catalogue.py [--repeats 3] [--skip-measure | --speed-only | --entries-only]
+(about 15 min on 2 cores; --speed-only re-measures the CPU times alone and keeps the rest; --entries-only
+rewrites the demo entries from models.json and the default-policy entries, keeping the other figures)
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from TuckerSegmentLib.compress.network import plan_layers
 from TuckerSegmentLib.tucker.layers import apply_plans
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.paths import BUNDLED_MODELS, CATALOGUE_JSON
+from TuckerSegmentLib.policies.budget import BudgetPolicy
 from TuckerSegmentLib.policies.uniform import UniformPolicy
 from TuckerSegmentLib.runtime.execution import interleaved_seconds, openvino_interleaved_seconds
 from TuckerSegmentLib.runtime.inference import choose_runtime
@@ -55,6 +62,7 @@ PAPER_GPU_MS = {"GTX 1080": {"original": 237.7, 0.7: 230.9, 0.5: 179.0},
 # The part with the largest output head stands for the five 1.5 mm parts (same plans otherwise).
 MEASURED_SPEC = {"total": "Dataset292", "fast": "Dataset297", "fastest": "Dataset298"}
 DEMO_ID = "chest-demo"
+DEFAULT_TARGETS = {"balanced": 0.7, "fast": 0.5}  # latency targets: fraction of the original's time per patch
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "variants.md"
 CPU_RUNTIME = choose_runtime("auto", "auto", torch.device("cpu"))  # what segmentation runs on a CPU here
 
@@ -140,13 +148,7 @@ def structure_stats(spec: str, factor: float | None) -> dict[str, int]:
     return {"params": stats.params, "flops": stats.flops, "weights_bytes": stats.weight_bytes}
 
 
-def quality(task: str, factor: float | None, demo: dict[str, Any] | None) -> dict[str, Any]:
-    if demo is not None:
-        original = demo["original"]["mean_dice"]
-        mine = demo["models"][factor]["mean_dice"]
-        return {"kind": "measured", "mean_dice": round(mine, 4), "original_dice": round(original, 4),
-                "how": "held-out half of the bundled sample CT (7 structures), scripts/build_demo_variants.py; "
-                       "per-structure Dice in Resources/Models/models.json"}
+def quality(task: str, factor: float | None) -> dict[str, Any]:
     published = PUBLISHED_DICE.get(task, {})
     key = factor if factor is not None else "original"
     if key in published:
@@ -171,53 +173,101 @@ def speed(task: str, factor: float | None, cpu: dict[Any, float]) -> dict[str, A
     return entries
 
 
-def entries(repeats: int, measure: bool) -> list[dict[str, Any]]:
-    demo_record = json.loads((BUNDLED_MODELS / "models.json").read_text())
-    demo_models = {(None if m["policy"] == "original" else m["policy"]["params"]["factor"]): m
-                   for m in demo_record["models"]}
+def default_entries(original: dict[str, Any]) -> list[dict[str, Any]]:
+    """The task's default-policy variants: latency budgets, activation-aware, sized where they are built."""
+    return [{**original, "id": f"{original['task']}-tucker-{name}",
+             "policy": BudgetPolicy(target_latency=target).to_dict(), "params": None, "flops": None,
+             "weights_bytes": None,
+             "quality": {"kind": "unmeasured", "mean_dice": None, "original_dice": original["quality"]["original_dice"],
+                         "how": "measured by tuckersegment build-variants on the machine and CTs it is built with"},
+             "speed": {}, "notes": f"default policy: {100 * target:.0f} % of the original's time per patch in the "
+                                   "runtime that runs it, calibrated on your CTs (--calibration) or the sample CT"}
+            for name, target in DEFAULT_TARGETS.items()]
+
+
+def demo_entries(original_peak: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bundled demo models as ``build_demo_variants.py`` measured them (``models.json``)."""
+    record = json.loads((BUNDLED_MODELS / "models.json").read_text())
+    original = record["models"][0]
     result = []
-    for task in (*tasks(), "demo"):
-        spec = MEASURED_SPEC.get(task, DEMO_ID)
-        ts_task = tasks().get(task)
+    for m in record["models"]:
+        measured = m.get("measurement")
+        speed = {} if measured is None else {"cpu": {
+            "relative_time": round(1 / measured["speedup"], 3), "runtime": measured["context"]["runtime"],
+            "device": measured["context"]["device"],
+            "source": f"measured here: whole sample CT per volume, {measured['context']['runtime']}"}}
+        result.append({
+            "id": m["id"], "task": "demo", "policy": m["policy"], "source": {"bundled": m["folder"]},
+            "spacing_mm": 3.0, "outputs": len(record["voxel_counts"]) + 1,
+            **{k: m[k] for k in ("params", "flops", "weights_bytes")}, "peak_memory": original_peak,
+            "quality": {"kind": "measured", "mean_dice": round(m["mean_dice"], 4),
+                        "original_dice": round(original["mean_dice"], 4),
+                        "structures": {name: {"dice": m["held_out_dice"][name],
+                                              "original_dice": original["held_out_dice"][name],
+                                              "voxels": record["voxel_counts"][name]["held_out"]}
+                                       for name in original["held_out_dice"]},
+                        "how": "held-out half of the bundled sample CT (7 structures), scripts/build_demo_variants.py; "
+                               "per-structure Dice in Resources/Models/models.json"},
+            "speed": speed, "notes": m.get("notes", ""), **({"measured": measured} if measured else {})})
+    return result
+
+
+def entries(repeats: int, measure: bool) -> list[dict[str, Any]]:
+    result = []
+    for task in tasks():
+        spec = MEASURED_SPEC[task]
+        ts_task = tasks()[task]
         cpu = relative_times(spec, repeats) if measure else {f: None for f in FACTORS}
         for factor in (None, *FACTORS):
             name = "original" if factor is None else f"tucker-{factor}"
-            if ts_task is not None:
-                specs = [f"Dataset{m.task_id}" for m in ts_task.models]
-                parts = [structure_stats(s, factor) for s in specs]
-                figures = {k: sum(p[k] for p in parts) for k in ("params", "flops", "weights_bytes")}
-                source = {"release": ts_task.release, "datasets": [m.dataset for m in ts_task.models], "sha256": {}}
-                spacing, outputs = ts_task.spacing_mm, max(EXAMPLE_SPECS[s].num_foreground + 1 for s in specs)
-                entry_id = task if factor is None else f"{task}-{name}"
-            else:
-                m = demo_models[factor]
-                figures = {k: m[k] for k in ("params", "flops", "weights_bytes")}
-                source = {"bundled": m["folder"]}
-                spacing, outputs, entry_id = 3.0, len(demo_record["voxel_counts"]) + 1, m["id"]
+            specs = [f"Dataset{m.task_id}" for m in ts_task.models]
+            parts = [structure_stats(s, factor) for s in specs]
+            figures = {k: sum(p[k] for p in parts) for k in ("params", "flops", "weights_bytes")}
+            source = {"release": ts_task.release, "datasets": [m.dataset for m in ts_task.models], "sha256": {}}
+            outputs = max(EXAMPLE_SPECS[s].num_foreground + 1 for s in specs)
             tile = peak_memory(spec, factor) if measure else None
             cuda = ({"tile_bytes": peak_memory(spec, factor, "cuda"), "bytes_per_voxel": bytes_per_voxel(outputs),
                      "measured_on": spec, "device": torch.cuda.get_device_name()}
                     if measure and torch.cuda.is_available() else None)
             result.append({
-                "id": entry_id, "task": task, "policy": policy_dict(factor), "source": source,
-                "spacing_mm": spacing, "outputs": outputs, **figures,
+                "id": task if factor is None else f"{task}-{name}", "task": task, "policy": policy_dict(factor),
+                "source": source, "spacing_mm": ts_task.spacing_mm, "outputs": outputs, **figures,
                 "peak_memory": {"cpu": {"tile_bytes": tile, "bytes_per_voxel": bytes_per_voxel(outputs),
                                         "measured_on": spec},
                                 "cuda": cuda},
-                "quality": quality(task, factor, {"original": demo_models[None], "models": demo_models}
-                                   if ts_task is None else None),
+                "quality": quality(task, factor),
                 "speed": speed(task, factor, cpu) if measure else {},
                 "notes": "figures from an assumed architecture (Dataset298 plans unavailable)" if task == "fastest" else "",
             })
-            print(f"{entry_id}: {figures['params'] / 1e6:.2f} M params, peak {tile} bytes", flush=True)
-    return result
+            print(f"{result[-1]['id']}: {figures['params'] / 1e6:.2f} M params, peak {tile} bytes", flush=True)
+            if factor is None:
+                result += default_entries(result[-1])
+    demo_peak = {"cpu": {"tile_bytes": peak_memory(DEMO_ID, None) if measure else None, "bytes_per_voxel":
+                         bytes_per_voxel(len(json.loads((BUNDLED_MODELS / "models.json").read_text())["voxel_counts"])
+                                         + 1), "measured_on": f"{DEMO_ID} (the original; its variants need no more)"},
+                 "cuda": None}
+    return result + demo_entries(demo_peak)
+
+
+def refresh_entries(catalogue: dict[str, Any]) -> None:
+    """Rewrite the demo and default-policy entries in place (the demo's peak memory kept), the rest kept."""
+    variants = catalogue["variants"]
+    demo_peak = next(v["peak_memory"] for v in variants if v["id"] == DEMO_ID)
+    kept = [v for v in variants if v["task"] != "demo" and (v["policy"] == "original" or v["policy"]["name"] == "uniform")]
+    result = []
+    for task in tasks():
+        original = next(v for v in kept if v["id"] == task)
+        result += [original, *default_entries(original), *(v for v in kept if v["task"] == task and v is not original)]
+    catalogue["variants"] = result + demo_entries(demo_peak)
 
 
 def remeasure_speed(catalogue: dict[str, Any], repeats: int) -> None:
     """Replace every entry's CPU time (and the paper's GPU figures) by a new measurement, in place."""
     measured = {}
     for v in catalogue["variants"]:
-        spec = MEASURED_SPEC.get(v["task"], DEMO_ID)
+        if v["task"] == "demo" or v["policy"] != "original" and v["policy"]["name"] != "uniform":
+            continue  # measured by build_demo_variants.py / by the user's build
+        spec = MEASURED_SPEC[v["task"]]
         if spec not in measured:
             measured[spec] = relative_times(spec, repeats)
         factor = None if v["policy"] == "original" else v["policy"]["params"]["factor"]
@@ -254,8 +304,10 @@ def write_docs(catalogue: dict[str, Any], path: Path) -> None:
         loss = ("reference" if v["policy"] == "original" else "unmeasured" if q["mean_dice"] is None
                 else f"{100 * (q['original_dice'] - q['mean_dice']):.1f} ({q['kind']})")
         speed = v["speed"].get("cpu", {}).get("relative_time")
-        lines.append(f"| {v['id']} | {v['params'] / 1e6:.2f} | {v['flops'] / 1e9:.1f} | {v['weights_bytes'] / 1e6:.1f} "
-                     f"| {cpu['tile_bytes'] / gib:.2f} | {standard / gib:.2f} | {1.0 if speed is None else speed:.2f} "
+        sizes = ("where built",) * 3 if v["params"] is None else \
+            (f"{v['params'] / 1e6:.2f}", f"{v['flops'] / 1e9:.1f}", f"{v['weights_bytes'] / 1e6:.1f}")
+        lines.append(f"| {v['id']} | {' | '.join(sizes)} | {cpu['tile_bytes'] / gib:.2f} | {standard / gib:.2f} "
+                     f"| {'where built' if speed is None and v['policy'] != 'original' else f'{speed or 1.0:.2f}'} "
                      f"| {loss} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -266,6 +318,8 @@ def main() -> None:
     parser.add_argument("--skip-measure", action="store_true", help="structure figures only (no memory/speed)")
     parser.add_argument("--docs-only", action="store_true", help="only rewrite docs/variants.md from the catalogue")
     parser.add_argument("--speed-only", action="store_true", help="re-measure the CPU times, keep the other figures")
+    parser.add_argument("--entries-only", action="store_true",
+                        help="rewrite the demo entries (models.json) and the default-policy entries, keep the rest")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -273,6 +327,13 @@ def main() -> None:
         return
     if args.docs_only:
         write_docs(json.loads(CATALOGUE_JSON.read_text()), DOCS)
+        return
+    if args.entries_only:
+        catalogue = json.loads(CATALOGUE_JSON.read_text())
+        refresh_entries(catalogue)
+        CATALOGUE_JSON.write_text(json.dumps(catalogue, indent=1) + "\n")
+        write_docs(catalogue, DOCS)
+        print(f"wrote {CATALOGUE_JSON} and {DOCS}")
         return
     torch.set_num_threads(2)
     if args.speed_only:

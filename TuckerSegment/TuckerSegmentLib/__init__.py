@@ -20,6 +20,8 @@ _EXPORTS = {
     "image.volume": ("Volume", "read_volume"),
     "variants.choice": ("choose_model",),
     "variants.guard": ("SafeTask",),
+    "variants.build": ("build_variant",),
+    "variants.measure": ("measure_variant", "plan_measurement"),
     # compression
     "compress.folder": ("compress_model_folder", "describe_model"),
     "compress.network": ("CompressionReport", "LayerRecord", "compress_network"),

@@ -16,7 +16,7 @@ from . import __version__
 from .atomic import refuse_existing
 from .compress.folder import compress_model_folder, describe_model
 from .compress.network import CompressionReport
-from .errors import Interrupted, TuckerSegmentError
+from .errors import Interrupted, PolicyError, TuckerSegmentError
 from .image.volume import IntensityWarning
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, policy_for
@@ -26,11 +26,13 @@ from .segment.batch import BatchItem, segment_batch
 from .segment.output import plan_outputs, write_result
 from .segment.predictor import EXECUTIONS
 from .tucker.network_stats import FLOP_CONVENTION
-from .variants.build import build_variant
-from .variants.catalogue import STANDARD_VOLUME_MM, Variant, catalogue, find_variant
+from .variants.build import build_variant, weight_only
+from .variants.catalogue import READY, STANDARD_VOLUME_MM, Variant, catalogue, find_variant
 from .variants.choice import choose_model, usable_devices
 from .variants.guard import SafeTask
-from .variants.hardware import GB, detect_devices
+from .variants.hardware import GB, DeviceInfo, detect_devices
+from .variants.measure import plan_measurement
+from .variants.selection import expected_time, measurement, qualifies
 from .variants.totalsegmentator import tasks
 
 TARGET_SHORTCUTS = {"target-flops": "flops", "target-params": "params", "target-latency": "latency",
@@ -187,14 +189,28 @@ def _segment(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
-def _variant_row(variant: Variant) -> dict[str, Any]:
-    loss = variant.dice_loss()
+def _variant_row(variant: Variant, device: DeviceInfo) -> dict[str, Any]:
+    auto, quality = qualifies(variant, device)
     return {"id": variant.id, "task": variant.task,
             "policy": "original" if variant.original else variant.policy,
             "availability": variant.availability, "detail": variant.detail,
             "params": variant.params, "flops": variant.flops, "weights_bytes": variant.weights_bytes,
             "peak_memory_bytes": variant.memory_bytes("cpu")[0], "quality": variant.quality,
-            "dice_loss": loss, "speed": variant.speed}
+            "dice_loss": variant.dice_loss(), "speed": variant.speed, "measured": variant.measured,
+            "auto_eligible": auto, "auto_quality": quality}
+
+
+def _quality_cell(variant: Variant, device: DeviceInfo) -> str:
+    """The variants table's quality column: what auto judges the variant by."""
+    if variant.original:
+        return "reference"
+    found, _ = measurement(variant, device)
+    if found is not None:
+        return f"agree {found['mean_agreement']:.3f}" if found.get("mean_agreement") is not None else "agree ?"
+    if variant.measured is not None:
+        return "re-measure"
+    loss = variant.dice_loss()
+    return "unmeasured" if loss is None else f"Dice -{100 * loss:.1f} ({variant.quality['kind'][:4]}.)"
 
 
 def _variants(args: argparse.Namespace) -> int:
@@ -204,21 +220,27 @@ def _variants(args: argparse.Namespace) -> int:
         auto = {"id": choice.id, "reason": choice.reason, "device": choice.device}
     except TuckerSegmentError as exc:
         auto = {"id": None, "reason": str(exc), "device": None}
+    here = devices[0]
     if args.json:
-        print(json.dumps({"variants": [_variant_row(v) for v in variants], "auto": auto,
+        print(json.dumps({"variants": [_variant_row(v, here) for v in variants], "auto": auto,
                           "devices": [d.describe() for d in devices]}, indent=1))
         return 0
     print(f"devices: {'; '.join(d.describe() for d in devices)}")
-    print(f"{'id':<22} {'availability':<12} {'params':>9} {'FLOPs/patch':>12} {'peak RAM':>9} {'Dice loss':>12}")
+    print(f"{'id':<26} {'availability':<12} {'params':>9} {'FLOPs/patch':>12} {'peak RAM':>9} {'quality':>16} "
+          f"{'speed':>7} {'auto':>4}")
     for v in variants:
-        loss = v.dice_loss()
         peak = v.memory_bytes("cpu")[0]
-        loss_text = ("reference" if v.original else "unmeasured" if loss is None
-                     else f"{100 * loss:.1f} ({v.quality['kind'][:4]}.)")
-        print(f"{v.id:<22} {v.availability:<12} {_millions(v.params):>9} {_giga(v.flops):>12} "
-              f"{'?' if peak is None else f'{peak / GB:.1f} GiB':>9} {loss_text:>12}")
-    print(f"peak RAM: CPU, standard volume {STANDARD_VOLUME_MM} mm; FLOPs: {FLOP_CONVENTION}; Dice loss: points below "
-          "the original (published or measured)")
+        time, _ = expected_time(v, here)
+        eligible = v.availability in READY and qualifies(v, here)[0]
+        print(f"{v.id:<26} {v.availability:<12} {'?' if v.params is None else _millions(v.params):>9} "
+              f"{'?' if v.flops is None else _giga(v.flops):>12} {'?' if peak is None else f'{peak / GB:.1f} GiB':>9} "
+              f"{_quality_cell(v, here):>16} {'?' if time is None else f'{1 / time:.2f}x':>7} "
+              f"{'yes' if eligible else 'no':>4}")
+    print(f"peak RAM: CPU, standard volume {STANDARD_VOLUME_MM} mm; FLOPs: {FLOP_CONVENTION}; quality: agreement with "
+          "the original measured on this machine (mean Dice over structures), else Dice points below the original "
+          "(published or measured); speed: vs the original, measured here when built, else the catalogue's; "
+          "auto: may be chosen here (measured agreement >= 0.97, every structure with >= 1000 voxels >= 0.90; "
+          "the demo: held-out Dice within 1 point, no structure with >= 1000 voxels losing more than 10)")
     print(f"auto: {auto['id'] or 'none'}: {auto['reason']}")
     return 0
 
@@ -228,8 +250,8 @@ def _build_variants(args: argparse.Namespace) -> int:
     variants = catalogue(weights_roots=roots)
     if args.variant:
         chosen = [find_variant(variants, v) for v in args.variant]
-    else:  # every compressed TotalSegmentator variant whose source weights are here or can be downloaded
-        candidates = [v for v in variants if not v.original and not v.bundled
+    else:  # the default-policy variants of every task whose source weights are here or can be downloaded
+        candidates = [v for v in variants if not v.original and not v.bundled and not weight_only(v)
                       and (args.task is None or v.task == args.task)]
         chosen = [v for v in candidates if v.availability in ("buildable", "built")]
         if not chosen:
@@ -237,14 +259,28 @@ def _build_variants(args: argparse.Namespace) -> int:
         for variant in candidates:
             if variant not in chosen:
                 print(f"{variant.id}: skipped, {variant.detail}")
+    plan = plan_measurement(args.calibration, args.holdout or ()) if args.calibration or args.holdout else None
+    device = usable_devices(args.device, detect_devices())[0]
     say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    failed = []
     for variant in chosen:
         if variant.original or variant.bundled:
             print(f"{variant.id}: {variant.availability} (nothing to build)")
             continue
-        folder = build_variant(variant, weights_roots=roots, report=say)
-        print(f"{variant.id}: built in {folder}")
-    return 0
+        try:
+            folder = build_variant(variant, weights_roots=roots, report=say, plan=plan, device=device,
+                                   measure=not args.no_measure)
+        except PolicyError as exc:  # e.g. a latency target this network cannot reach here: the others go on
+            print(f"tuckersegment: error: {variant.id}: not built: {exc}", file=sys.stderr)
+            failed.append(variant.id)
+            continue
+        built = find_variant(catalogue(weights_roots=roots), variant.id)
+        ok, quality = qualifies(built, device)
+        time, source = expected_time(built, device)
+        speed = "" if time is None or built.measured is None else f"; {1 / time:.2f}x the original's speed ({source})"
+        print(f"{variant.id}: built in {folder}; {quality}{speed}; "
+              + ("auto may choose it" if ok else "auto will not choose it"))
+    return 2 if failed else 0
 
 
 def _segment_progress() -> Progress:
@@ -362,7 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="nnU-Net results folder holding TotalSegmentator's Dataset29x folders "
                             "(default: TOTALSEG_WEIGHTS_PATH, TOTALSEG_HOME_DIR, ~/.totalsegmentator/nnunet/results)")
     build.add_argument("--task", choices=tuple(tasks()), help="build only this task's variants")
-    build.add_argument("--variant", nargs="+", metavar="ID", help="build only these variants")
+    build.add_argument("--variant", nargs="+", metavar="ID",
+                       help="build only these variants (default: each task's default-policy variants, balanced and "
+                            "fast; the paper's uniform ones only by id)")
+    build.add_argument("--calibration", nargs="+", metavar="CT",
+                       help="your unlabeled CT volumes (NIfTI/NRRD) to calibrate the compression on (default: the "
+                            "bundled sample chest CT); without --holdout each is split into checkerboard blocks: "
+                            "calibrated on half, agreement scored on the other half")
+    build.add_argument("--holdout", nargs="+", metavar="CT",
+                       help="CTs never used for calibration, on which agreement with the original is scored")
+    build.add_argument("--device", default="auto",
+                       help="where variants are measured (and latency budgets timed): auto (default: the device "
+                            "segmentation uses), cpu, cuda, cuda:N or mps")
+    build.add_argument("--no-measure", action="store_true",
+                       help="build only: auto does not choose a variant until a build measures it on this machine")
     build.add_argument("--quiet", action="store_true", help="no progress on stderr")
     build.set_defaults(func=_build_variants)
     return parser

@@ -130,6 +130,13 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         return variant_choices(task, catalogue(), detect_devices(), device, user_variants())
 
     @staticmethod
+    def buildTargets(task: str = "auto", variant: str = "auto") -> list:
+        """The variant ids "Build and measure" builds for the panel's task and variant."""
+        from TuckerSegmentLib.variants.catalogue import catalogue
+        from TuckerSegmentLib.variants.panel import build_targets
+        return build_targets(task, variant, catalogue())
+
+    @staticmethod
     def modelAndTask(task: str, variant: str) -> tuple:
         """``segment``'s (model, task) for a task and variant key of the panel."""
         from TuckerSegmentLib.variants.panel import model_and_task
@@ -364,15 +371,36 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         from TuckerSegmentLib.compress.figures import CompressionReview
         return CompressionReview.from_json(job.outcome())
 
-    def startVariantBuild(self, variantIds, weightsFolder=None):
-        """Build catalogue variants (ids from the Variant list) into the user cache in the worker; returns the
+    def startVariantBuild(self, variantIds, weightsFolder=None, calibrationNodes=(), holdoutNodes=()):
+        """Build catalogue variants (ids from the Variant list) into the user cache in the worker, calibrated on
+        ``calibrationNodes`` (scene CT volumes; default: the bundled sample CT) and measured against the
+        original on ``holdoutNodes`` (default: held-out blocks of the calibration volumes); returns the
         ``WorkerJob`` (result: ``{"built": {id: folder}}``). A build cut short resumes next time."""
         from TuckerSegmentLib.errors import TuckerSegmentError
+        from TuckerSegmentLib.worker.protocol import save_volume
         ids = [str(v) for v in variantIds]
         if not ids:
             raise TuckerSegmentError("choose the variants to build")
-        args = {"variants": ids, "weights": str(weightsFolder) if weightsFolder else None}
-        return self.worker().submit("build", args, name="variant build")
+        if holdoutNodes and not calibrationNodes:
+            raise TuckerSegmentError("choose calibration volumes too: held-out volumes are only scored")
+        roles = {"calibration": list(calibrationNodes), "holdout": list(holdoutNodes)}
+        volumes = {role: [(node.GetName(), readVolume(node)) for node in nodes] for role, nodes in roles.items()}
+        folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
+        try:
+            saved = {}
+            for role, named in volumes.items():
+                saved[role] = []
+                for index, (name, volume) in enumerate(named):
+                    path = folder / f"{role}{index}.npz"
+                    save_volume(path, volume.array, volume.ijk_to_ras)
+                    saved[role].append([name, path])
+            job = self.worker().submit("build", {"variants": ids, "weights": str(weightsFolder) if weightsFolder else None,
+                                                 **saved}, name="variant build")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job.on_end.append(lambda job: shutil.rmtree(folder, ignore_errors=True))
+        return job
 
     def showReview(self, review, tableNode=None, chartNode=None) -> tuple:
         """Fill a table node with the review (quantity, original, compressed, ratio) and a plot chart with

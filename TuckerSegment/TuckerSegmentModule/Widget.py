@@ -79,6 +79,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.compressButton.connect("clicked(bool)", self.onCompress)
+        self.ui.buildButton.connect("clicked(bool)", self.onBuild)
         self.ui.compressCancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.showStatisticsButton.connect("clicked(bool)", self.onShowStatistics)
         self.ui.addVariantButton.connect("clicked(bool)", self.onAddVariant)
@@ -275,13 +276,15 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = idle and node is not None and not self._missing
         self.ui.applyButton.enabled = ready and node.inputVolume is not None
         self.ui.compressButton.enabled = ready and bool(node.modelFolder) and bool(node.outputParent)
-        self.ui.cancelButton.enabled = not idle and self._jobKind == "segment"
+        self.ui.buildButton.enabled = ready
+        self.ui.cancelButton.enabled = not idle and self._jobKind in ("segment", "build")
         self.ui.compressCancelButton.enabled = not idle and self._jobKind == "compress"
         self.ui.addVariantButton.enabled = idle and self._review is not None
         for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.taskComboBox,
                        self.ui.variantComboBox, self.ui.deviceComboBox, self.ui.structureListWidget,
                        self.ui.runtimeComboBox, self.ui.precisionComboBox,
                        self.ui.clearStructuresButton, self.ui.advancedCollapsibleButton,
+                       self.ui.buildCalibrationSelector, self.ui.buildHoldoutSelector,
                        self.ui.modelFolderPathLineEdit, self.ui.policyComboBox, self.ui.calibrationVolumesSelector,
                        self.ui.outputParentPathLineEdit, self.ui.outputNameLineEdit, self.ui.installButton):
             widget.enabled = idle  # a running job keeps what it started with
@@ -351,6 +354,17 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._review = None
         self._startJob("compress", job)
 
+    def onBuild(self) -> None:
+        node = self._parameterNode
+        try:
+            job = self.logic.startVariantBuild(self.logic.buildTargets(node.task, node.variant),
+                                               calibrationNodes=list(self.ui.buildCalibrationSelector.checkedNodes()),
+                                               holdoutNodes=list(self.ui.buildHoldoutSelector.checkedNodes()))
+        except Exception as error:
+            self._showError(_("The build could not start."), error)
+            return
+        self._startJob("build", job)
+
     def _startJob(self, kind, job) -> None:
         self._job, self._jobKind = job, kind
         self._status(_("Starting..."), 0)
@@ -378,6 +392,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._status(_("Cancelled; nothing was changed."), 0)
             elif self._jobKind == "segment":
                 self._finishSegmentation(job)
+            elif self._jobKind == "build":
+                self._finishBuild(job)
             else:
                 self._finishCompression(job)
         except Exception as error:
@@ -387,7 +403,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
 
     def _status(self, text, fraction=None) -> None:
-        label, bar = ((self.ui.statusLabel, self.ui.progressBar) if self._jobKind == "segment"
+        label, bar = ((self.ui.statusLabel, self.ui.progressBar) if self._jobKind in ("segment", "build")
                       else (self.ui.compressStatusLabel, self.ui.compressProgressBar))
         label.text = text
         if fraction is not None:
@@ -413,6 +429,13 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seconds=job.seconds, model=run["model"], device=run["device"], runtime=run["runtime"],
             count=segmentation.GetSegmentation().GetNumberOfSegments())
         self._status("\n".join([text, self.logic.modelReason, *self.logic.notices]), 1)
+
+    def _finishBuild(self, job) -> None:
+        built = job.outcome()["built"]
+        self._shown = {}  # availability and measured figures changed: refill the task and variant lists
+        self.updateGUIFromParameterNode()
+        self._status(_("Built and measured: {ids}. Auto's choice and its figures are shown under Variant.").format(
+            ids=", ".join(built) or _("nothing new")), 1)
 
     def _finishCompression(self, job) -> None:
         node = self._parameters()

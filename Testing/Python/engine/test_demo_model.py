@@ -97,7 +97,7 @@ def test_segment_with_no_options_on_a_fresh_machine(tmp_path, original):
                              slicerio.get_testdata_file(SAMPLE_CT), str(out)], capture_output=True, text=True,
                             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert "model: demo / chest-demo: CPU" in result.stderr and "fast is not ready here" in result.stderr
+    assert "model: demo / chest-demo-tucker-balanced: CPU" in result.stderr and "fast is not ready here" in result.stderr
     seg = slicerio.read_segmentation(str(out))
     by_name = {s["name"]: s for s in seg["segments"]}
     assert by_name["right lung"]["terminology"]["type"] == ["SCT", "39607008", "Lung"]
@@ -106,7 +106,8 @@ def test_segment_with_no_options_on_a_fresh_machine(tmp_path, original):
     assert by_name["ribs"]["color"] == pytest.approx([253 / 255, 232 / 255, 158 / 255], abs=1e-3)
     assert len(seg["segments"]) == 7
     tags = by_name["tissue"]["tags"]  # provenance on every segment
-    assert tags["TuckerSegment.Model"] == "chest-demo" and tags["TuckerSegment.Policy"] == "original"
+    assert tags["TuckerSegment.Model"] == "chest-demo-tucker-balanced"  # auto: measured faster, Dice within 1 point
+    assert tags["TuckerSegment.Policy"].startswith("BudgetPolicy(")
     assert tags["TuckerSegment.Device"] == "cpu" and float(tags["TuckerSegment.Seconds"]) > 0
     assert tags["TuckerSegment.Runtime"] == "OpenVINO f32 (auto on the CPU)"  # the CLI's default on a CPU
     assert "research use only" in tags["TuckerSegment.Notice"]

@@ -92,7 +92,7 @@ def test_weights_are_discovered_where_totalsegmentator_keeps_them(ts_home, fast_
 
 def test_full_size_297_builds_verifies_and_segments(ts_home, fast_297, capsys):
     shutil.copytree(fast_297, ts_home)
-    assert main(["build-variants", "--variant", "fast-tucker-0.3", "--quiet"]) == 0
+    assert main(["build-variants", "--variant", "fast-tucker-0.3", "--quiet", "--no-measure"]) == 0
     variant = find_variant(catalogue(), "fast-tucker-0.3")
     assert variant.availability == "built"
     manifest = json.loads((variant_dir(variant) / MANIFEST).read_text())
@@ -162,13 +162,13 @@ def test_interrupted_build_is_not_used_and_resumes(ts_home, monkeypatch):
 
     monkeypatch.setattr(variant_build, "compress_model_folder", flaky)
     with pytest.raises(KeyboardInterrupt):
-        variant_build.build_variant(variant)
+        variant_build.build_variant(variant, measure=False)
     assert find_variant(catalogue(), "total-tucker-0.5").availability == "buildable"  # half-built: never used
     assert not (variant_dir(variant) / MANIFEST).exists()
     with pytest.raises(ModelFolderError, match="not .completely. built"):
         variant_build.verify_built(variant)
     messages = []
-    variant_build.build_variant(variant, report=messages.append)
+    variant_build.build_variant(variant, report=messages.append, measure=False)
     assert sum("kept from an earlier" in m for m in messages) == 2  # the two finished models were reused
     assert calls[3:] == [m.dataset for m in tasks()["total"].models[2:]]
     built = find_variant(catalogue(), "total-tucker-0.5")
@@ -212,7 +212,7 @@ def test_totalsegmentator_download_is_used_when_installed(ts_home, tmp_path, mon
     monkeypatch.setenv("FAKE_DOWNLOAD_TO", str(ts_home))
     try:
         assert find_variant(catalogue(), "fast-tucker-0.5").availability == "buildable"
-        variant_build.build_variant(find_variant(catalogue(), "fast-tucker-0.5"))
+        variant_build.build_variant(find_variant(catalogue(), "fast-tucker-0.5"), measure=False)
         import totalsegmentator.libs as fake
         assert fake.calls == [297]
         assert find_variant(catalogue(), "fast-tucker-0.5").availability == "built"
@@ -225,17 +225,20 @@ def test_variants_json_lists_every_entry_and_the_auto_choice(ts_home, capsys):
     assert main(["variants", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     rows = {row["id"]: row for row in listing["variants"]}
-    assert len(rows) == len(load_catalogue()) == 16
+    assert len(rows) == len(load_catalogue()) == 24
     for row in rows.values():
         assert set(row) >= {"id", "task", "policy", "availability", "params", "flops"}
         assert row["availability"] in ("bundled", "built", "buildable", "missing")
     assert rows["fast"]["policy"] == "original" and rows["fast-tucker-0.7"]["policy"]["params"]["factor"] == 0.7
     assert rows["chest-demo"]["availability"] == "bundled" and rows["total"]["availability"] == "missing"
-    assert listing["auto"]["id"] == "chest-demo" and listing["auto"]["device"] == "cpu"
-    assert listing["auto"]["reason"].startswith("demo / chest-demo: CPU")
+    assert listing["auto"]["id"] == "chest-demo-tucker-balanced" and listing["auto"]["device"] == "cpu"
+    assert listing["auto"]["reason"].startswith("demo / chest-demo-tucker-balanced: CPU")
+    assert rows["chest-demo-tucker-balanced"]["auto_eligible"] and not rows["chest-demo-tucker-fast"]["auto_eligible"]
+    assert rows["fast-tucker-balanced"]["params"] is None and rows["fast-tucker-balanced"]["measured"] is None
     assert main(["variants"]) == 0
     text = capsys.readouterr().out
-    assert "auto: chest-demo: demo / chest-demo: CPU" in text and "fast-tucker-0.3" in text
+    assert "auto: chest-demo-tucker-balanced: demo / chest-demo-tucker-balanced: CPU" in text
+    assert "fast-tucker-0.3" in text and "fast-tucker-balanced" in text
 
 
 def test_standard_volume_memory_grows_with_outputs_and_spacing():
@@ -252,12 +255,13 @@ def test_standard_volume_memory_grows_with_outputs_and_spacing():
 def test_build_variants_cli_builds_what_the_found_weights_allow(ts_home, tmp_path, capsys):
     elsewhere = tmp_path / "weights"
     write_totalsegmentator_task(elsewhere, "fast", divisor=8)
-    assert main(["build-variants", "--ts-weights", str(elsewhere), "--quiet"]) == 0
+    assert main(["build-variants", "--ts-weights", str(elsewhere), "--variant", "fast-tucker-0.7", "fast-tucker-0.3",
+                 "--no-measure", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "fast-tucker-0.7: built in" in out and "fast-tucker-0.3: built in" in out
-    assert "total-tucker-0.7: skipped, no TotalSegmentator weights found" in out
+    assert "not measured on this machine" in out and "auto will not choose it" in out
     availability = {v.id: v.availability for v in catalogue()}
-    assert [availability[f"fast-tucker-{f}"] for f in (0.7, 0.5, 0.3)] == ["built"] * 3
+    assert [availability[f"fast-tucker-{f}"] for f in (0.7, 0.5, 0.3)] == ["built", "missing", "built"]
     assert availability["fast"] == "missing"  # the original stays where it was, outside the default folders
     assert main(["build-variants", "--task", "total"]) == 2
     assert "nothing to build: no TotalSegmentator weights found" in capsys.readouterr().err

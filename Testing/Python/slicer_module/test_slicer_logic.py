@@ -94,7 +94,7 @@ def test_segments_the_loaded_ct_into_named_coloured_coded_segments(logic, scene,
     study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient"), "Study")
     hierarchy.CreateItem(study, ct_node)
     messages = []
-    node = logic.segment(ct_node, progress=lambda f, m: messages.append((f, m)))
+    node = logic.segment(ct_node, model="chest-demo", progress=lambda f, m: messages.append((f, m)))
     assert node.GetName() == "CT segmentation" and node.GetDisplayNode() is not None
     assert "chest-demo" in logic.modelReason
     segments = segments_by_name(node)
@@ -242,7 +242,7 @@ def test_cancel_and_errors_midway_leave_the_scene_as_it_was(logic, scene, ct_nod
 
 
 def test_saved_seg_nrrd_reads_back_with_slicerio(logic, scene, ct_node, tmp_path):
-    node = logic.segment(ct_node)
+    node = logic.segment(ct_node, model="chest-demo")
     path = logic.saveSegmentation(node, tmp_path / "chest.seg.nrrd")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.seg.nrrd", "slicer_home"]  # no temporary file left
     seg = slicerio.read_segmentation(str(path))

@@ -34,7 +34,9 @@ DEMO_STRUCTURES = ["ribs", "cervical vertebral column", "thoracic vertebral colu
 def test_background_segmentation_equals_the_direct_one_and_cancel_or_removal_change_nothing(logic, scene, ct_node):
     direct = logic.segment(ct_node, task="demo", device="cpu")
     expected = {name: segment.GetLabelValue() for name, segment in segments_by_name(direct).items()}
-    reference = Segmenter(DEMO_SOURCE, device="cpu").segment(read_volume(CT_PATH)).labels
+    from TuckerSegmentLib.variants.choice import choose_model
+    auto = choose_model("auto", task="demo", device="cpu").folders[0]  # what task="demo" runs here
+    reference = Segmenter(auto, device="cpu").segment(read_volume(CT_PATH)).labels
     job = logic.startSegmentation(ct_node, task="demo", device="cpu", tileStep=0.8)
     assert job.wait(300) == DONE, job.error
     assert np.array_equal(job.labels, reference)  # the same engine result as a direct run
@@ -65,10 +67,10 @@ def test_task_variant_and_structure_choices(logic):
     assert list(tasks)[:1] == ["auto"] and {"total", "fast", "fastest", "demo"} <= set(tasks)
     assert "not installed" in tasks["total"].label and "ready" in tasks["demo"].label
     variants = logic.variantChoices("demo", "cpu")
-    assert variants[0].key == "auto" and variants[0].label == "Auto: chest-demo"
-    assert "CPU" in variants[0].tooltip and "original" in variants[0].tooltip
-    assert [v.key for v in variants[1:]] == ["chest-demo", "chest-demo-tucker-0.7", "chest-demo-tucker-0.5",
-                                             "chest-demo-tucker-0.3"]
+    assert variants[0].key == "auto" and variants[0].label == "Auto: chest-demo-tucker-balanced"
+    assert "CPU" in variants[0].tooltip and "faster than the original (measured" in variants[0].tooltip
+    assert [v.key for v in variants[1:]] == ["chest-demo", "chest-demo-tucker-balanced", "chest-demo-tucker-fast",
+                                             "chest-demo-tucker-0.7", "chest-demo-tucker-0.5", "chest-demo-tucker-0.3"]
     assert logic.variantChoices("fast", "cpu")[0].label == "Auto: nothing ready"
     assert logic.structureNames("demo", "auto", "cpu") == DEMO_STRUCTURES
     assert logic.structureNames("demo", "chest-demo-tucker-0.5", "cpu") == DEMO_STRUCTURES

@@ -129,27 +129,34 @@ def test_a_console_batch_over_three_volumes_loads_the_model_once(worker, scene, 
     assert len(node_ids(scene)) == len(ids) + 3 * 2  # a segmentation and its display node per volume
 
 
-def test_variant_builds_run_in_the_worker(tmp_path, monkeypatch):
+def test_variant_builds_run_in_the_worker_calibrated_and_measured_on_scene_volumes(tmp_path, monkeypatch, ct_node):
     from TuckerSegmentLib.testing.example_models import write_totalsegmentator_task
-    from TuckerSegmentLib.variants.catalogue import catalogue
+    from TuckerSegmentLib.variants.catalogue import catalogue, find_variant
     from TuckerSegmentLib.worker.process import SubprocessChild
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
     monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))  # the worker starts with this environment
     weights = tmp_path / "weights"
-    write_totalsegmentator_task(weights, "fast", divisor=8)
+    write_totalsegmentator_task(weights, "fastest", divisor=8)
     logic = TuckerSegment.TuckerSegmentLogic(childFactory=SubprocessChild)
     try:
         with pytest.raises(TuckerSegmentError, match="^choose the variants to build"):
             logic.startVariantBuild([])
-        job = logic.startVariantBuild(["fast-tucker-9"], weightsFolder=weights)
-        assert job.wait(120) == FAILED and "fast-tucker-9" in str(job.error)
-        job, messages = logic.startVariantBuild(["fast-tucker-0.5"], weightsFolder=weights), []
+        with pytest.raises(TuckerSegmentError, match="^choose calibration volumes too"):
+            logic.startVariantBuild(["fastest-tucker-0.5"], holdoutNodes=[ct_node])
+        job = logic.startVariantBuild(["fastest-tucker-9"], weightsFolder=weights)
+        assert job.wait(120) == FAILED and "fastest-tucker-9" in str(job.error)
+        job = logic.startVariantBuild(["fastest-tucker-0.5"], weightsFolder=weights, calibrationNodes=[ct_node])
+        messages = []
         job.on_progress = lambda fraction, message: messages.append(message)
         poll(job, lambda: None)
         assert job.state == DONE, job.error
-        built = Path(job.outcome()["built"]["fast-tucker-0.5"])
-        assert built.is_relative_to(tmp_path / "cache") and messages[0] == "building fast-tucker-0.5"
-        assert {v.id: v.availability for v in catalogue(weights_roots=[weights])}["fast-tucker-0.5"] == "built"
+        built = Path(job.outcome()["built"]["fastest-tucker-0.5"])
+        assert built.is_relative_to(tmp_path / "cache") and messages[0] == "building fastest-tucker-0.5"
+        variant = find_variant(catalogue(weights_roots=[weights]), "fastest-tucker-0.5")
+        assert variant.availability == "built"
+        assert variant.measured["how"] == "held-out blocks of 1 of your CTs (calibrated on the other blocks)"
+        assert 0 <= variant.measured["mean_agreement"] <= 1 and variant.measured["speedup"] > 0
+        assert any(m.startswith("measuring on CT (1/1)") for m in messages)
     finally:
         logic.shutdownWorker()

@@ -2,8 +2,15 @@
 
 A build is resumable and never half-used: each model of a variant is compressed atomically into
 ``<cache>/variants/<id>/<dataset>`` (a model already there from an interrupted build is kept when its
-source checksum and files still match), and the manifest ``variant.json``, which records the sha256
-of every built file, is written last. Without a manifest a variant is not available.
+source checksum, calibration and files still match), then the variant is measured against its
+original on this machine (``measure.py``), and the manifest ``variant.json``, which records the sha256
+of every built file, the calibration and the measurement, is written last. Without a manifest a
+variant is not available.
+
+Compression is activation-aware, calibrated on the user's CTs (or the bundled sample CT) as
+``measure.plan_measurement`` splits them; the paper's uniform rule is built as published (weight-only).
+A built variant whose measurement is missing, or was taken with another runtime, device or engine
+version, is measured again (on the CTs recorded in its manifest) instead of rebuilt.
 """
 from __future__ import annotations
 
@@ -20,9 +27,13 @@ from ..nnunet.checkpoint import sha256_file
 from ..nnunet.layout import CHECKPOINT_NAME, TUCKER_JSON, fold_dir_name
 from ..policies.methods import policy_from_dict
 from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
+from .hardware import DeviceInfo, detect_devices
+from .measure import MeasurementPlan, measure_variant, plan_measurement, replan
+from .measured import changed
 from .totalsegmentator import download_task, find_task, weights_dirs
 
 Report = Callable[[str], None]
+BUILD_RECORD = "build_calibration.json"  # beside a built model: the calibration it was built with
 
 
 def _files(folder: Path) -> dict[str, dict[str, Any]]:
@@ -56,55 +67,108 @@ def check_source(folder: Path, fold: int, expected_sha256: str | None) -> str:
     return digest
 
 
-def _reusable(target: Path, source_sha256: str) -> bool:
-    """A model folder left by an interrupted build that is complete and was made from the same source."""
+def _reusable(target: Path, source_sha256: str, calibration: dict[str, Any]) -> bool:
+    """A model folder left by an interrupted build that is complete and was made from the same source
+    with the same calibration."""
     try:
         record = json.loads(next(target.glob(f"fold_*/{TUCKER_JSON}")).read_text())
+        built_with = json.loads((target / BUILD_RECORD).read_text())
     except (StopIteration, OSError, json.JSONDecodeError):
         return False
     weights = target / f"fold_{record.get('fold')}" / str(record.get("weights"))
-    return record["source"]["sha256"] == source_sha256 and weights.is_file() and \
-        sha256_file(weights) == record.get("weights_sha256")
+    return record["source"]["sha256"] == source_sha256 and built_with == calibration and \
+        weights.is_file() and sha256_file(weights) == record.get("weights_sha256")
+
+
+def weight_only(variant: Variant) -> bool:
+    """The paper's uniform rule is built as published: ranks and factors from the weights alone."""
+    return isinstance(variant.policy, dict) and variant.policy.get("name") == "uniform"
 
 
 def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cache: Path | None = None,
-                  report: Report | None = None, download: bool = True) -> Path:
-    """Build ``variant`` (a compressed TotalSegmentator entry) into the cache; return its folder."""
+                  report: Report | None = None, download: bool = True, plan: MeasurementPlan | None = None,
+                  device: DeviceInfo | None = None, measure: bool = True) -> Path:
+    """Build ``variant`` (a compressed TotalSegmentator entry) into the cache, calibrated and scored as
+    ``plan`` says (default: the plan it was built with, or the bundled sample CT's blocks), measured on
+    ``device`` (default: the one ``auto`` prefers) unless ``measure`` is False; return its folder."""
     say = report or (lambda message: None)
     if variant.original:
         raise ModelFolderError(f"{variant.id} is an original model: nothing to compress (its weights are used as "
                                "TotalSegmentator installed them)")
-    if read_manifest(variant, cache) is not None:
-        say(f"{variant.id}: already built")
+    device = device or detect_devices()[0]
+    manifest = read_manifest(variant, cache)
+    recorded = (manifest or {}).get("calibration") or {}
+    if manifest is not None and (plan is None or _calibration_record(variant, plan) == recorded):
+        measurement = manifest.get("measurement")
+        if not measure or measurement is not None and changed(measurement, device) is None:
+            say(f"{variant.id}: already built" + (" and measured" if measurement else ""))
+            return variant_dir(variant, cache)
+        say(f"{variant.id}: built; measuring " + (f"again ({changed(measurement, device)})" if measurement else "it"))
+        _write_manifest(variant, cache, {**manifest, "measurement": _measure(variant, manifest, plan or replan(recorded),
+                                                                             device, cache, say)})
         return variant_dir(variant, cache)
+    plan = plan or plan_measurement()
     task = task_of(variant)
     assert task is not None
     sources = source_folders(variant, weights_roots, download)
     known = variant.source.get("sha256") or {}
     folder = variant_dir(variant, cache)
     folder.mkdir(parents=True, exist_ok=True)
-    policy = policy_from_dict(variant.policy)
+    (folder / MANIFEST).unlink(missing_ok=True)  # rebuilt with new calibration: not available until complete
+    params = variant.policy.get("params", {})
+    # a latency target is timed on the device the variant is measured on (and will run on)
+    policy = policy_from_dict({**variant.policy, "params": {**params, "device": device.torch_device}}
+                              if "device" in params else variant.policy)
+    calibration_record = _calibration_record(variant, plan)
     models = []
     for index, (model, source) in enumerate(zip(task.models, sources, strict=True)):
         prefix = f"{variant.id} [{index + 1}/{len(task.models)}] {model.dataset}"
         say(f"{prefix}: checking source weights in {source}")
         digest = check_source(source, model.fold, known.get(model.dataset))
         target = folder / model.dataset
-        if _reusable(target, digest):
+        if _reusable(target, digest, calibration_record):
             say(f"{prefix}: kept from an earlier, interrupted build")
         else:
-            say(f"{prefix}: compressing ({policy!r})")
-            compress_model_folder(source, target, policy, folds=(model.fold,), overwrite=True)
+            say(f"{prefix}: compressing ({policy!r}, " + ("weight-only, as the paper" if weight_only(variant)
+                                                          else f"calibrated on {plan.calibrated_on}") + ")")
+            compress_model_folder(source, target, policy, folds=(model.fold,), overwrite=True,
+                                  calibration=None if weight_only(variant) else plan.calibration,
+                                  weight_only=weight_only(variant))
+            with atomic_output_file(target / BUILD_RECORD) as staging:
+                staging.write_text(json.dumps(calibration_record))
         built = describe_model(target)  # the real figures of these weights' plans (the catalogue's may be assumed)
         models.append({"dataset": model.dataset, "folder": model.dataset, "source": str(source),
                        "source_sha256": digest, "params": built["params"], "flops": built["flops"],
-                       "files": _files(target)})
+                       "weights_bytes": built["weights_bytes"], "files": _files(target)})
     manifest = {"id": variant.id, "task": variant.task, "policy": variant.policy, "tuckersegment_version": __version__,
-                "models": models}
-    with atomic_output_file(folder / MANIFEST) as staging:
-        staging.write_text(json.dumps(manifest, indent=1))
+                "calibration": calibration_record, "models": models}
+    if measure:
+        manifest["measurement"] = _measure(variant, manifest, plan, device, cache, say)
+    _write_manifest(variant, cache, manifest)
     say(f"{variant.id}: built in {folder}")
     return folder
+
+
+def _calibration_record(variant: Variant, plan: MeasurementPlan) -> dict[str, Any]:
+    return {**plan.record, "weight_only": weight_only(variant)}
+
+
+def _measure(variant: Variant, manifest: dict[str, Any], plan: MeasurementPlan, device: DeviceInfo,
+             cache: Path | None, say: Report) -> dict[str, Any]:
+    task = task_of(variant)
+    assert task is not None
+    folder = variant_dir(variant, cache)
+    measurement = measure_variant([Path(m["source"]) for m in manifest["models"]],
+                                  [folder / m["folder"] for m in manifest["models"]], plan.scored, device, plan.how,
+                                  task.label_maps(), say=say)
+    say(f"{variant.id}: agreement {measurement['mean_agreement']} on {plan.how}; {measurement['speedup']:.2f}x the "
+        f"original's speed, {measurement['seconds']:.1f} s per volume ({measurement['context']['runtime']})")
+    return measurement
+
+
+def _write_manifest(variant: Variant, cache: Path | None, manifest: dict[str, Any]) -> None:
+    with atomic_output_file(variant_dir(variant, cache) / MANIFEST) as staging:
+        staging.write_text(json.dumps(manifest, indent=1))
 
 
 def verify_built(variant: Variant, cache: Path | None = None) -> None:

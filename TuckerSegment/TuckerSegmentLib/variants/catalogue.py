@@ -1,8 +1,11 @@
 """The variants catalogue (``Resources/variants.json``): every model TuckerSegment can run, by task.
 
 Each entry says what it is (task, source weights, policy), what it costs (params, FLOPs per patch,
-weight bytes, peak memory, relative speed per device class) and how good it is (published, measured
-here, or unmeasured). ``with_availability`` adds where it stands on this machine:
+weight bytes, peak memory, relative speed per device class; a latency-target variant's size is known
+only once built on the machine it targets) and how good it is (published, measured here, or
+unmeasured). ``measured`` holds a measurement against the original (``measure.py``): the bundled demo
+variants carry this project's; a built variant carries the one its build took on the user's machine.
+``with_availability`` adds where it stands on this machine:
 
 - ``bundled``: shipped in ``Resources/Models`` (the demo model and its variants);
 - ``built``: ready on this machine: a TotalSegmentator original in its weights folder, or a
@@ -39,13 +42,14 @@ class Variant:
     source: dict[str, Any]
     spacing_mm: float
     outputs: int  # largest number of network outputs among the task's models
-    params: int
-    flops: int
-    weights_bytes: int
+    params: int | None  # None: depends on the machine (latency targets), known once built
+    flops: int | None
+    weights_bytes: int | None
     peak_memory: dict[str, Any]
     quality: dict[str, Any]
     speed: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    measured: dict[str, Any] | None = None
     availability: str = "missing"
     folders: tuple[Path, ...] = ()
     detail: str = ""
@@ -144,8 +148,11 @@ def with_availability(variant: Variant, weights_roots: list[Path] | None = None,
         manifest = read_manifest(variant, cache)
         if manifest is not None:
             folder = variant_dir(variant, cache)
-            return replace(variant, availability="built", folders=tuple(folder / m["folder"] for m in manifest["models"]),
-                           detail=str(folder))
+            models = manifest["models"]
+            return replace(variant, availability="built", folders=tuple(folder / m["folder"] for m in models),
+                           detail=str(folder), measured=manifest.get("measurement"),
+                           **{key: sum(m[key] for m in models) if all(key in m for m in models) else getattr(variant, key)
+                              for key in ("params", "flops", "weights_bytes")})
     if sources is not None:
         return replace(variant, availability="buildable",
                        detail=f"run: tuckersegment build-variants --variant {variant.id}")

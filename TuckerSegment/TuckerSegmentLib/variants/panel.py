@@ -78,6 +78,22 @@ def variant_choices(task: str, variants: Sequence[Variant], devices: Sequence[De
                     for v in variants if task in (AUTO, v.task))]
 
 
+def build_targets(task: str, variant: str, variants: Sequence[Variant]) -> list[str]:
+    """The catalogue variants "Build and measure" builds for a panel choice: the chosen compressed variant,
+    or with Auto the task's default-policy variants (balanced and fast) whose weights are here."""
+    chosen = next((v for v in variants if v.id == variant), None)
+    if chosen is not None and not chosen.original and not chosen.bundled:
+        return [chosen.id]
+    name = task if chosen is None else chosen.task
+    defaults = [v for v in variants if (name == AUTO or v.task == name) and not v.bundled and not v.original
+                and isinstance(v.policy, dict) and v.policy.get("name") == "budget"
+                and v.availability in ("buildable", "built")]
+    if task.startswith(FOLDER) or task == "demo" or not defaults:
+        raise TuckerSegmentError("choose a TotalSegmentator task whose weights are installed (or a compressed variant "
+                                 "of it): the bundled demo and your own models are not built here")
+    return [v.id for v in defaults]
+
+
 def model_and_task(task: str, variant: str) -> tuple[str, str]:
     """The Logic's (``model``, ``task``) for a panel choice."""
     if task.startswith(FOLDER):

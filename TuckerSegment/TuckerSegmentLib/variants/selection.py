@@ -1,21 +1,30 @@
 """Which variant runs where: a pure function of (catalogue, devices, task, user preference).
 
-Rule: among the task's ready variants whose quality loss (published or measured) is within the
-limit (default 1 Dice point; an unmeasured variant is never chosen automatically), those whose peak
-memory fits the device's free memory with a margin; of those, the fastest expected on this device
-class (relative times from the catalogue; with no timing for the class a variant counts as fast as
-the original, so ties go to the better quality). Devices are tried in order (GPUs first, the CPU
-last), so a model too big for the GPU runs on the CPU, and the reason says so.
+Rule: among the task's ready variants, the original and the compressed ones whose measurement
+passes (``agreement.verdict``: mean agreement with the original >= 0.97 and every structure with
+>= 1000 voxels >= 0.90; for the bundled demo, whose measurement has reference labels, the ground
+truth decides instead, ``agreement.ground_truth_verdict``: held-out Dice loss within the limit,
+default 1 point, and no structure with >= 1000 voxels losing more than 10 points), those whose peak memory fits the device's free memory
+with a margin; of those, the fastest expected on this device (the measured speed-up, else the
+catalogue's relative time for the device class; with neither a variant counts as fast as the
+original, so ties go to the original). A published figure alone (the paper's uniform variants) or a
+measurement taken with another runtime, device or engine version (``measured.changed``) never
+qualifies a compressed variant. Devices are tried in order (GPUs first, the CPU last), so a model too
+big for the GPU runs on the CPU, and the reason says so.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import Any
+
 from ..dependencies import openvino_missing
 from ..errors import ModelFolderError
+from .agreement import ground_truth_verdict, verdict
 from .catalogue import READY, Variant
 from .hardware import GB, DeviceInfo
+from .measured import changed
 
 DICE_LIMIT = 0.01
 MEMORY_MARGIN = 0.15  # keep this fraction of the free memory unused
@@ -38,12 +47,49 @@ def device_class(device: DeviceInfo, classes: Sequence[str]) -> str | None:
     return next((c for c in classes if c not in ("cpu", "mps") and c.lower() in name), None)
 
 
+def measurement(variant: Variant, device: DeviceInfo) -> tuple[dict[str, Any] | None, str]:
+    """The variant's measurement against its original that holds on ``device``, or None and why not."""
+    found = variant.measured
+    if found is None:
+        how = "only a published figure" if variant.quality.get("kind") == "published" else "unmeasured"
+        if variant.availability == "built":
+            how += f"; run: tuckersegment build-variants --variant {variant.id}"
+        return None, f"not measured on this machine ({how})"
+    change = None if variant.bundled else changed(found, device)
+    if change is not None:
+        return None, (f"measured with another setup ({change}): run tuckersegment build-variants --variant "
+                      f"{variant.id} to measure it again")
+    return found, ""
+
+
+def qualifies(variant: Variant, device: DeviceInfo, dice_limit: float = DICE_LIMIT) -> tuple[bool, str]:
+    """Whether ``auto`` may choose ``variant`` on ``device`` for its quality, and the figures or why not."""
+    if variant.original:
+        return True, ""
+    found, why = measurement(variant, device)
+    if found is None:
+        return False, why
+    reference = variant.quality.get("structures") if variant.quality.get("kind") == "measured" else None
+    if reference:  # ground truth decides where it exists; the agreement is shown beside it
+        ok, truth = ground_truth_verdict(reference, dice_limit)
+        return ok, f"{truth}; agreement with the original {found['mean_agreement']:.3f}; on {found['how']}"
+    agrees, text = verdict(found["structures"])
+    return agrees, f"{text} on {found['how']}"
+
+
 def expected_time(variant: Variant, device: DeviceInfo) -> tuple[float | None, str | None]:
-    """Time relative to the original on ``device``'s class, and where the figure comes from (None: unknown,
-    also for a CPU time measured in OpenVINO where OpenVINO is missing: PyTorch would run it, and a
-    factorisation that pays in one runtime can cost in another)."""
+    """Time relative to the original on ``device``, and where the figure comes from: the variant's
+    measurement when it holds here, else the catalogue's time for the device class (None: unknown, also
+    for a time measured in OpenVINO where OpenVINO is missing: PyTorch would run it, and a factorisation
+    that pays in one runtime can cost in another)."""
     if variant.original:
         return 1.0, None
+    found, _ = measurement(variant, device)
+    if found is not None and found.get("speedup") and found.get("device_kind") == device.kind:
+        context = found["context"]
+        if not (str(context["runtime"]).startswith("OpenVINO") and openvino_missing()):
+            where = f"on {context['device']}" if variant.bundled else "here"
+            return 1 / float(found["speedup"]), f"measured {where} in {context['runtime']}"
     cls = device_class(device, list(variant.speed))
     entry = variant.speed.get(cls) if cls else None
     if entry and cls == "cpu" and str(entry.get("runtime", "")).startswith("OpenVINO") and openvino_missing():
@@ -61,22 +107,18 @@ def _speed_text(variant: Variant, device: DeviceInfo) -> str:
     time, source = expected_time(variant, device)
     where = "on this CPU class" if device.kind == "cpu" else f"on this class of {device.kind.upper()} device"
     if variant.original:
-        return "the original (no ready variant within the quality limit is expected to run faster here)"
+        return "the original (no ready variant whose measured agreement passes is expected to run faster here)"
     if time is None:
         return f"no timing {where}; chosen for memory"
     pace = f"{1 / time:.2f}x faster than the original" if time < 1 else f"{time:.2f}x the original's time"
-    return f"{pace} {where} ({source})"
+    return f"{pace} ({source})" if source and source.startswith("measured") else f"{pace} {where} ({source})"
 
 
-def _quality_text(variant: Variant, dice_limit: float) -> str:
-    loss = variant.dice_loss()
+def _quality_text(variant: Variant, device: DeviceInfo, dice_limit: float) -> str:
     if variant.original:
         return ""
-    if loss is None:
-        return "; quality UNMEASURED"
-    kind = variant.quality.get("kind", "measured")
-    note = f"; {kind} Dice loss {100 * loss:.1f} points"
-    return note + (f" (over the {100 * dice_limit:.0f}-point limit)" if loss > dice_limit + 1e-9 else "")
+    ok, text = qualifies(variant, device, dice_limit)
+    return f"; {text}" if ok else f"; quality NOT within auto's limits: {text}"
 
 
 def select_variant(variants: Sequence[Variant], devices: Sequence[DeviceInfo], task: str,
@@ -101,50 +143,52 @@ def select_variant(variants: Sequence[Variant], devices: Sequence[DeviceInfo], t
         ok, need, how = fits(chosen, device, voxels)
         memory = "" if ok or need is None else f"; WARNING: needs {need / GB:.1f} GiB, {device.free_bytes / GB:.1f} GiB free"
         return Selection(chosen, device, f"{task} / {chosen.id}: chosen by the user, on {device.name}"
-                                         f"{_quality_text(chosen, dice_limit)}{memory}")
+                                         f"{_quality_text(chosen, device, dice_limit)}{memory}")
     ready = [v for v in mine if v.availability in READY]
     if not ready:
         hints = "; ".join(f"{v.id}: {v.availability} ({v.detail})" for v in mine)
         raise ModelFolderError(f"no model of task {task!r} is ready on this machine: {hints}")
-    good = [v for v in ready if (loss := v.dice_loss()) is not None and loss <= dice_limit + 1e-9]
-    notes = []
+    notes, skipped = [], set()
     for device in devices:
+        good = [v for v in ready if qualifies(v, device, dice_limit)[0]]
+        skipped |= {v.id for v in ready if v not in good}
         checked = [(variant, *fits(variant, device, voxels)) for variant in good]
-        candidates = [(expected_time(variant, device)[0] or 1.0, variant.dice_loss(), not variant.original,
-                       variant, need, how) for variant, ok, need, how in checked if ok]
+        candidates = [(expected_time(variant, device)[0] or 1.0, not variant.original, variant, need, how)
+                      for variant, ok, need, how in checked if ok]
         if not candidates:
             needs = [need for _, _, need, _ in checked if need is not None]
             smallest = f"the smallest needs {min(needs) / GB:.1f} GiB" if needs else "no memory figure"
             notes.append(f"{device.name}: nothing fits in {device.free_bytes / GB:.1f} GiB free with a "
                          f"{MEMORY_MARGIN:.0%} margin ({smallest})")
             continue
-        *_, best, need, how = min(candidates, key=lambda c: c[:3])  # fastest, then best Dice, then the original
+        *_, best, need, how = min(candidates, key=lambda c: c[:2])  # fastest, then the original
         note = f" [{'; '.join(notes)}]" if notes else ""
         need_text = f"needs {need / GB:.1f} GiB ({how})"
         return Selection(best, device, f"{task} / {best.id}: {device.name}, {device.free_bytes / GB:.1f} GiB free, "
                                        f"{need_text}; {_speed_text(best, device)}"
-                                       f"{_quality_text(best, dice_limit)}{note}")
-    skipped = [v.id for v in ready if v not in good]
+                                       f"{_quality_text(best, device, dice_limit)}{note}")
     raise ModelFolderError(f"no ready {task} model fits in free memory: {'; '.join(notes)}"
-                           + (f" (not considered for quality: {', '.join(skipped)})" if skipped else "")
+                           + (f" (not considered for quality: {', '.join(sorted(skipped))})" if skipped else "")
                            + "; close other programs, choose a lighter task (fastest) or a structure subset")
 
 
 def fallback_chain(selection: Selection, variants: Sequence[Variant], devices: Sequence[DeviceInfo],
                    dice_limit: float = DICE_LIMIT) -> list[Selection]:
     """What to try when ``selection`` runs out of GPU memory: smaller ready variants of the task on the same
-    GPU (measured quality only, next smaller first), then the best choice on the CPU."""
+    GPU (those whose measurement qualifies, next smaller first), then the best choice on the CPU."""
     chain = [selection]
     device = selection.device
     if device.kind == "cpu":
         return chain
     current = selection.variant.memory_bytes(device.kind)[0]
     smaller = [v for v in variants if v.task == selection.variant.task and v.availability in READY
-               and v.dice_loss() is not None and (m := v.memory_bytes(device.kind)[0]) is not None
+               and qualifies(v, device, dice_limit)[0] and (m := v.memory_bytes(device.kind)[0]) is not None
                and current is not None and m < current]
-    for variant in sorted(smaller, key=lambda v: -v.memory_bytes(device.kind)[0]):
+    for variant in sorted(smaller, key=lambda v: (-v.memory_bytes(device.kind)[0], not v.original)):
+        if chain[-1].variant.memory_bytes(device.kind)[0] == variant.memory_bytes(device.kind)[0]:
+            continue  # no smaller than the one before: it would run out of memory too
         chain.append(Selection(variant, device, f"{variant.task} / {variant.id}: next smaller variant on {device.name} "
-                                                f"after running out of GPU memory{_quality_text(variant, dice_limit)}"))
+                                                f"after running out of GPU memory{_quality_text(variant, device, dice_limit)}"))
     cpus = [d for d in devices if d.kind == "cpu"]
     try:
         cpu = select_variant(variants, cpus, selection.variant.task, dice_limit=dice_limit) if cpus else None

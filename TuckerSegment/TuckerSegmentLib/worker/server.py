@@ -169,21 +169,26 @@ class Worker:
         return review.to_json()
 
     def build(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Build the catalogue variants ``args["variants"]`` (ids) into the user cache."""
+        """Build the catalogue variants ``args["variants"]`` (ids) into the user cache, calibrated on
+        ``args["calibration"]`` and scored on ``args["holdout"]`` (saved scene volumes, by name), measured."""
         from ..variants.build import build_variant
         from ..variants.catalogue import catalogue, find_variant
+        from ..variants.measure import plan_measurement
         roots = [Path(args["weights"])] if args.get("weights") else None
         variants = catalogue(weights_roots=roots)
         chosen = [find_variant(variants, v) for v in args.get("variants", [])]
         if not chosen:
             raise TuckerSegmentError("name the variants to build (ids from `tuckersegment variants`)")
+        scene = {role: [(name, Volume(*load_volume(path))) for name, path in args.get(role) or []]
+                 for role in ("calibration", "holdout")}
+        plan = plan_measurement(scene["calibration"], scene["holdout"]) if scene["calibration"] else None
         built = {}
         for index, variant in enumerate(chosen):
             at = index / len(chosen)
             progress(at, f"building {variant.id}")
             if variant.original or variant.bundled:
                 continue
-            built[variant.id] = str(build_variant(variant, weights_roots=roots,
+            built[variant.id] = str(build_variant(variant, weights_roots=roots, plan=plan,
                                                   report=lambda message, at=at: progress(at, message)))
         return {"built": built}
 
