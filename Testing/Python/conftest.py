@@ -69,6 +69,15 @@ def tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture
+def ts_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty TotalSegmentator home and build cache for one test; returns its nnU-Net results folder."""
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "totalseg" / "nnunet" / "results"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small PlainConvUNet (8-16-32 features, 3 foreground classes), nnU-Net checkpoint, folds 0 and 1."""

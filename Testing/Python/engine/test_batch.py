@@ -67,6 +67,6 @@ def test_cli_stops_a_batch_when_memory_runs_out_and_writes_nothing_more(tmp_path
     out = tmp_path / "out"
     assert main(["segment", str(ct), str(other), str(out), "--task", "demo", "--device", "cpu", "--quiet"]) == 2
     error = capsys.readouterr().err
-    assert "ct.nii.gz: chest-demo needs about" in error and "too little even in slabs" in error
+    assert "ct.nii.gz: chest-demo-tucker-balanced needs about" in error and "too little even in slabs" in error
     assert "batch stopped after 0 of 2 inputs" in error
     assert not out.exists() or list(out.iterdir()) == []

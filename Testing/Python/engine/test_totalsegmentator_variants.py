@@ -28,15 +28,6 @@ from TuckerSegmentLib.variants.totalsegmentator import find_task, tasks, weights
 CPU = DeviceInfo("cpu", "CPU", 32 * GB, 16 * GB, cores=2)
 
 
-@pytest.fixture
-def ts_home(tmp_path, monkeypatch) -> Path:
-    """An empty TotalSegmentator home and build cache for this test only."""
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
-    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "totalseg" / "nnunet" / "results"
-
-
 @pytest.fixture(scope="module")
 def fast_297(tmp_path_factory) -> Path:
     """A full-size Dataset297 (TotalSegmentator 3 mm) results folder, random weights."""

@@ -27,14 +27,6 @@ from TuckerSegmentLib.variants.selection import qualifies, select_variant
 CPU = DeviceInfo("cpu", "CPU", 32 * GB, 16 * GB, cores=2)
 
 
-@pytest.fixture
-def ts_home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
-    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "totalseg" / "nnunet" / "results"
-
-
 def write_part(path: Path, k: slice) -> Path:
     """Slices ``k`` of the sample chest CT (its geometry kept) as a CT file."""
     ct = chest_sample().ct
