@@ -4,8 +4,8 @@ Rule: among the task's ready variants, the original and the compressed ones whos
 passes (``agreement.verdict``: mean agreement with the original >= 0.97 and every structure with
 >= 1000 voxels >= 0.90; for the bundled demo, whose measurement has reference labels, the ground
 truth decides instead, ``agreement.ground_truth_verdict``: held-out Dice loss within the limit,
-default 1 point, and no structure with >= 1000 voxels losing more than 10 points), those whose peak memory fits the device's free memory
-with a margin; of those, the fastest expected on this device (the measured speed-up, else the
+default 1 point, and no structure with >= 1000 voxels losing more than 10 points), those whose peak
+memory fits the device's free memory with a margin; of those, the fastest expected on this device (the measured speed-up, else the
 catalogue's relative time for the device class; with neither a variant counts as fast as the
 original, so ties go to the original). A published figure alone (the paper's uniform variants) or a
 measurement taken with another runtime, device or engine version (``measured.changed``) never
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 from ..dependencies import openvino_missing
@@ -107,7 +106,7 @@ def _speed_text(variant: Variant, device: DeviceInfo) -> str:
     time, source = expected_time(variant, device)
     where = "on this CPU class" if device.kind == "cpu" else f"on this class of {device.kind.upper()} device"
     if variant.original:
-        return "the original (no ready variant whose measured agreement passes is expected to run faster here)"
+        return "the original (no ready variant whose measurement passes is expected to run faster here)"
     if time is None:
         return f"no timing {where}; chosen for memory"
     pace = f"{1 / time:.2f}x faster than the original" if time < 1 else f"{time:.2f}x the original's time"
