@@ -205,12 +205,14 @@ def _quality_cell(variant: Variant, device: DeviceInfo) -> str:
     if variant.original:
         return "reference"
     found, _ = measurement(variant, device)
+    loss = variant.dice_loss()
+    if found is not None and variant.quality.get("structures") and loss is not None:  # reference labels decide
+        return f"Dice {-100 * loss:+.1f} (meas.)"
     if found is not None:
         return f"agree {found['mean_agreement']:.3f}" if found.get("mean_agreement") is not None else "agree ?"
     if variant.measured is not None:
         return "re-measure"
-    loss = variant.dice_loss()
-    return "unmeasured" if loss is None else f"Dice -{100 * loss:.1f} ({variant.quality['kind'][:4]}.)"
+    return "unmeasured" if loss is None else f"Dice {-100 * loss:+.1f} ({variant.quality['kind'][:4]}.)"
 
 
 def _variants(args: argparse.Namespace) -> int:
