@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "terminology), .nii.gz label map, or a folder")
     segment.add_argument("--model", default="auto",
                          help="variant id (tuckersegment variants), nnU-Net model folder, or auto (default): the "
-                              "variant that fits this machine's GPU or CPU best within 1 Dice point of the original")
+                              "fastest variant that fits this machine's GPU or CPU among those whose measured agreement with the "
+                              "original passes (tuckersegment variants shows them)")
     segment.add_argument("--task", default="auto", choices=("auto", *tasks(), "demo"),
                          help="task for --model auto (default: total on a GPU, fast on a CPU, when ready; else demo)")
     segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
