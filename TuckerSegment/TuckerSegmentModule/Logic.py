@@ -384,7 +384,11 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         if holdoutNodes and not calibrationNodes:
             raise TuckerSegmentError("choose calibration volumes too: held-out volumes are only scored")
         roles = {"calibration": list(calibrationNodes), "holdout": list(holdoutNodes)}
-        volumes = {role: [(node.GetName(), readVolume(node)) for node in nodes] for role, nodes in roles.items()}
+        names = [node.GetName() for nodes in roles.values() for node in nodes]
+        # two scene volumes may share a name; the engine tells CTs apart by name and content
+        label = {node.GetID(): node.GetName() if names.count(node.GetName()) == 1 else f"{node.GetName()} ({node.GetID()})"
+                 for nodes in roles.values() for node in nodes}
+        volumes = {role: [(label[node.GetID()], readVolume(node)) for node in nodes] for role, nodes in roles.items()}
         folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
         try:
             saved = {}

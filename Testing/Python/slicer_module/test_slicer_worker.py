@@ -144,9 +144,18 @@ def test_variant_builds_run_in_the_worker_calibrated_and_measured_on_scene_volum
             logic.startVariantBuild([])
         with pytest.raises(TuckerSegmentError, match="^choose calibration volumes too"):
             logic.startVariantBuild(["fastest-tucker-0.5"], holdoutNodes=[ct_node])
+        twin = headless_slicer.load_volume(CT_PATH, "CT twin")
+        twin.SetName(ct_node.GetName())  # another node of the same name and scan
+        job = logic.startVariantBuild(["fastest-tucker-0.5"], weightsFolder=weights, calibrationNodes=[ct_node],
+                                      holdoutNodes=[twin])
+        assert job.wait(120) == FAILED and "is the same CT as" in str(job.error)  # refused by content, not name
         job = logic.startVariantBuild(["fastest-tucker-9"], weightsFolder=weights)
         assert job.wait(120) == FAILED and "fastest-tucker-9" in str(job.error)
-        job = logic.startVariantBuild(["fastest-tucker-0.5"], weightsFolder=weights, calibrationNodes=[ct_node])
+        import slicer
+        slicer.util.arrayFromVolume(twin)[:] += 50  # same name, another scan: scored, not mistaken for the first
+        slicer.util.arrayFromVolumeModified(twin)
+        job = logic.startVariantBuild(["fastest-tucker-0.5"], weightsFolder=weights, calibrationNodes=[ct_node],
+                                      holdoutNodes=[twin])
         messages = []
         job.on_progress = lambda fraction, message: messages.append(message)
         poll(job, lambda: None)
@@ -155,8 +164,8 @@ def test_variant_builds_run_in_the_worker_calibrated_and_measured_on_scene_volum
         assert built.is_relative_to(tmp_path / "cache") and messages[0] == "building fastest-tucker-0.5"
         variant = find_variant(catalogue(weights_roots=[weights]), "fastest-tucker-0.5")
         assert variant.availability == "built"
-        assert variant.measured["how"] == "held-out blocks of 1 of your CTs (calibrated on the other blocks)"
+        assert variant.measured["how"] == "1 of your CTs never used for calibration"
         assert 0 <= variant.measured["mean_agreement"] <= 1 and variant.measured["speedup"] > 0
-        assert any(m.startswith("measuring on CT (1/1)") for m in messages)
+        assert any(m.startswith(f"measuring on CT ({twin.GetID()}) (1/1)") for m in messages)
     finally:
         logic.shutdownWorker()
