@@ -166,6 +166,10 @@ def test_repeated_missing_or_unpaired_cts_are_refused(tmp_path, ts_home, capsys)
     assert main(["build-variants", "--variant", "fastest-tucker-0.5", "--calibration", str(a), "--holdout", str(a)]) == 2
     assert "is the same CT as" in capsys.readouterr().err
     assert not variant_dir(find_variant(catalogue(), "fastest-tucker-0.5")).exists()  # refused before any work
+    assert main(["build-variants", "--variant", "fastest-tucker-0.5", "--device", "quantum"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "unknown device 'quantum'" in error and "Traceback" not in error
+    assert not variant_dir(find_variant(catalogue(), "fastest-tucker-0.5")).exists()
 
 
 def test_build_variants_measures_on_held_out_cts_and_remeasures_when_the_engine_changes(ts_home, tmp_path, capsys):
