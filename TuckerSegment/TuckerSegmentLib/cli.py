@@ -13,11 +13,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .atomic import refuse_existing
+from .atomic import check_output_dir, refuse_existing
 from .compress.folder import compress_model_folder, describe_model
 from .compress.network import CompressionReport
 from .errors import Interrupted, PolicyError, TuckerSegmentError
+from .evaluation.cases import pair_scans
+from .evaluation.report import MARKDOWN_NAME, write_report
+from .evaluation.run import Candidate, evaluate
+from .evaluation.saved import save_evaluation
 from .image.volume import IntensityWarning
+from .nnunet.model_folder import ModelFolder
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, policy_for
 from .progress import Progress
@@ -285,6 +290,23 @@ def _build_variants(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    check_output_dir(Path(args.out), args.overwrite)  # before hours of segmentation
+    model = ModelFolder.open(args.models[0])
+    scans = pair_scans(args.images, args.labels, model.num_input_channels)
+    say = None if args.quiet else _segment_progress()
+    original, *variants = (Candidate(Path(path), precision=args.precision) for path in args.models)
+    result = evaluate(original, variants, scans, device=args.device, runtime=args.runtime,
+                      rounds=args.rounds, memory=not args.no_memory, progress=say)
+    data = result.to_json()
+    folder = write_report(data, args.out, overwrite=args.overwrite,
+                          title=f"{model.name}: quality against cost on {len(result.cases)} case(s)")
+    save_evaluation(data)
+    print((folder / MARKDOWN_NAME).read_text())
+    print(f"wrote {folder}")
+    return 0
+
+
 def _segment_progress() -> Progress:
     """Progress on stderr, once per tenth of the batch."""
     last = [-1]
@@ -417,6 +439,35 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build only: auto does not choose a variant until a build measures it on this machine")
     build.add_argument("--quiet", action="store_true", help="no progress on stderr")
     build.set_defaults(func=_build_variants)
+
+    evaluation = commands.add_parser(
+        "evaluate", help="compare an original model with its compressed variants on your CTs (Dice, paired tests, "
+                         "costs)",
+        description="Segment every image with the original and each variant (the runtime and precision segmentation "
+                    "uses, timed side by side) and write JSON, Markdown and PNG plots: per-class Dice against your "
+                    "labels (when given) and against the original's labels, Wilcoxon signed-rank tests per class over "
+                    "cases with Holm correction, parameters, FLOPs, weights, peak memory and seconds per volume.")
+    evaluation.add_argument("models", nargs="+", metavar="MODEL_DIR [VARIANT_DIR ...]",
+                            help="the original nnU-Net model folder, then compressed or pruned folders made from it")
+    evaluation.add_argument("--images", required=True, type=Path, metavar="DIR",
+                            help="folder of CT images (nnU-Net naming case_0000.nii.gz, or any names)")
+    evaluation.add_argument("--labels", type=Path, metavar="DIR",
+                            help="folder of reference label maps (case.nii.gz for case_0000.nii.gz, or the image's own "
+                                 "name), numbered as the model's dataset.json")
+    evaluation.add_argument("--out", required=True, type=Path, metavar="DIR",
+                            help="new folder for evaluation.json, evaluation.md and the plots (written whole)")
+    evaluation.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    evaluation.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                            help="what runs the networks (default: as segmentation does)")
+    evaluation.add_argument("--precision", choices=PRECISIONS, default="auto",
+                            help="precision every model runs at (default: as segmentation does)")
+    evaluation.add_argument("--rounds", type=int, default=1,
+                            help="segmentations of each image per model for the timing (default 1; the median counts)")
+    evaluation.add_argument("--no-memory", action="store_true",
+                            help="skip the peak-memory measurement (one fresh process per model)")
+    evaluation.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    evaluation.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    evaluation.set_defaults(func=_evaluate)
     return parser
 
 

@@ -17,6 +17,7 @@ PACKAGE = "TuckerSegmentLib"
 LAYERS = (
     {PACKAGE, "paths", "errors", "progress", "atomic", "dependencies"},
     {"image"}, {"tucker"}, {"runtime"}, {"policies"}, {"nnunet"}, {"segment"}, {"compress"}, {"variants"},
+    {"evaluation"},  # evaluate models side by side: Dice, paired tests, costs, plots
     {"worker"},  # the worker process and its client (Slicer's Logic drives it)
     {"cli"},
     {"testing"},  # example models, demo data: scripts and tests only
@@ -119,6 +120,7 @@ WITHOUT_TORCH = textwrap.dedent(f"""
     from TuckerSegmentLib.worker import client, process, protocol
     from TuckerSegmentLib.segment import provenance, result
     from TuckerSegmentLib.compress import figures
+    from TuckerSegmentLib.evaluation import saved
     variants, devices = catalogue(), detect_devices()
     print(json.dumps({{
         "tasks": [c.key for c in task_choices(variants, [])],

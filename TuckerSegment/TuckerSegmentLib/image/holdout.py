@@ -17,6 +17,20 @@ def holdout_mask(shape: tuple[int, int, int], blocks: tuple[int, int, int] = HOL
            for n, b in zip(shape, blocks, strict=True)):
         raise ValueError(f"blocks {tuple(blocks)} must be whole numbers between 1 and the voxels along each axis "
                          f"{tuple(shape)}")
-    index = [np.minimum(np.arange(n) * b // n, b - 1) for n, b in zip(shape, blocks, strict=True)]
-    k, j, i = np.meshgrid(*index, indexing="ij")
+    k, j, i = _block_index(shape, blocks)
     return (k + j + i) % 2 == 1
+
+
+def holdout_blocks(shape: tuple[int, int, int], blocks: tuple[int, int, int] = HOLDOUT_BLOCKS) -> list[np.ndarray]:
+    """The held-out half of ``holdout_mask`` as its separate blocks (bool masks), k-major: the cases an
+    evaluation on one CT scores one by one."""
+    held = holdout_mask(shape, blocks)
+    k, j, i = _block_index(shape, blocks)
+    flat = (k * blocks[1] + j) * blocks[2] + i
+    return [held & (flat == number) for number in range(blocks[0] * blocks[1] * blocks[2])
+            if (held & (flat == number)).any()]
+
+
+def _block_index(shape: tuple[int, int, int], blocks: tuple[int, int, int]) -> list[np.ndarray]:
+    index = [np.minimum(np.arange(n) * b // n, b - 1) for n, b in zip(shape, blocks, strict=True)]
+    return np.meshgrid(*index, indexing="ij")
