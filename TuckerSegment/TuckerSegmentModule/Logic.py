@@ -409,8 +409,10 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
     def showReview(self, review, tableNode=None, chartNode=None) -> tuple:
         """Fill a table node with the review (quantity, original, compressed, ratio) and a plot chart with
         the Pareto plot of agreement against FLOPs for every compressed model of the same original you
-        added (and this one); returns (table, chart)."""
+        added (and this one), plus one curve per method of the last ``tuckersegment evaluate`` run on that
+        original (uniform rule, budget policy, pruning criteria, precisions); returns (table, chart)."""
         from TuckerSegmentLib.compress.figures import pareto_front
+        from TuckerSegmentLib.evaluation.saved import evaluation_curves
         from TuckerSegmentLib.variants.user_variants import comparison_points, user_variants
         scene = slicer.mrmlScene
         table = tableNode or scene.AddNewNodeByClass("vtkMRMLTableNode", "TuckerSegment compression report")
@@ -430,19 +432,14 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                     scene.RemoveNode(node)
         chart.SetTitle("Agreement with the original against compute")
         chart.SetXAxisTitle("FLOPs per patch (fraction of the original)")
-        chart.SetYAxisTitle("Dice vs original (calibration volumes)")
-        for name, (x, y), style in (("models", (0, 1), "points"), ("Pareto front", (2, 3), "line")):
-            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"TuckerSegment {name}")
-            series.SetAndObserveTableNodeID(data.GetID())
-            series.SetXColumnName(data.GetColumnName(x))
-            series.SetYColumnName(data.GetColumnName(y))
-            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-            if style == "points":
-                series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleNone)
-                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
-            else:
-                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        chart.SetYAxisTitle("Dice vs original")
+        _addSeries(chart, "models", data, 0, 1, line=False)
+        _addSeries(chart, "Pareto front", data, 2, 3, line=True, marker=False)
+        for curve, points in evaluation_curves(review.source).items():
+            curveData = scene.AddNewNodeByClass("vtkMRMLTableNode", f"TuckerSegment evaluated: {curve}")
+            curveData.SetHideFromEditors(True)
+            fillTable(curveData, ("FLOPs fraction", "Dice vs original"), points)
+            _addSeries(chart, f"evaluated: {curve}", curveData, 0, 1, line=True)
         return table, chart
 
     @staticmethod
@@ -485,3 +482,18 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                                   values)
         fillTable(table, COLUMNS, rows)
         return table
+
+
+def _addSeries(chart, name, table, x, y, line, marker=True):
+    """Add a scatter series of ``table``'s columns ``x``, ``y`` to ``chart`` (with a line, markers or both)."""
+    scene = slicer.mrmlScene
+    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"TuckerSegment {name}")
+    series.SetAndObserveTableNodeID(table.GetID())
+    series.SetXColumnName(table.GetColumnName(x))
+    series.SetYColumnName(table.GetColumnName(y))
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+    if not line:
+        series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleNone)
+    series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle if marker
+                          else slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+    chart.AddAndObservePlotSeriesNodeID(series.GetID())

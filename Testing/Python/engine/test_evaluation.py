@@ -147,7 +147,9 @@ def test_reference_labels_are_checked_against_image_and_model(tmp_path: Path) ->
 
 
 def test_evaluate_the_demo_model_with_its_variants(tmp_path: Path, demo_cases: tuple[Path, Path],
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))  # the saved evaluation stays in this test
     images, labels = demo_cases
     original, balanced, uniform = (bundled(v) for v in ("chest-demo", "chest-demo-tucker-balanced",
                                                          "chest-demo-tucker-0.5"))

@@ -166,6 +166,30 @@ def test_compression_job_reports_plots_and_adds_to_my_variants(logic, scene, ct_
     assert tree_digest(DEMO_SOURCE) == source_before
 
 
+
+def test_the_pareto_plot_gains_the_curves_of_an_evaluation_of_the_same_original(logic, scene, tmp_path, monkeypatch):
+    from TuckerSegmentLib.compress.figures import CompressionReview, ModelFigures
+    from TuckerSegmentLib.evaluation.saved import save_evaluation
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    source = ModelFolder.open(DEMO_SOURCE).path
+    review = CompressionReview(str(source), str(tmp_path / "out"), {"name": "uniform", "params": {"factor": 0.5}}, "cpu",
+                               ModelFigures(1000, 100, 4000), ModelFigures(500, 40, 2000), agreement=0.8)
+    _, chart = logic.showReview(review)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2  # no evaluation yet: models and front only
+    model = {"path": "x", "flops_fraction": 1.0, "pooled_agreement": 1.0, "curve": "original"}
+    save_evaluation({"models": [{**model, "path": str(source)},
+                                {**model, "curve": "prune-l1", "flops_fraction": 0.5, "pooled_agreement": 0.7},
+                                {**model, "curve": "prune-l1", "flops_fraction": 0.3, "pooled_agreement": 0.4},
+                                {**model, "curve": "budget policy, activation-aware", "flops_fraction": 0.3,
+                                 "pooled_agreement": 0.9}]})
+    _, chart = logic.showReview(review, chartNode=chart)
+    names = [chart.GetNthPlotSeriesNode(i).GetName() for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert names == ["TuckerSegment models", "TuckerSegment Pareto front", "TuckerSegment evaluated: prune-l1",
+                     "TuckerSegment evaluated: budget policy, activation-aware"]
+    pruned = chart.GetNthPlotSeriesNode(2).GetTableNode().GetTable()
+    assert [(pruned.GetValue(r, 0).ToDouble(), pruned.GetValue(r, 1).ToDouble()) for r in range(2)] == [(0.3, 0.4),
+                                                                                                       (0.5, 0.7)]
+
 def test_compression_refuses_bad_input_before_starting_and_cancel_leaves_nothing(logic, ct_node, tmp_path):
     source_before = tree_digest(DEMO_SOURCE)
     with pytest.raises(ModelFolderError):
