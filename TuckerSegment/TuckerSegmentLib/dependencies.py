@@ -55,6 +55,9 @@ REQUIREMENTS = (
     Requirement("SimpleITK", "SimpleITK", "2.2.1", "3"),
     Requirement("slicerio", "slicerio", "1.4", "2"),
     Requirement("numpy", "numpy", "1.25", "3"),
+    Requirement("scipy", "scipy", "1.11", "2"),  # evaluation statistics (Wilcoxon)
+    Requirement("matplotlib", "matplotlib", "3.7", "4"),  # evaluation plots
+    Requirement("torch-pruning", "torch_pruning", "1.6", "1.7"),  # the filter-pruning methods
     # the CPU runtime; without it PyTorch runs the network (runtime.inference says so)
     Requirement("openvino", "openvino", "2026.0", "2027", recommended=True),
 )
