@@ -14,8 +14,9 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .atomic import check_output_dir, refuse_existing
-from .compress.folder import compress_model_folder, describe_model
+from .compress.folder import compress_model_folder, describe_model, prune_model_folder
 from .compress.network import CompressionReport
+from .compress.pruning import PruningReport
 from .errors import Interrupted, PolicyError, TuckerSegmentError
 from .evaluation.cases import pair_scans
 from .evaluation.report import MARKDOWN_NAME, write_report
@@ -24,7 +25,7 @@ from .evaluation.saved import save_evaluation
 from .image.volume import IntensityWarning
 from .nnunet.model_folder import ModelFolder
 from .policies.base import RankPolicy
-from .policies.methods import DEFAULT_METHOD, METHODS, policy_for
+from .policies.methods import DEFAULT_METHOD, METHODS, PRUNING_METHODS, RANK_METHODS, method, policy_for
 from .progress import Progress
 from .runtime.inference import PRECISIONS, RUNTIMES
 from .segment.batch import BatchItem, segment_batch
@@ -42,6 +43,8 @@ from .variants.totalsegmentator import tasks
 
 TARGET_SHORTCUTS = {"target-flops": "flops", "target-params": "params", "target-latency": "latency",
                     "factor": "uniform", "keep": "energy"}
+COMPRESS_METHODS = ("tucker", *(m.key for m in PRUNING_METHODS))
+RANK_ONLY_OPTIONS = ("policy", "target", "target-params", "target-latency", "factor", "keep", "weight-only")
 
 
 def _fold(text: str) -> int | str:
@@ -130,6 +133,11 @@ def _policy(args: argparse.Namespace) -> RankPolicy:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    if args.method != "tucker":
+        return _prune(args)
+    if args.labels:
+        raise TuckerSegmentError("--labels is for --method prune-taylor; Tucker compression calibrates on unlabeled "
+                                 "CTs (--calibration CT...)")
     policy = _policy(args)
     progress = None if args.quiet else _progress("decomposing ")
     reports = compress_model_folder(args.model_dir, args.out_dir, policy, folds=args.fold,
@@ -142,6 +150,49 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"calibration: {_calibration_text(next(iter(reports.values())).calibration)}")
         for fold, report in reports.items():
             _print_report(fold, report)
+        print(f"wrote {args.out_dir} ({FLOP_CONVENTION})")
+    return 0
+
+
+def _print_pruning_report(fold: str, report: PruningReport) -> None:
+    kept = sum(after for _, after in report.groups.values()) / max(1, sum(before for before, _ in report.groups.values()))
+    source = (f"Taylor importance from {report.calibration_inputs} labelled patches" if report.calibration_inputs
+              else "ranked by the weights alone")
+    print(f"fold {fold}: {report.policy['name']} to {report.target_flops:g} of the FLOPs ({source}): every layer "
+          f"prunes {report.ratio:.3f} of its filters, {kept:.1%} of the channels kept in {len(report.groups)} groups "
+          f"({report.trials} trials, {report.seconds:.1f} s)")
+    print(f"  {'':<12} {'original':>12} {'pruned':>12} {'ratio':>7}")
+    for label, a, b, fmt in (("parameters", report.before.params, report.after.params, _millions),
+                             ("FLOPs/patch", report.before.flops, report.after.flops, _giga),
+                             ("weights", report.before.weight_bytes, report.after.weight_bytes, _megabytes)):
+        print(f"  {label:<12} {fmt(a):>12} {fmt(b):>12} {b / a:>7.3f}")
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """``compress --method prune-*``: filter pruning to a FLOP budget (no Tucker ranks, no time budgets)."""
+    given = [option for option in RANK_ONLY_OPTIONS if getattr(args, option.replace("-", "_")) not in (None, False)]
+    if given:
+        raise TuckerSegmentError(f"--policy chooses Tucker ranks only: --method {args.method} takes no "
+                                 f"{', '.join('--' + o for o in given)}; give its budget as --target-flops T (default 0.5)")
+    if args.device != "auto" or args.runtime != "auto":
+        raise TuckerSegmentError(f"--device and --runtime time latency budgets; --method {args.method} prunes to a "
+                                 "FLOP budget and times nothing: leave them out")
+    chosen = method(args.method)
+    if chosen.needs_labels and not (args.calibration and args.labels):
+        raise TuckerSegmentError(f"--method {args.method} needs labelled CTs: --calibration CT... --labels LABELMAP... "
+                                 "(one label map per CT, in the same order)")
+    progress = None if args.quiet else _progress("pruning ")
+    reports = prune_model_folder(args.model_dir, args.out_dir, chosen.criterion,
+                                 target_flops=chosen.default if args.target_flops is None else args.target_flops,
+                                 folds=args.fold, configuration=args.configuration, trust=args.trust_checkpoint,
+                                 overwrite=args.overwrite, calibration=args.calibration, labels=args.labels,
+                                 progress=progress)
+    if args.json:
+        print(json.dumps({fold: report.to_dict() for fold, report in reports.items()}, indent=1))
+    else:
+        print(f"data: {next(iter(reports.values())).calibration['description']}")
+        for fold, report in reports.items():
+            _print_pruning_report(fold, report)
         print(f"wrote {args.out_dir} ({FLOP_CONVENTION})")
     return 0
 
@@ -331,16 +382,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compress = commands.add_parser("compress", help="compress an nnU-Net v2 trained model folder")
+    compress = commands.add_parser("compress", help="compress (Tucker) or prune (filters) an nnU-Net v2 trained model "
+                                                    "folder")
     compress.add_argument("model_dir", help="nnU-Net v2 trained model folder (plans.json, dataset.json, fold_N/)")
     compress.add_argument("out_dir", help="new folder for the compressed model (written atomically)")
+    compress.add_argument("--method", choices=COMPRESS_METHODS, default="tucker",
+                          help="tucker (default): Tucker decomposition, ranks chosen by --policy; "
+                               + "; ".join(f"{m.key}: {m.label}" for m in PRUNING_METHODS)
+                               + ". The pruning baselines remove whole filters (no fine-tuning) until at most "
+                                 "--target-flops of the FLOPs remain (default 0.5); prune-l1 and prune-fpgm use the "
+                                 "weights alone and refuse --calibration/--labels, prune-taylor needs --calibration CTs "
+                                 "with their --labels")
     compress.add_argument("--policy", choices=[m.key for m in METHODS], metavar="METHOD",
-                          help="compression method, with --target its number: "
+                          help="Tucker rank method, with --target its number: "
                                + "; ".join(f"{m.key}: {m.label}, target = {m.target or 'none'}"
                                            + (f" (default {m.default})" if m.default is not None else "")
-                                           for m in METHODS) + f" (default method: {DEFAULT_METHOD})")
+                                           for m in RANK_METHODS) + f" (default method: {DEFAULT_METHOD})")
     compress.add_argument("--target", type=float, help="the method's target (see --policy)")
-    compress.add_argument("--target-flops", type=float, help="shortcut for --policy flops --target T")
+    compress.add_argument("--target-flops", type=float,
+                          help="shortcut for --policy flops --target T; with a --method prune-*, its budget: the "
+                               "fraction of the original FLOPs kept (default 0.5)")
     compress.add_argument("--target-params", type=float, help="shortcut for --policy params --target T")
     compress.add_argument("--target-latency", type=float,
                           help="shortcut for --policy latency --target T: fraction of the original's time per patch "
@@ -354,7 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calibration", nargs="+", metavar="CT",
                           help="unlabeled CT volumes (NIfTI/NRRD) for activation-aware compression: factors and ranks "
                                "then minimise each layer's output error on them (recommended; default for CT models: "
-                               "the bundled sample chest CT)")
+                               "the bundled sample chest CT); with --method prune-taylor, the CTs its --labels belong to")
+    compress.add_argument("--labels", nargs="+", metavar="LABELMAP",
+                          help="--method prune-taylor: one label map (NIfTI/NRRD, values from dataset.json) per "
+                               "--calibration CT, in the same order and on the same grid; the Taylor importance comes "
+                               "from the cross-entropy gradients on them")
     compress.add_argument("--weight-only", action="store_true",
                           help="the paper's data-free rule: ranks and factors from the weights alone, no calibration "
                                "(worse on real networks; models not normalised as CT need this or --calibration)")

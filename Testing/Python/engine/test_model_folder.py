@@ -130,7 +130,7 @@ def test_compressed_folder_layout_and_no_pickles(tiny_model, tiny_compressed):
                      "fold_1/tucker.json", "fold_1/weights.safetensors", "plans.json"]
     record = json.loads((tiny_compressed / "fold_0" / "tucker.json").read_text())
     assert record["policy"] == {"name": "uniform", "params": {"factor": 0.5, "rank_min": 2}}
-    assert record["format_version"] == 1 and len(record["source"]["sha256"]) == 64
+    assert record["format_version"] == 2 and len(record["source"]["sha256"]) == 64
     assert record["after"]["params"] < record["before"]["params"]
     stem = record["layers"][0]
     assert (stem["name"], stem["form"], stem["rank_out"], stem["rank_in"]) == ("encoder.stages.0.0.convs.0.conv", "tucker2", 4, 1)

@@ -5,7 +5,8 @@ model's own scheme (nnU-Net's ``CTNormalization`` with the plans' intensity stat
 into patch-sized windows on nnU-Net's sliding-window grid, of which an evenly spread subset is kept.
 A ``CalibrationVolume`` may restrict calibration to part of its volume (e.g. the training half of
 ``image.holdout.holdout_mask``): its mask follows the image (nearest neighbour), windows without a usable
-voxel are passed over, and each patch carries its part of the mask. No labels are read.
+voxel are passed over, and each patch carries its part of the mask. Calibration reads no labels;
+``labelled_patches`` (Taylor pruning) cuts label maps at the same windows.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from nnunetv2.preprocessing.normalization import default_normalization_schemes
 
 from ..errors import ModelFolderError, VolumeError
 from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
-from ..image.volume import Volume, checked_volume
+from ..image.volume import Volume, checked_volume, read_volume
 from ..nnunet.model_folder import ModelFolder
 from ..tucker.calibration import CalibrationPatch
 
@@ -71,32 +72,106 @@ def _padded(array: np.ndarray, patch: tuple[int, ...], value: float | bool) -> n
     return np.pad(array, [(0, max(0, p - s)) for p, s in zip(patch, array.shape, strict=True)], constant_values=value)
 
 
+def _windows(model: ModelFolder, source: CalibrationVolume, number: int, patches_per_volume: int,
+             labels: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
+    """(image, mask, labels) patches of one volume on nnU-Net's sliding-window grid at the model spacing: the
+    image trilinear and normalised, the mask and ``labels`` (on the volume's grid) nearest neighbour."""
+    patch = tuple(model.patch_size)
+    spacing = np.asarray(model.configuration_manager.spacing, dtype=float)
+    target = spacing[list(model.plans_manager.transpose_backward)]
+    canonical, _ = to_canonical(source.volume)
+    shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
+    image = _normalised(model, resample_image(canonical.array, shape))
+    padded = _padded(image, patch, float(image.min()))
+    steps = compute_steps_for_sliding_window(padded.shape, patch, 0.5)
+    corners = [(a, b, c) for a in steps[0] for b in steps[1] for c in steps[2]]
+    mask = label_array = None
+    if source.mask is not None:
+        oriented, _ = to_canonical(Volume(source.mask, source.volume.ijk_to_ras))
+        mask = _padded(resample_labels_nearest(oriented.array, shape), patch, False)
+        corners = [(a, b, c) for a, b, c in corners if mask[a:a + patch[0], b:b + patch[1], c:c + patch[2]].any()]
+        if not corners:
+            raise VolumeError(f"the calibration mask of volume {number} keeps no voxel at the model's spacing "
+                              f"({'×'.join(f'{s:g}' for s in target)} mm); mark a larger region")
+    if labels is not None:
+        oriented, _ = to_canonical(Volume(labels, source.volume.ijk_to_ras))
+        label_array = _padded(resample_labels_nearest(oriented.array, shape), patch, IGNORE_LABEL)
+        if mask is not None:
+            label_array = np.where(mask, label_array, IGNORE_LABEL)
+    chosen = np.linspace(0, len(corners) - 1, min(patches_per_volume, len(corners))).round().astype(int)
+    for index in chosen:
+        a, b, c = corners[index]
+        window = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
+        yield (padded[window], None if mask is None else mask[window],
+               None if label_array is None else label_array[window])
+
+
 def calibration_patches(model: ModelFolder, volumes: Sequence[CalibrationVolume | Volume | str | Path],
                         patches_per_volume: int = 4) -> Iterator[CalibrationPatch]:
     """Patches of (1, 1, *patch) float images (and bool masks, for masked volumes) from ``volumes`` for
     ``compress_network(calibration=...)``."""
-    patch = tuple(model.patch_size)
-    spacing = np.asarray(model.configuration_manager.spacing, dtype=float)
-    target = spacing[list(model.plans_manager.transpose_backward)]
     for number, item in enumerate(volumes, start=1):
-        source = checked_calibration(item)
-        canonical, _ = to_canonical(source.volume)
-        shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
-        image = _normalised(model, resample_image(canonical.array, shape))
-        padded = _padded(image, patch, float(image.min()))
-        steps = compute_steps_for_sliding_window(padded.shape, patch, 0.5)
-        corners = [(a, b, c) for a in steps[0] for b in steps[1] for c in steps[2]]
-        mask = None
-        if source.mask is not None:
-            oriented, _ = to_canonical(Volume(source.mask, source.volume.ijk_to_ras))
-            mask = _padded(resample_labels_nearest(oriented.array, shape), patch, False)
-            corners = [(a, b, c) for a, b, c in corners if mask[a:a + patch[0], b:b + patch[1], c:c + patch[2]].any()]
-            if not corners:
-                raise VolumeError(f"the calibration mask of volume {number} keeps no voxel at the model's spacing "
-                                  f"({'×'.join(f'{s:g}' for s in target)} mm); mark a larger region")
-        chosen = np.linspace(0, len(corners) - 1, min(patches_per_volume, len(corners))).round().astype(int)
-        for index in chosen:
-            a, b, c = corners[index]
-            window = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-            yield CalibrationPatch(torch.from_numpy(np.ascontiguousarray(padded[window]))[None, None],
-                                   None if mask is None else torch.from_numpy(np.ascontiguousarray(mask[window]))[None, None])
+        for image, mask, _ in _windows(model, checked_calibration(item), number, patches_per_volume):
+            yield CalibrationPatch(torch.from_numpy(np.ascontiguousarray(image))[None, None],
+                                   None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))[None, None])
+
+
+IGNORE_LABEL = -100  # voxels a labelled patch leaves out of the loss (outside the mask, padding, the ignore label)
+
+
+def _label_array(model: ModelFolder, item: Volume | np.ndarray | str | Path, source: CalibrationVolume,
+                 number: int) -> np.ndarray:
+    """A label map on ``source``'s grid as int64 class indices (the dataset's ignore label as ``IGNORE_LABEL``),
+    every value checked against dataset.json."""
+    if isinstance(item, (str, Path)):
+        item = read_volume(item, check=False)
+    if isinstance(item, Volume):
+        if item.array.shape != source.volume.array.shape or not np.allclose(item.ijk_to_ras, source.volume.ijk_to_ras,
+                                                                            atol=1e-3):
+            raise VolumeError(f"label map {number} is not on the grid of calibration CT {number} (shape "
+                              f"{item.array.shape} vs {source.volume.array.shape}); pass each CT's own label map")
+        array = item.array
+    elif isinstance(item, np.ndarray):
+        array = item
+    else:
+        raise VolumeError(f"label map {number} is a {type(item).__name__}; pass a label-map Volume, file or array")
+    if array.shape != source.volume.array.shape:
+        raise VolumeError(f"label map {number} has shape {array.shape}, its CT {source.volume.array.shape} (k, j, i); "
+                          "pass each CT's own label map")
+    if not np.issubdtype(array.dtype, np.integer) and not np.all(np.equal(np.mod(array, 1), 0)):
+        raise VolumeError(f"label map {number} holds fractional values; pass a label map (whole numbers)")
+    manager = model.plans_manager.get_label_manager(model.dataset_json)
+    if manager.has_regions:
+        raise ModelFolderError(f"{model.path} is trained on regions; Taylor pruning needs one class per voxel")
+    classes = set(range(model.num_outputs))
+    ignore = manager.ignore_label
+    values = np.unique(array).astype(np.int64)
+    unknown = sorted(set(values.tolist()) - classes - ({int(ignore)} if ignore is not None else set()))
+    if unknown:
+        raise VolumeError(f"label map {number} holds value(s) {', '.join(map(str, unknown[:5]))}, not labels of "
+                          f"{model.path.name} (dataset.json labels 0..{model.num_outputs - 1}); pass label maps of "
+                          "this model's structures")
+    result = array.astype(np.int64)
+    if ignore is not None:
+        result[result == int(ignore)] = IGNORE_LABEL
+    return result
+
+
+def labelled_patches(model: ModelFolder, volumes: Sequence[CalibrationVolume | Volume | str | Path],
+                     labels: Sequence[Volume | np.ndarray | str | Path],
+                     patches_per_volume: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(image (1, 1, *patch) float, labels (1, *patch) int64) pairs cut from ``volumes`` and their label maps (one
+    per volume, on its grid, values from dataset.json) at the windows ``calibration_patches`` cuts; voxels outside
+    a ``CalibrationVolume``'s mask, padding and the dataset's ignore label become ``IGNORE_LABEL``."""
+    if len(labels) != len(volumes):
+        raise VolumeError(f"{len(labels)} label map(s) for {len(volumes)} calibration CT(s); pass one label map per CT, "
+                          "in the same order")
+    sources = [checked_calibration(item) for item in volumes]
+    arrays = [_label_array(model, item, source, number)
+              for number, (item, source) in enumerate(zip(labels, sources, strict=True), start=1)]
+    pairs = []
+    for number, (source, array) in enumerate(zip(sources, arrays, strict=True), start=1):
+        for image, _, label_patch in _windows(model, source, number, patches_per_volume, array):
+            pairs.append((torch.from_numpy(np.ascontiguousarray(image))[None, None],
+                          torch.from_numpy(np.ascontiguousarray(label_patch))[None]))
+    return pairs

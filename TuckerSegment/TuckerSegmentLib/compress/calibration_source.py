@@ -27,7 +27,7 @@ def sample_ct() -> Path:
                                "calibration volumes (--calibration CT...)") from exc
 
 
-def _name(item: CalibrationVolume | Volume | str | Path, number: int) -> str:
+def calibration_name(item: CalibrationVolume | Volume | str | Path, number: int) -> str:
     if isinstance(item, (str, Path)):
         return Path(item).name
     if isinstance(item, CalibrationVolume) and item.mask is not None:
@@ -47,7 +47,7 @@ def resolve_calibration(model: ModelFolder, calibration: Sequence[CalibrationVol
                           "(--calibration CT...) or ask for weight-only (--weight-only), not both")
     if calibration:
         volumes = [checked_calibration(item) for item in calibration]  # bad files fail before any work
-        return volumes, {"source": "user", "volumes": [_name(item, n) for n, item in enumerate(calibration, start=1)],
+        return volumes, {"source": "user", "volumes": [calibration_name(item, n) for n, item in enumerate(calibration, start=1)],
                          "description": f"your {len(volumes)} CT volume(s)"}
     if weight_only:
         return None, {"source": "none", "volumes": [],

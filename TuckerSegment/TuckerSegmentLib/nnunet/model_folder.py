@@ -18,6 +18,7 @@ from ..errors import CheckpointError, ModelFolderError
 from ..tucker.layers import apply_plans
 from .checkpoint import load_checkpoint, non_finite, state_mismatch
 from .plans_check import check_plans
+from .pruned_format import apply_pruning_record, is_pruned
 from .layout import CHECKPOINT_NAME, LAYOUT_HINT, TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name, locate_model, read_json
 from .tucker_format import layer_plans, load_weights, read_tucker_json
 
@@ -152,14 +153,18 @@ class ModelFolder:
         return load_checkpoint(self.checkpoint_path(fold), trust=trust)
 
     def fold_structure(self, fold: Fold) -> tuple[nn.Module, dict[str, Any] | None]:
-        """The network of ``fold`` with its factorised layers in place (weights not loaded), and its
+        """The network of ``fold`` with its factorised layers (or pruned channel counts) in place (weights not loaded), and its
         ``tucker.json`` record (``None`` for an original fold)."""
         self.require_fold(fold)
         network = self.build_network()
         if not self.is_compressed_fold(fold):
             return network, None
         record = self.tucker_record(fold)
-        apply_plans(network, layer_plans(record), source=str(self.fold_path(fold) / TUCKER_JSON))
+        source = str(self.fold_path(fold) / TUCKER_JSON)
+        if is_pruned(record):
+            apply_pruning_record(network, record["pruning"], source, self.example_input())
+        else:
+            apply_plans(network, layer_plans(record), source=source)
         return network, record
 
     def load_original(self, fold: Fold, trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:

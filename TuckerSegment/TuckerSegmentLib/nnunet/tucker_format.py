@@ -22,7 +22,7 @@ from .checkpoint import non_finite, sha256_file, state_mismatch
 from .layout import TUCKER_JSON
 
 FORMAT_NAME = "tuckersegment.tucker"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pruned folds ("pruning" record, no layers); version-1 records are still read
 
 
 def canonical_tensors(network: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def read_tucker_json(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
         raise RankMismatchError(f"{path} is not a TuckerSegment decomposition record (format {FORMAT_NAME!r})")
     version = record.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise RankMismatchError(f"{path} has format_version {version!r}; this TuckerSegment reads up to "
                                 f"{FORMAT_VERSION}: upgrade TuckerSegment")
     layers = record.get("layers")
@@ -100,6 +100,11 @@ def read_tucker_json(path: Path) -> dict[str, Any]:
             rank = layer.get(key)
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
                 raise RankMismatchError(f"{path}: layer {layer['name']!r} has {key}={rank!r}, not an integer rank")
+    if "pruning" in record and version < 2:
+        raise RankMismatchError(f"{path} records pruned channels under format_version {version}, which has none; "
+                                "compress the model again")
+    if "pruning" in record and layers:
+        raise RankMismatchError(f"{path} records both pruned channels and factorised layers; compress the model again")
     return record
 
 

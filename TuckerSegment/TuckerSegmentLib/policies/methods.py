@@ -1,8 +1,10 @@
 """The one vocabulary of compression methods, shared by the CLI, the Slicer Logic and ``tucker.json``.
 
 A method is what a user picks (a FLOP, parameter or time budget, the paper's uniform factor, an energy
-threshold, VBMF) with one number, its target; ``policy_for`` turns the pair into the engine's rank
-policy and ``policy_from_dict`` rebuilds a policy recorded in ``tucker.json``. Importing this module
+threshold, VBMF; or, as baselines, filter pruning to a FLOP budget by L1 norm, geometric median or Taylor
+importance on labelled CTs) with one number, its target; ``policy_for`` turns a rank method and its target
+into the engine's rank policy (pruning methods are no rank policies: ``compress.folder.prune_model_folder``)
+and ``policy_from_dict`` rebuilds a policy recorded in ``tucker.json``. Importing this module
 needs no torch: the policies are imported when one is made.
 """
 from __future__ import annotations
@@ -25,6 +27,13 @@ class Method:
     label: str
     target: str  # what the number means; "" when the method takes none
     default: float | None = None  # the target when none is given (None: it must be given)
+    prunes: bool = False  # removes whole filters (compress.pruning) instead of setting Tucker ranks
+    needs_labels: bool = False  # needs labelled CTs (label maps beside the calibration CTs)
+
+    @property
+    def criterion(self) -> str | None:
+        """The pruning criterion of a pruning method (``l1``, ``fpgm``, ``taylor``), else ``None``."""
+        return self.key.removeprefix(PRUNE_PREFIX) if self.prunes else None
 
 
 METHODS = (
@@ -34,8 +43,16 @@ METHODS = (
     Method("uniform", "Uniform factor (paper)", "fraction of channels each factor keeps (the paper's DF, e.g. 0.7)"),
     Method("energy", "Energy kept", "fraction of each layer's spectral energy kept", 0.95),
     Method("vbmf", "VBMF (automatic ranks)", ""),
+    Method("prune-l1", "Filter pruning, L1 norm (baseline)", "fraction of the original FLOPs kept", 0.5, prunes=True),
+    Method("prune-fpgm", "Filter pruning, geometric median (baseline)", "fraction of the original FLOPs kept", 0.5,
+           prunes=True),
+    Method("prune-taylor", "Filter pruning, Taylor on labelled CTs (baseline)", "fraction of the original FLOPs kept",
+           0.5, prunes=True, needs_labels=True),
 )
 DEFAULT_METHOD = "flops"
+PRUNE_PREFIX = "prune-"
+RANK_METHODS = tuple(m for m in METHODS if not m.prunes)  # the methods that choose Tucker ranks
+PRUNING_METHODS = tuple(m for m in METHODS if m.prunes)
 
 
 def method(key: str) -> Method:
@@ -55,6 +72,10 @@ def policy_for(key: str = DEFAULT_METHOD, target: float | None = None, *, device
     from .spectral import EnergyPolicy, VBMFPolicy
     from .uniform import UniformPolicy
     chosen = method(key)
+    if chosen.prunes:
+        raise PolicyError(f"{chosen.key} prunes filters, it sets no Tucker ranks: it is not a rank policy; prune with "
+                          f"prune_model_folder(..., criterion={chosen.criterion!r}) or tuckersegment compress "
+                          f"--method {chosen.key}")
     if not chosen.target:
         if target is not None:
             raise PolicyError(f"the {chosen.key} method chooses its ranks itself; give it no target")
@@ -71,6 +92,16 @@ def policy_for(key: str = DEFAULT_METHOD, target: float | None = None, *, device
     if chosen.key == "uniform":
         return UniformPolicy(target, rank_min=rank_min)
     return EnergyPolicy(target)
+
+
+def describe_policy(data: Mapping[str, Any]) -> str:
+    """One line for a policy recorded in ``tucker.json``: the rank policy's repr, or e.g.
+    ``prune-l1(target_flops=0.5)`` for a pruned model."""
+    name = data.get("name")
+    if isinstance(name, str) and name.startswith(PRUNE_PREFIX):
+        params = data.get("params") if isinstance(data.get("params"), dict) else {}
+        return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
+    return repr(policy_from_dict(data))
 
 
 def policy_from_dict(data: Mapping[str, Any]) -> RankPolicy:

@@ -24,7 +24,7 @@ from ..image.geometry import resample_image, resample_labels_nearest, resampled_
 from ..image.volume import Volume, checked_volume
 from ..nnunet.layout import Fold
 from ..nnunet.model_folder import ModelFolder
-from ..policies.methods import policy_from_dict
+from ..policies.methods import describe_policy
 from ..progress import Cancel, Progress
 from ..runtime.devices import resolve_device
 from ..runtime.execution import ExecutionReport, optimise_execution
@@ -148,7 +148,7 @@ class Segmenter:
             network = self.model.load_network(self.fold)
             record = self.model.tucker_record(self.fold)
             axes = record.get("inference_allowed_mirroring_axes")
-            self.policy = repr(policy_from_dict(record["policy"]))
+            self.policy = describe_policy(record["policy"])
         else:
             self.policy = "original"
             network, checkpoint = self.model.load_original(self.fold, trust=trust_checkpoint)
