@@ -23,7 +23,8 @@ _EXPORTS = {
     "variants.build": ("build_variant",),
     "variants.measure": ("measure_variant", "plan_measurement"),
     # compression
-    "compress.folder": ("compress_model_folder", "describe_model"),
+    "compress.folder": ("compress_model_folder", "describe_model", "prune_model_folder"),
+    "compress.pruning": ("PruningReport", "prune_network"),
     "compress.network": ("CompressionReport", "LayerRecord", "compress_network"),
     "compress.figures": ("CompressionReview", "ModelFigures", "pareto_front"),
     "compress.review": ("review_compression",),

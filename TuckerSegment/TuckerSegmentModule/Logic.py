@@ -46,10 +46,12 @@ def platformProblem():
 
 
 def suggestedOutputName(modelFolder: str, policy: str, target: float) -> str:
-    """The compressed model's folder name when the user typed none: ``<model>-tucker-<method>[-<target>]``."""
+    """The compressed model's folder name when the user typed none: ``<model>-tucker-<method>[-<target>]``, or
+    ``<model>-<prune method>-<target>`` for a pruned one."""
     from TuckerSegmentLib.policies.methods import method
     stem = Path(modelFolder).name if str(modelFolder or "").strip() else "model"
-    return f"{stem}-tucker-{policy}" + (f"-{float(target):g}" if method(policy).target else "")
+    chosen = method(policy)
+    return f"{stem}-{'' if chosen.prunes else 'tucker-'}{policy}" + (f"-{float(target):g}" if chosen.target else "")
 
 
 def compressionOutput(parent: str, name: str, modelFolder: str, policy: str, target: float) -> Path:
@@ -326,11 +328,13 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                          calibrationNodes=(), device: str = "auto", measure: bool = True, runtime: str = "auto"):
         """Compress an nnU-Net v2 model folder into the new folder ``outputFolder`` in the worker, then review
         it against the original; returns the ``WorkerJob`` at once (``finishCompression`` gives the review).
+        ``policy``: a method of ``policies.methods.METHODS``; the pruning baselines ``prune-l1``/``prune-fpgm`` prune
+        to the FLOP ``target`` from the weights alone (``prune-taylor`` needs labels: the command line).
         ``calibrationNodes``: scene CT volumes for activation-aware ranks and the agreement figure; ``runtime``
         what time (a latency target, the review) is measured in. The
         output appears whole or not at all: after a cancel, error or crash what the worker left is removed."""
         from TuckerSegmentLib.atomic import check_output_dir, remove_stale
-        from TuckerSegmentLib.errors import ModelFolderError, OutputPathError
+        from TuckerSegmentLib.errors import ModelFolderError, OutputPathError, PolicyError
         from TuckerSegmentLib.nnunet.layout import locate_model
         from TuckerSegmentLib.policies.methods import method
         from TuckerSegmentLib.worker.protocol import save_volume
@@ -338,7 +342,9 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             raise ModelFolderError("choose the nnU-Net model folder to compress")
         if not str(outputFolder or "").strip():
             raise OutputPathError("choose where the compressed model goes (a parent folder and a new name)")
-        method(policy)  # an unknown method is named before anything starts
+        if method(policy).needs_labels:  # an unknown method is named before anything starts
+            raise PolicyError(f"{policy} needs labelled CTs, which the panel does not take; run tuckersegment compress "
+                              f"--method {policy} --calibration CT... --labels LABELMAP...")
         source = locate_model(Path(modelFolder).expanduser())  # the worker checks the folder's contents
         output = check_output_dir(Path(outputFolder).expanduser(), protected=source)
         volumes = [readVolume(node) for node in calibrationNodes]

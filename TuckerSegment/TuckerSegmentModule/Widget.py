@@ -61,7 +61,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.addItem(label, key)
         from TuckerSegmentLib.policies.methods import DEFAULT_METHOD, METHODS
         for method in METHODS:
-            self.ui.policyComboBox.addItem(method.label, method.key)
+            if not method.needs_labels:  # the panel takes no label maps (Taylor pruning: the command line)
+                self.ui.policyComboBox.addItem(method.label, method.key)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
         for field, combo, default in (("variant", self.ui.variantComboBox, "auto"),
                                       ("device", self.ui.deviceComboBox, "auto"),

@@ -148,7 +148,8 @@ def test_what_the_panel_needs_before_installing_works_without_torch_tensorly_and
     assert len(seen["devices"]) == 1 and seen["devices"][0].startswith("CPU")
     assert "GPU unknown until PyTorch is installed" in seen["devices"][0]
     assert seen["missing"] == []  # read from the installed metadata, without importing any of them
-    assert seen["methods"] == ["flops", "params", "latency", "uniform", "energy", "vbmf"]
+    assert seen["methods"] == ["flops", "params", "latency", "uniform", "energy", "vbmf", "prune-l1", "prune-fpgm",
+                              "prune-taylor"]
 
 
 def test_the_public_api_names_resolve_lazily():

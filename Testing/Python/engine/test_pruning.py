@@ -381,3 +381,19 @@ def test_version_1_tucker_records_still_load(tiny_model, tmp_path):
     path.write_text(json.dumps(record | {"format_version": 1}))
     network = ModelFolder.open(out).load_network("0")
     assert network_stats(network, ModelFolder.open(out).example_input()).flops == record["after"]["flops"]
+
+
+def test_panel_worker_prunes_with_l1_and_refuses_taylor(tiny_model, tmp_path):
+    import io
+
+    from TuckerSegmentLib.worker.server import Worker
+    worker = Worker(io.BytesIO())
+    review = worker.compress({"source": str(tiny_model), "output": str(tmp_path / "panel"), "policy": "prune-l1",
+                              "target": 0.3, "measure": False}, lambda fraction, message: None)
+    assert review["policy"] == {"name": "prune-l1", "params": {"target_flops": 0.3}}
+    assert review["compressed"]["flops"] <= 0.3 * review["original"]["flops"]
+    assert ModelFolder.open(tmp_path / "panel").tucker_record("0")["pruning"]["criterion"] == "l1"
+    with pytest.raises(PolicyError, match="prune-taylor needs labelled CTs, which the panel does not take"):
+        worker.compress({"source": str(tiny_model), "output": str(tmp_path / "taylor"), "policy": "prune-taylor"},
+                        lambda fraction, message: None)
+    assert not (tmp_path / "taylor").exists()

@@ -142,9 +142,11 @@ class Worker:
 
     def compress(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Compress ``args["source"]`` into ``args["output"]`` and review it against the original. Without
-        ``args["calibration"]`` a CT model is calibrated on the bundled sample CT, unless ``args["weight_only"]``."""
+        ``args["calibration"]`` a CT model is calibrated on the bundled sample CT, unless ``args["weight_only"]``.
+        A pruning method (``prune-l1``, ``prune-fpgm``) prunes to the FLOP target instead, from the weights alone."""
         from ..atomic import check_output_dir
-        from ..compress.folder import compress_model_folder
+        from ..compress.folder import compress_model_folder, prune_model_folder
+        from ..errors import PolicyError
         from ..compress.review import review_compression
         from ..nnunet.model_folder import ModelFolder
         from ..policies.methods import method, policy_for
@@ -153,16 +155,26 @@ class Worker:
         device, runtime = args.get("device", "auto"), args.get("runtime", "auto")
         choose_runtime(runtime, "auto", resolve_device(device))  # refused before anything is written
         policy_key, target = args.get("policy", "flops"), args.get("target")
-        policy = policy_for(policy_key, target if method(policy_key).target else None, device=device, runtime=runtime)
+        chosen = method(policy_key)
+        if chosen.needs_labels:
+            raise PolicyError(f"{chosen.key} needs labelled CTs, which the panel does not take; run tuckersegment "
+                              f"compress --method {chosen.key} --calibration CT... --labels LABELMAP...")
+        policy = None if chosen.prunes else policy_for(policy_key, target if chosen.target else None, device=device,
+                                                       runtime=runtime)
         source = ModelFolder.open(args["source"]).path
         output = check_output_dir(Path(args["output"]).expanduser(), protected=source)
         volumes = [Volume(*load_volume(path)) for path in args.get("calibration", [])]
 
         def layer(done: int, total: int, name: str) -> None:
-            progress(0.6 * done / total, f"compressing layer {done}/{total}: {name}")
+            progress(0.6 * done / total, f"{'pruning, trial' if chosen.prunes else 'compressing layer'} {done}/{total}: "
+                                         f"{name}")
         progress(0.0, "reading the model" + (" and calibration volumes" if volumes else ""))
-        compress_model_folder(source, output, policy, progress=layer, calibration=volumes or None,
-                              weight_only=args.get("weight_only", False))
+        if chosen.prunes:  # weights alone; the scene's CTs only score agreement in the review
+            prune_model_folder(source, output, chosen.criterion, chosen.default if target is None else target,
+                               progress=layer)
+        else:
+            compress_model_folder(source, output, policy, progress=layer, calibration=volumes or None,
+                                  weight_only=args.get("weight_only", False))
         review = review_compression(source, output, volumes, device, bool(args.get("measure", True)),
                                     lambda fraction, message: progress(0.6 + 0.4 * fraction, message),
                                     runtime=runtime)
