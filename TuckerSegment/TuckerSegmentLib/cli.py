@@ -27,6 +27,7 @@ from .nnunet.model_folder import ModelFolder
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, PRUNING_METHODS, RANK_METHODS, method, policy_for
 from .progress import Progress
+from .recovery.distill import DEFAULT_ITERATIONS, DEFAULT_LR, TRAINED, distill_model_folder
 from .runtime.inference import PRECISIONS, RUNTIMES
 from .segment.batch import BatchItem, segment_batch
 from .segment.output import plan_outputs, write_result
@@ -197,6 +198,31 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    """``distill``: train a compressed folder to reproduce its original on unlabeled CTs (no labels)."""
+    calibration = list(args.calibration)
+    if len(args.paths) == 1 and len(calibration) > 1:  # "--calibration CT... OUT_DIR": the list took OUT_DIR
+        args.paths.append(calibration.pop())
+    if len(args.paths) != 2:
+        raise TuckerSegmentError("distill needs COMPRESSED_DIR and OUT_DIR: tuckersegment distill COMPRESSED_DIR "
+                                 "--teacher ORIGINAL_DIR --calibration CT... OUT_DIR")
+    compressed_dir, args.out_dir = args.paths
+    progress = None if args.quiet else _progress("distilling ")
+    record = distill_model_folder(compressed_dir, args.teacher, calibration, args.out_dir,
+                                  iterations=args.iterations, lr=args.lr, temperature=args.temperature,
+                                  batch_size=args.batch_size, trained=args.trained, device=args.device, fold=args.fold,
+                                  overwrite=args.overwrite, trust=args.trust_checkpoint, progress=progress)
+    if args.json:
+        print(json.dumps(record, indent=1))
+    else:
+        agreement, kl = record["agreement"], record["kl"]
+        print(f"distilled {record['iterations']} iterations ({record['trained']} parameters trained, "
+              f"{record['seconds']:.0f} s on {record['device']}); held-out agreement with the original "
+              f"{agreement['before']} -> {agreement['after']}, KL {kl['before']} -> {kl['after']}")
+        print(f"wrote {args.out_dir}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     info = describe_model(args.model_dir, fold=args.fold, configuration=args.configuration)
     if args.json:
@@ -358,6 +384,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .recovery.finetune import finetune_model_folder  # nnU-Net's trainer: imported only for this command
+
+    say = None if args.quiet else (lambda fraction, message: print(f"{fraction:4.0%} {message}", file=sys.stderr,
+                                                                   flush=True))
+    report = finetune_model_folder(args.compressed, args.dataset, args.out, epochs=args.epochs,
+                                   iterations_per_epoch=args.iterations_per_epoch, lr=args.lr, device=args.device,
+                                   original=args.original, overwrite=args.overwrite, progress=say)
+    dice = report.validation_dice
+    columns = [c for c in ("original", "compressed", "finetuned") if c in dice]
+    print("| class | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for name in dice["finetuned"]:
+        cells = [dice[c].get(name) for c in columns]
+        print(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")
+    print(f"fine-tuned {report.epochs} epoch(s) × {report.iterations_per_epoch} iteration(s) on {report.device} in "
+          f"{report.seconds:.0f} s (validation Dice: nnU-Net's validation of fold 0)")
+    print(f"wrote {report.output}")
+    return 0
+
+
 def _segment_progress() -> Progress:
     """Progress on stderr, once per tenth of the batch."""
     last = [-1]
@@ -434,6 +486,37 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--json", action="store_true", help="print the full report as JSON")
     compress.add_argument("--quiet", action="store_true", help="no per-layer progress on stderr")
     compress.set_defaults(func=_compress)
+
+    distill = commands.add_parser(
+        "distill", help="recover accuracy without labels: train a compressed folder to reproduce its original on "
+                        "unlabeled CTs",
+        description="Label-free distillation: the compressed network learns the original's softmax on random, "
+                    "augmented patches of your unlabeled CTs (nnU-Net's preprocessing and augmentation). Writes a new "
+                    "compressed folder whole; the inputs are never modified. An interrupted run resumes from "
+                    "OUT_DIR.distill-state/ when run again with the same inputs.")
+    distill.add_argument("paths", nargs="+", metavar="COMPRESSED_DIR OUT_DIR",
+                         help="the compressed or pruned model folder (tuckersegment compress), then a new folder for "
+                              "the recovered model (written atomically; it may follow the --calibration list)")
+    distill.add_argument("--teacher", required=True, metavar="ORIGINAL_DIR",
+                         help="the original nnU-Net model folder the compressed one was made from (read only)")
+    distill.add_argument("--calibration", required=True, nargs="+", metavar="CT",
+                         help="unlabeled CT volumes (NIfTI/NRRD) like the ones the model will segment")
+    distill.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                         help=f"training iterations (default {DEFAULT_ITERATIONS})")
+    distill.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"AdamW learning rate (default {DEFAULT_LR:g})")
+    distill.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    distill.add_argument("--batch-size", type=int, help="patches per iteration (default 1 on a CPU, the plans' on a GPU)")
+    distill.add_argument("--trained", choices=TRAINED, default="auto",
+                         help="factorised: only the Tucker factors and cores; all: every parameter; auto (default): "
+                              "as measured best on the demo model (all for pruned folders)")
+    distill.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N or mps")
+    distill.add_argument("--fold", type=_fold, help="fold to distil (default: the first)")
+    distill.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    distill.add_argument("--trust-checkpoint", action="store_true",
+                         help="fully unpickle a teacher checkpoint a weights-only load refuses (can run code)")
+    distill.add_argument("--json", action="store_true", help="print the recovery record as JSON")
+    distill.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    distill.set_defaults(func=_distill)
 
     info = commands.add_parser("info", help="parameters, FLOPs and weights of a model folder")
     info.add_argument("model_dir", help="original or compressed model folder")
@@ -533,6 +616,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     evaluation.add_argument("--quiet", action="store_true", help="no progress on stderr")
     evaluation.set_defaults(func=_evaluate)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a compressed or pruned model on a labelled nnU-Net data set (nnU-Net's trainer)",
+        description="Fine-tune fold 0 of a compressed (or pruned) model folder as the Tucker paper did: nnU-Net's "
+                    "trainer without mirroring, AdamW, constant learning rate, from the compressed weights, on a "
+                    "labelled data set in nnU-Net raw or preprocessed format (preprocessed again with the model's "
+                    "plans). Writes a model folder in the same safe format with nnU-Net's training log and per-class "
+                    "validation Dice; an interrupted run resumes when started again with the same options.")
+    finetune.add_argument("compressed", type=Path, metavar="COMPRESSED_DIR",
+                          help="output of tuckersegment compress (never modified)")
+    finetune.add_argument("out", type=Path, metavar="OUT_DIR", help="new folder for the fine-tuned model (written whole)")
+    finetune.add_argument("--dataset", required=True, metavar="NAME_OR_ID",
+                          help="the labelled data set: a folder, Dataset123_Name or 123 (looked up in $nnUNet_raw, "
+                               "then $nnUNet_preprocessed); the model's channels and labels, plus an optional ignore "
+                               "label")
+    finetune.add_argument("--epochs", type=_positive, default=50, help="epochs (default 50, as the paper)")
+    finetune.add_argument("--iterations-per-epoch", type=_positive, default=250,
+                          help="training iterations per epoch (default nnU-Net's 250)")
+    finetune.add_argument("--lr", type=float, default=1e-5, help="constant AdamW learning rate (default 1e-5)")
+    finetune.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N or mps")
+    finetune.add_argument("--original", "--teacher", type=Path, metavar="ORIGINAL_DIR",
+                          help="the original model folder, validated alongside for comparison")
+    finetune.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    finetune.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    finetune.set_defaults(func=_finetune)
     return parser
 
 

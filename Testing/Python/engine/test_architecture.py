@@ -16,7 +16,9 @@ PACKAGE = "TuckerSegmentLib"
 # Each unit may import units of its own layer and of layers above it, never below.
 LAYERS = (
     {PACKAGE, "paths", "errors", "progress", "atomic", "dependencies"},
-    {"image"}, {"tucker"}, {"runtime"}, {"policies"}, {"nnunet"}, {"segment"}, {"compress"}, {"variants"},
+    {"image"}, {"tucker"}, {"runtime"}, {"policies"}, {"nnunet"}, {"segment"}, {"compress"},
+    {"recovery"},  # training a compressed network back towards its original (distillation, fine-tuning)
+    {"variants"},
     {"evaluation"},  # evaluate models side by side: Dice, paired tests, costs, plots
     {"worker"},  # the worker process and its client (Slicer's Logic drives it)
     {"cli"},

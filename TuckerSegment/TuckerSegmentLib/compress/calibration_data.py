@@ -72,23 +72,48 @@ def _padded(array: np.ndarray, patch: tuple[int, ...], value: float | bool) -> n
     return np.pad(array, [(0, max(0, p - s)) for p, s in zip(patch, array.shape, strict=True)], constant_values=value)
 
 
+def _on_model_grid(model: ModelFolder, source: CalibrationVolume) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    """The volume as inference sees it (canonical RAS, trilinear at the model spacing, normalised), its shape,
+    and the model spacing in array order."""
+    spacing = np.asarray(model.configuration_manager.spacing, dtype=float)
+    target = spacing[list(model.plans_manager.transpose_backward)]
+    canonical, _ = to_canonical(source.volume)
+    shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
+    return _normalised(model, resample_image(canonical.array, shape)), shape, target
+
+
+def _mask_on_model_grid(source: CalibrationVolume, shape: tuple[int, ...]) -> np.ndarray:
+    oriented, _ = to_canonical(Volume(source.mask, source.volume.ijk_to_ras))
+    return resample_labels_nearest(oriented.array, shape)
+
+
+def network_ready_volume(model: ModelFolder, item: CalibrationVolume | Volume | str | Path,
+                         number: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One whole volume as the network sees it (the grid and normalisation of ``calibration_patches``), padded
+    to at least the patch size, and the voxels that may be used (bool, same shape: the mask followed by
+    nearest neighbour, or every voxel; padding never): for training on random patches."""
+    source = checked_calibration(item)
+    patch = tuple(model.patch_size)
+    image, shape, target = _on_model_grid(model, source)
+    usable = np.ones(shape, dtype=bool) if source.mask is None else _mask_on_model_grid(source, shape)
+    if not usable.any():
+        raise VolumeError(f"the calibration mask of volume {number} keeps no voxel at the model's spacing "
+                          f"({'×'.join(f'{s:g}' for s in target)} mm); mark a larger region")
+    return _padded(image, patch, float(image.min())), _padded(usable, patch, False)
+
+
 def _windows(model: ModelFolder, source: CalibrationVolume, number: int, patches_per_volume: int,
              labels: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
     """(image, mask, labels) patches of one volume on nnU-Net's sliding-window grid at the model spacing: the
     image trilinear and normalised, the mask and ``labels`` (on the volume's grid) nearest neighbour."""
     patch = tuple(model.patch_size)
-    spacing = np.asarray(model.configuration_manager.spacing, dtype=float)
-    target = spacing[list(model.plans_manager.transpose_backward)]
-    canonical, _ = to_canonical(source.volume)
-    shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
-    image = _normalised(model, resample_image(canonical.array, shape))
+    image, shape, target = _on_model_grid(model, source)
     padded = _padded(image, patch, float(image.min()))
     steps = compute_steps_for_sliding_window(padded.shape, patch, 0.5)
     corners = [(a, b, c) for a in steps[0] for b in steps[1] for c in steps[2]]
     mask = label_array = None
     if source.mask is not None:
-        oriented, _ = to_canonical(Volume(source.mask, source.volume.ijk_to_ras))
-        mask = _padded(resample_labels_nearest(oriented.array, shape), patch, False)
+        mask = _padded(_mask_on_model_grid(source, shape), patch, False)
         corners = [(a, b, c) for a, b, c in corners if mask[a:a + patch[0], b:b + patch[1], c:c + patch[2]].any()]
         if not corners:
             raise VolumeError(f"the calibration mask of volume {number} keeps no voxel at the model's spacing "
