@@ -38,6 +38,11 @@ _EXPORTS = {
     "tucker.network_stats": ("NetworkStats", "network_stats"),
     "tucker.calibration": ("CalibrationPatch", "LayerStatistics", "collect_statistics"),
     "tucker.layers": ("LayerInfo",),
+    # evaluation
+    "evaluation.run": ("Candidate", "Evaluation", "evaluate"),
+    "evaluation.cases": ("Scan", "pair_scans"),
+    "evaluation.report": ("write_report",),
+    "evaluation.statistics": ("dice_per_class", "holm", "wilcoxon"),
     # model folders
     "nnunet.model_folder": ("ModelFolder", "load_network"),
     # errors

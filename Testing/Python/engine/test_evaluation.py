@@ -11,9 +11,10 @@ import pytest
 import SimpleITK as sitk
 from conftest import bundled, tree_digest
 from TuckerSegmentLib.cli import main
-from TuckerSegmentLib.errors import VolumeError
+from TuckerSegmentLib.errors import TuckerSegmentError, VolumeError
 from TuckerSegmentLib.evaluation.cases import Scan, pair_scans, reference_labels
 from TuckerSegmentLib.evaluation.report import JSON_NAME, pareto_plot
+from TuckerSegmentLib.evaluation.run import evaluate
 from TuckerSegmentLib.evaluation.saved import evaluation_curves, save_evaluation, saved_path
 from TuckerSegmentLib.evaluation.statistics import dice_per_class, holm, wilcoxon
 from TuckerSegmentLib.image.volume import Volume, volume_to_image
@@ -187,8 +188,8 @@ def test_evaluate_the_demo_model_with_its_variants(tmp_path: Path, demo_cases: t
 
 def test_the_pareto_plot_holds_every_curve(tmp_path: Path) -> None:
     def model(curve: str, flops: float, dice: float) -> dict:
-        return {"curve": curve, "flops_fraction": flops, "median_seconds": flops, "mean_dice": dice,
-                "mean_agreement": dice}
+        return {"curve": curve, "flops_fraction": flops, "median_seconds": flops, "pooled_dice": dice,
+                "pooled_agreement": dice}
     curves = ["original", "uniform rule (paper)", "budget policy, weight-only", "budget policy, activation-aware",
               "prune-l1", "prune-fpgm", "prune-taylor", "original (bf16)"]
     data = {"labelled": True, "models": [model(c, f, 0.5 + f / 3) for c in curves for f in (0.2, 0.3, 0.5)]}
@@ -254,3 +255,10 @@ def test_evaluate_refuses_bad_input_in_one_line(case: str, tmp_path: Path, demo_
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and expected in error[0]
     assert (not out.exists()) if case != "out exists" else [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_evaluate_refuses_labels_for_some_scans_only() -> None:
+    sample = chest_sample()
+    scans = [Scan("labelled", sample.ct, sample.labels), Scan("unlabelled", sample.ct)]
+    with pytest.raises(TuckerSegmentError, match="labels for all or none"):
+        evaluate(bundled("chest-demo"), [bundled("chest-demo-tucker-fast")], scans, memory=False)

@@ -2,8 +2,10 @@
 
 Models evaluated together share one process, whose allocator reuses what an earlier model freed, so a
 peak measured there says little. Here each model gets its own ``python -m`` process: the figure is the
-process's peak resident memory (``ru_maxrss``) above its level after the imports, while it loads the
-model and segments the scan once (Linux and macOS; ``None`` elsewhere)."""
+peak resident memory above the level after the imports and reading the scan, sampled while the process
+loads the model and segments the scan once (``runtime.memory.PeakMemory``; Linux, ``None`` elsewhere).
+The process's own lifetime peak (``ru_maxrss``) would not do: importing the libraries peaks higher than a
+small model's whole run."""
 from __future__ import annotations
 
 import json
@@ -37,25 +39,15 @@ def peak_memory(model: Path, image: Path | Volume, device: str, runtime: str, pr
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def _maxrss_bytes() -> int | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def _main(request: dict[str, str]) -> int | None:
     from ..image.volume import read_volume
-    from ..runtime.memory import resident_bytes
+    from ..runtime.memory import PeakMemory
     from ..segment.predictor import Segmenter
     volume = read_volume(request["image"])
-    base = resident_bytes()
-    Segmenter(request["model"], device=request["device"], runtime=request["runtime"],
-              precision=request["precision"]).segment(volume)
-    peak = _maxrss_bytes()
-    return None if base is None or peak is None else max(0, peak - base)
+    with PeakMemory() as memory:
+        Segmenter(request["model"], device=request["device"], runtime=request["runtime"],
+                  precision=request["precision"]).segment(volume)
+    return memory.peak
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from typing import Any
 from ..atomic import atomic_output_dir, check_output_dir
 
 JSON_NAME, MARKDOWN_NAME, DICE_PLOT, PARETO_PLOT = "evaluation.json", "evaluation.md", "dice_per_class.png", "pareto.png"
-QUALITY = (("mean_dice", "mean Dice vs reference labels"), ("mean_agreement", "mean Dice vs the original's labels"))
+QUALITY = (("pooled_dice", "Dice vs reference labels (pooled over cases)"),
+           ("pooled_agreement", "Dice vs the original's labels (pooled)"))
 COSTS = (("flops_fraction", "FLOPs per patch (fraction of the original)"),
          ("median_seconds", "seconds per volume (measured)"))
 
@@ -39,11 +40,13 @@ def markdown(data: Mapping[str, Any]) -> str:
     models = data["models"]
     original = models[0]
     lines = [f"Evaluated on {len(data['scans'])} scan(s), {len(data['cases'])} case(s), device {data['device']}; "
-             f"{data['timing']}. FLOPs: {data['flop_convention']}. Test: {data['test']}.", ""]
+             f"{data['timing']}. FLOPs: {data['flop_convention']}. Test: {data['test']}. Mean Dice: per case, then "
+             "over classes; pooled Dice: each class's voxels of all cases pooled, then over classes; agreement: mean "
+             "Dice against the original's labels.", ""]
     lines += [f"- {note}" for note in data["notes"]] + ([""] if data["notes"] else [])
     lines += ["| model | method | params (M) | GFLOPs/patch (fraction) | weights (MB) | peak memory (MB) | s/volume | "
-              "speed-up | mean Dice | Δ Dice (points) | agreement | classes differing (Holm) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "speed-up | mean Dice | Δ Dice (points) | pooled Dice | agreement | classes differing (Holm) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in models:
         delta = (100 * (m["mean_dice"] - original["mean_dice"])
                  if m["mean_dice"] is not None and original["mean_dice"] is not None else None)
@@ -51,7 +54,7 @@ def markdown(data: Mapping[str, Any]) -> str:
         lines.append(f"| {m['name']} | {m['curve']} | {m['params'] / 1e6:.3f} | {m['flops'] / 1e9:.1f} "
                      f"({m['flops_fraction']:.2f}) | {m['weights_bytes'] / 1e6:.2f} | {_number(peak, 0)} | "
                      f"{_number(m['median_seconds'])} | {_number(m['speedup'], 2)} | {_number(m['mean_dice'])} | "
-                     f"{'' if delta is None else f'{delta:+.1f}'} | {_number(m['mean_agreement'])} | "
+                     f"{'' if delta is None else f'{delta:+.1f}'} | {_number(m['pooled_dice'])} | {_number(m['mean_agreement'])} | "
                      f"{_significance(m)} |")
     if data["labelled"]:
         lines += ["", "Mean Dice per class over cases (p: Holm-corrected Wilcoxon vs the original; * below "
@@ -85,21 +88,25 @@ def pareto_plot(data: Mapping[str, Any], path: Path, title: str = "", quality: b
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib import colormaps
     curves = _curves(data["models"])
-    rows = [q for q in QUALITY if q[0] != "mean_dice" or data["labelled"]] if quality else [COSTS[1]]
+    colours = colormaps["tab10" if len(curves) <= 10 else "tab20"]
+    rows = [q for q in QUALITY if q[0] != "pooled_dice" or data["labelled"]] if quality else [COSTS[1]]
     columns = COSTS if quality else COSTS[:1]
     figure, axes = plt.subplots(len(rows), len(columns), figsize=(6.5 * len(columns), 4.5 * len(rows)), squeeze=False)
     for r, (y_key, y_label) in enumerate(rows):
         for c, (x_key, x_label) in enumerate(columns):
             axis = axes[r][c]
             for index, (curve, models) in enumerate(curves.items()):
-                points = sorted((m[x_key], m[y_key]) for m in models if m[x_key] is not None and m[y_key] is not None)
+                points = sorted((m[x_key], 1.0 if curve == "original" and y_key == "pooled_agreement" else m[y_key])
+                                for m in models if m[x_key] is not None)  # the original agrees with itself
+                points = [p for p in points if p[1] is not None]
                 if not points:
                     continue
                 xs, ys = zip(*points, strict=True)
                 marker = "*" if curve.startswith("original") else "os^vDPXh<>"[index % 10]
                 axis.plot(xs, ys, marker=marker, markersize=11 if marker == "*" else 6, label=curve,
-                          linestyle="-" if len(points) > 1 else "none")
+                          color=colours(index), linestyle="-" if len(points) > 1 else "none")
             axis.set_xlabel(x_label)
             axis.set_ylabel(y_label)
             axis.grid(alpha=0.3)

@@ -164,6 +164,26 @@ def _test_classes(variant: ModelResult, original: ModelResult, cases: Sequence[s
             for (name, t), p in zip(tests.items(), adjusted, strict=True)}
 
 
+def _load(candidates: Sequence[Candidate], folders: Sequence[ModelFolder], device: str, runtime: str,
+          report: Progress) -> tuple[list[ModelResult], list[Segmenter]]:
+    """Every model loaded once, with its figures; variants must be of the original (given first)."""
+    if folders[0].compressed:
+        raise TuckerSegmentError(f"{folders[0].path} is compressed; give the original model first, then its variants")
+    for folder in folders[1:]:
+        if folder.dataset_json.get("labels") != folders[0].dataset_json.get("labels"):
+            raise TuckerSegmentError(f"{folder.path} segments other structures than {folders[0].path}; compare "
+                                     "variants of one original model")
+    results, segmenters = [], []
+    for index, (candidate, folder) in enumerate(zip(candidates, folders, strict=True)):
+        report(0.02 * index / len(candidates), f"loading {folder.path.name}")
+        info = describe_model(folder.path)
+        info["calibration"] = folder.tucker_record(folder.folds[0]).get("calibration") if folder.compressed else None
+        segmenters.append(Segmenter(folder, device=device, runtime=runtime, precision=candidate.precision))
+        results.append(ModelResult(candidate.name or folder.name, str(folder.path),
+                                   candidate.curve or curve_of(info, candidate.precision), candidate.precision, info))
+    return results, segmenters
+
+
 def evaluate(original: Candidate | str | Path, variants: Sequence[Candidate | str | Path], scans: Sequence[Scan], *,
              device: str = "auto", runtime: str = "auto", rounds: int = 1, memory: bool = True,
              progress: Progress | None = None) -> Evaluation:
@@ -177,24 +197,12 @@ def evaluate(original: Candidate | str | Path, variants: Sequence[Candidate | st
     if not variants:
         raise TuckerSegmentError("give at least one variant to compare with the original")
     report = progress or (lambda fraction, message: None)
-    folders = [ModelFolder.open(c.path) for c in candidates]
-    if folders[0].compressed:
-        raise TuckerSegmentError(f"{folders[0].path} is compressed; give the original model first, then its variants")
-    for folder in folders[1:]:
-        if folder.dataset_json.get("labels") != folders[0].dataset_json.get("labels"):
-            raise TuckerSegmentError(f"{folder.path} segments other structures than {folders[0].path}; compare "
-                                     "variants of one original model")
-    classes, ignore = label_classes(folders[0].dataset_json)
-    results, segmenters = [], []
-    for index, (candidate, folder) in enumerate(zip(candidates, folders, strict=True)):
-        report(0.02 * index / len(candidates), f"loading {folder.path.name}")
-        info = describe_model(folder.path)
-        info["calibration"] = folder.tucker_record(folder.folds[0]).get("calibration") if folder.compressed else None
-        segmenter = Segmenter(folder, device=device, runtime=runtime, precision=candidate.precision)
-        segmenters.append(segmenter)
-        results.append(ModelResult(candidate.name or folder.name, str(folder.path),
-                                   candidate.curve or curve_of(info, candidate.precision), candidate.precision, info))
     labelled = all(scan.reference is not None for scan in scans)
+    if not labelled and any(scan.reference is not None for scan in scans):
+        raise TuckerSegmentError("some scans have reference labels and some do not; give labels for all or none")
+    folders = [ModelFolder.open(c.path) for c in candidates]
+    classes, ignore = label_classes(folders[0].dataset_json)
+    results, segmenters = _load(candidates, folders, device, runtime, report)
     case_names: list[str] = []
     steps, done = len(scans) * rounds * len(candidates), 0
     for scan_index, scan in enumerate(scans):
