@@ -34,7 +34,7 @@ def _case(rng: np.random.Generator, channels: int, labels: int) -> tuple[list[np
         size = rng.integers(6, 14, size=3)
         label[tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))] = value
     label[:, :, :3] = IGNORE
-    image = rng.normal(-200, 60, SHAPE) + 350.0 * (label % IGNORE)
+    image = rng.normal(-900, 60, SHAPE) + 400.0 * (label % IGNORE)
     return [image.astype(np.float32) + 5 * c for c in range(channels)], label
 
 

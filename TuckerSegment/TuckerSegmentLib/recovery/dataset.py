@@ -222,9 +222,10 @@ def prepare_dataset(dataset: Dataset, model: ModelFolder, base: Path, training_j
         data_folder.mkdir()
         preprocessor = DefaultPreprocessor(verbose=False)
         allowed = {int(v) for v in _labels(training_json).values() if isinstance(v, int)}
+        for name, case in sorted(cases.items()):  # every case checked before any work
+            _check_label_values(name, case["label"], allowed, model)
         for number, (name, case) in enumerate(sorted(cases.items()), start=1):
             say(f"preprocessing case {number}/{len(cases)}: {name} (the model's plans, {model.configuration})")
-            _check_label_values(name, case["label"], allowed, model)
             try:
                 preprocessor.run_case_save(str(data_folder / name), case["images"], case["label"], model.plans_manager,
                                            cm, training_json)
