@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,7 +32,7 @@ from .runtime.inference import PRECISIONS, RUNTIMES
 from .segment.batch import BatchItem, segment_batch
 from .segment.output import plan_outputs, write_result
 from .segment.predictor import EXECUTIONS
-from .tucker.network_stats import FLOP_CONVENTION
+from .tucker.network_stats import FLOP_CONVENTION, NetworkStats
 from .variants.build import build_variant, weight_only
 from .variants.catalogue import READY, STANDARD_VOLUME_MM, Variant, catalogue, find_variant
 from .variants.choice import choose_model, usable_devices
@@ -89,17 +89,34 @@ def _print_report(fold: str, report: CompressionReport) -> None:
               f"{report.agreement:.3f}" if report.calibration_inputs else "weight-only")
     print(f"fold {fold}: {report.policy['name']} {report.policy['params']} ({source}): {len(report.plans)} layers "
           f"decomposed, {len(report.unused_layers)} unused layers kept dense")
-    print(f"  {'':<12} {'original':>12} {'compressed':>12} {'ratio':>7}")
-    for label, a, b, fmt in (("parameters", before.params, after.params, _millions),
-                             ("FLOPs/patch", before.flops, after.flops, _giga),
-                             ("weights", before.weight_bytes, after.weight_bytes, _megabytes)):
-        print(f"  {label:<12} {fmt(a):>12} {fmt(b):>12} {b / a:>7.3f}")
+    _print_costs(before, after, "compressed")
     if report.latency:
         timing = report.latency
         print(f"  {'time/patch':<12} {timing['original_seconds']:>10.3f} s {timing['compressed_seconds']:>10.3f} s "
               f"{timing['ratio']:>7.3f}  (target {timing['target']}, {timing['device']})")
     worst = max(report.layers, key=lambda layer: layer.rel_error)
     print(f"  largest relative weight error: {worst.rel_error:.3f} ({worst.name})")
+
+
+def _print_costs(before: NetworkStats, after: NetworkStats, label: str) -> None:
+    """Parameters, FLOPs and weights of the original and the ``label``ed network, with their ratios."""
+    print(f"  {'':<12} {'original':>12} {label:>12} {'ratio':>7}")
+    for name, a, b, fmt in (("parameters", before.params, after.params, _millions),
+                            ("FLOPs/patch", before.flops, after.flops, _giga),
+                            ("weights", before.weight_bytes, after.weight_bytes, _megabytes)):
+        print(f"  {name:<12} {fmt(a):>12} {fmt(b):>12} {b / a:>7.3f}")
+
+
+def _print_reports(args: argparse.Namespace, reports: dict[str, Any], first_line: str,
+                   print_fold: Callable[[str, Any], None]) -> None:
+    """Each fold's report, as JSON with --json, else ``first_line`` and a table per fold."""
+    if args.json:
+        print(json.dumps({fold: report.to_dict() for fold, report in reports.items()}, indent=1))
+        return
+    print(first_line)
+    for fold, report in reports.items():
+        print_fold(fold, report)
+    print(f"wrote {args.out_dir} ({FLOP_CONVENTION})")
 
 
 def _calibration_text(record: dict[str, Any]) -> str:
@@ -145,13 +162,8 @@ def _compress(args: argparse.Namespace) -> int:
                                     configuration=args.configuration, trust=args.trust_checkpoint,
                                     overwrite=args.overwrite, progress=progress, calibration=args.calibration,
                                     weight_only=args.weight_only)
-    if args.json:
-        print(json.dumps({fold: report.to_dict() for fold, report in reports.items()}, indent=1))
-    else:
-        print(f"calibration: {_calibration_text(next(iter(reports.values())).calibration)}")
-        for fold, report in reports.items():
-            _print_report(fold, report)
-        print(f"wrote {args.out_dir} ({FLOP_CONVENTION})")
+    _print_reports(args, reports, f"calibration: {_calibration_text(next(iter(reports.values())).calibration)}",
+                   _print_report)
     return 0
 
 
@@ -162,11 +174,7 @@ def _print_pruning_report(fold: str, report: PruningReport) -> None:
     print(f"fold {fold}: {report.policy['name']} to {report.target_flops:g} of the FLOPs ({source}): every layer "
           f"prunes {report.ratio:.3f} of its filters, {kept:.1%} of the channels kept in {len(report.groups)} groups "
           f"({report.trials} trials, {report.seconds:.1f} s)")
-    print(f"  {'':<12} {'original':>12} {'pruned':>12} {'ratio':>7}")
-    for label, a, b, fmt in (("parameters", report.before.params, report.after.params, _millions),
-                             ("FLOPs/patch", report.before.flops, report.after.flops, _giga),
-                             ("weights", report.before.weight_bytes, report.after.weight_bytes, _megabytes)):
-        print(f"  {label:<12} {fmt(a):>12} {fmt(b):>12} {b / a:>7.3f}")
+    _print_costs(report.before, report.after, "pruned")
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -188,13 +196,8 @@ def _prune(args: argparse.Namespace) -> int:
                                  folds=args.fold, configuration=args.configuration, trust=args.trust_checkpoint,
                                  overwrite=args.overwrite, calibration=args.calibration, labels=args.labels,
                                  progress=progress)
-    if args.json:
-        print(json.dumps({fold: report.to_dict() for fold, report in reports.items()}, indent=1))
-    else:
-        print(f"data: {next(iter(reports.values())).calibration['description']}")
-        for fold, report in reports.items():
-            _print_pruning_report(fold, report)
-        print(f"wrote {args.out_dir} ({FLOP_CONVENTION})")
+    _print_reports(args, reports, f"data: {next(iter(reports.values())).calibration['description']}",
+                   _print_pruning_report)
     return 0
 
 
