@@ -368,6 +368,7 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
         def save() -> None:
             tensors, rng = _rng_tensors()
             state["rng"] = rng
+            state["pending"] = [round(v, 6) for v in losses]  # losses since the last log entry
             state["seconds"] = round(state["seconds"] + time.perf_counter() - clock[0], 3)
             clock[0] = time.perf_counter()
             save_state(folder, fingerprint, state, student_net, optimizer, tensors)
@@ -388,7 +389,7 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
             return torch.stack(images).to(torch_device), torch.stack(weights).to(torch_device)
 
         clock = [time.perf_counter()]
-        consistent, saved_at, losses = True, state["iteration"], []
+        consistent, saved_at, losses = True, state["iteration"], list(state.get("pending", []))
         try:
             while state["iteration"] < iterations:
                 check_cancel(cancelled, "distillation")
@@ -400,7 +401,7 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 state["iteration"] += 1
                 consistent = True
                 if state["iteration"] % every == 0 or state["iteration"] == iterations:
