@@ -38,6 +38,8 @@ _EXPORTS = {
     "tucker.network_stats": ("NetworkStats", "network_stats"),
     "tucker.calibration": ("CalibrationPatch", "LayerStatistics", "collect_statistics"),
     "tucker.layers": ("LayerInfo",),
+    # recovery after compression
+    "recovery.distill": ("distill_model_folder",),
     # evaluation
     "evaluation.run": ("Candidate", "Evaluation", "evaluate"),
     "evaluation.cases": ("Scan", "pair_scans"),
