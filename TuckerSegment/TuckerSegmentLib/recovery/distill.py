@@ -209,9 +209,12 @@ def _held_out(student: nn.Module, teacher: nn.Module, patches: Sequence[Calibrat
         return {"agreement": None, "kl": None}
     moved = [CalibrationPatch(p.image.to(device), p.mask.to(device)) for p in patches]
     student.eval()
-    with torch.no_grad():
-        agreement = prediction_agreement(student, teacher, moved)
-        kls = [float(distillation_loss(student(p.image), teacher(p.image), p.mask[:, 0].float())) for p in moved]
+    with torch.no_grad():  # each network once per patch: both outputs side by side, split again for the agreement
+        outputs = [CalibrationPatch(torch.cat([student(p.image), teacher(p.image)], 1), p.mask) for p in moved]
+        classes = outputs[0].image.shape[1] // 2
+        kls = [float(distillation_loss(o.image[:, :classes], o.image[:, classes:], o.mask[:, 0].float()))
+               for o in outputs]
+        agreement = prediction_agreement(lambda x: x[:, :classes], lambda x: x[:, classes:], outputs)
     return {"agreement": round(agreement, 4), "kl": round(float(np.mean(kls)), 6)}
 
 
