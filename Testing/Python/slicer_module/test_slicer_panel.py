@@ -276,7 +276,8 @@ def test_console_batch_stops_when_the_worker_dies_and_keeps_what_was_done(logic,
 def test_dependency_check_names_missing_and_untested_versions():
     versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": "2.8.1", "acvl-utils": "0.2.6",
                 "dynamic-network-architectures": "0.4.4", "safetensors": "0.8.0", "nibabel": "5.4.2",
-                "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4", "openvino": "2026.4.1"}
+                "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4", "openvino": "2026.4.1",
+                "scipy": "1.17.1", "matplotlib": "3.11.2", "torch-pruning": "1.6.1"}
     problems = dependencies.problems(versions.get)
     assert [str(p) for p in problems] == ["torch is not installed",
                                           "tensorly 0.9.0 is installed; TuckerSegment needs tensorly>=0.10,<0.11"]
@@ -328,7 +329,8 @@ def test_install_uses_slicers_installers_then_checks_and_repairs_what_they_left(
     from TuckerSegmentModule.InstallLogic import TuckerSegmentInstallLogic
     versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": None, "acvl-utils": "0.2.6",
                 "dynamic-network-architectures": "0.4.4", "safetensors": "0.8.0", "nibabel": "5.4.2",
-                "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4"}
+                "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4", "scipy": "1.17.1",
+                "matplotlib": "3.11.2", "torch-pruning": "1.6.1"}
     installers = StandInInstallers(versions, monkeypatch)
     logic = TuckerSegmentInstallLogic(versionOf=versions.get)
     outcome = logic.install(logic.problems())
