@@ -47,6 +47,29 @@ def _open_source(source: str | Path, configuration: str | None, folds: Sequence[
 Report = TypeVar("Report", CompressionReport, PruningReport)
 
 
+def _copy_model_files(model: ModelFolder, staging: Path) -> None:
+    """The model's plans, labels and terminology, copied into a new model folder."""
+    for name in COPIED_FILES:
+        if (model.path / name).is_file():
+            shutil.copy2(model.path / name, staging / name)
+
+
+def write_retrained_model(model: ModelFolder, fold: str, network: nn.Module, record: dict[str, Any], target: Path,
+                          overwrite: bool, extra: Callable[[Path], None] | None = None) -> None:
+    """A retrained fold of ``model`` (distilled, fine-tuned) as a new model folder, whole or not at all: the model's
+    plans and labels, ``record`` (the fold's ``tucker.json`` entries) stamped with this version and the new weights'
+    sha256, the weights; ``extra(fold_dir)`` adds files to the fold before the folder appears."""
+    with atomic_output_dir(target, overwrite) as staging:
+        _copy_model_files(model, staging)
+        fold_dir = staging / fold_dir_name(fold)
+        fold_dir.mkdir()
+        weights_sha256 = save_weights(network, fold_dir / WEIGHTS_FILE)
+        write_tucker_json(fold_dir / TUCKER_JSON, {**record, "tuckersegment_version": __version__,
+                                                   "weights_sha256": weights_sha256})
+        if extra is not None:
+            extra(fold_dir)
+
+
 def _write_model_folder(model: ModelFolder, fold_names: Sequence[str], output: str | Path, trust: bool,
                         overwrite: bool, transform: Callable[[nn.Module], Report]) -> dict[str, Report]:
     """Write ``output`` all or nothing: the source's plans and labels, and per fold the network that
@@ -55,9 +78,7 @@ def _write_model_folder(model: ModelFolder, fold_names: Sequence[str], output: s
     target = check_output_dir(Path(output), overwrite, protected=model.path)
     reports: dict[str, Report] = {}
     with atomic_output_dir(target, overwrite) as staging:
-        for name in COPIED_FILES:
-            if (model.path / name).is_file():
-                shutil.copy2(model.path / name, staging / name)
+        _copy_model_files(model, staging)
         for fold in fold_names:
             network, checkpoint = model.load_original(fold, trust)
             report = transform(network)

@@ -43,7 +43,6 @@ loaded weights-only, kept in eval mode without gradients and never written.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,17 +63,15 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 from torch import nn
 from torch.nn import functional
 
-from .. import __version__
-from ..atomic import atomic_output_dir, check_output_dir
+from ..atomic import check_output_dir
 from ..compress.calibration_data import CalibrationVolume, network_ready_volume
 from ..compress.calibration_source import calibration_name
-from ..compress.folder import COPIED_FILES
+from ..compress.folder import write_retrained_model
 from ..errors import Cancelled, Interrupted, ModelFolderError
 from ..image.volume import Volume
 from ..nnunet.checkpoint import sha256_file
-from ..nnunet.layout import TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name
+from ..nnunet.layout import Fold, fold_dir_name
 from ..nnunet.model_folder import ModelFolder
-from ..nnunet.tucker_format import save_weights, write_tucker_json
 from ..progress import Cancel, LayerProgress, check_cancel
 from ..runtime.devices import resolve_device
 from ..tucker.calibration import CalibrationPatch, prediction_agreement
@@ -455,13 +452,5 @@ def _write(student: ModelFolder, fold: str, record: dict[str, Any], network: nn.
            target: Path, overwrite: bool) -> None:
     """The recovered folder: the student's plans and labels, its ``tucker.json`` with the new weights' sha256 and
     the ``recovery`` record, the trained weights."""
-    with atomic_output_dir(target, overwrite) as staging:
-        for name in COPIED_FILES:
-            if (student.path / name).is_file():
-                shutil.copy2(student.path / name, staging / name)
-        fold_dir = staging / fold_dir_name(fold)
-        fold_dir.mkdir()
-        sha = save_weights(network, fold_dir / WEIGHTS_FILE)
-        kept = {k: v for k, v in record.items() if k not in ("format", "format_version")}
-        write_tucker_json(fold_dir / TUCKER_JSON, {**kept, "tuckersegment_version": __version__,
-                                                   "weights_sha256": sha, "recovery": recovery})
+    kept = {k: v for k, v in record.items() if k not in ("format", "format_version")}
+    write_retrained_model(student, fold, network, {**kept, "recovery": recovery}, target, overwrite)

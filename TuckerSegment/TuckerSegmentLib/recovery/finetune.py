@@ -36,13 +36,10 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoM
 )
 from torch import nn
 
-from .. import __version__
-from ..atomic import atomic_output_dir, check_output_dir
-from ..compress.folder import COPIED_FILES
+from ..atomic import check_output_dir
+from ..compress.folder import write_retrained_model
 from ..errors import ModelFolderError, TuckerSegmentError
-from ..nnunet.layout import TUCKER_JSON, WEIGHTS_FILE, fold_dir_name
 from ..nnunet.model_folder import ModelFolder
-from ..nnunet.tucker_format import save_weights, write_tucker_json
 from ..progress import Progress
 from ..runtime.devices import resolve_device
 from .dataset import DatasetError, check_dataset, find_dataset, prepare_dataset
@@ -253,25 +250,19 @@ def _teacher(original: str | Path, model: ModelFolder) -> nn.Module:
 
 def _write_output(model: ModelFolder, fold: str, target: Path, overwrite: bool, network: nn.Module,
                   report: FinetuneReport, training_files: list[tuple[Path, str]]) -> None:
-    """The fine-tuned fold in ``compress``'s safe format, written whole or not at all."""
+    """The fine-tuned fold in ``compress``'s safe format, written whole or not at all, with nnU-Net's training log."""
     record = {k: v for k, v in model.tucker_record(fold).items() if k not in ("format", "format_version")}
     previous = record.pop("recovery", None)
-    with atomic_output_dir(target, overwrite) as staging:
-        for name in COPIED_FILES:
-            if (model.path / name).is_file():
-                shutil.copy2(model.path / name, staging / name)
-        fold_dir = staging / fold_dir_name(fold)
-        fold_dir.mkdir()
-        weights_sha256 = save_weights(network, fold_dir / WEIGHTS_FILE)
-        recovery = report.record() | {"from": {"folder": str(model.path), "weights_sha256": record.get("weights_sha256")}}
-        if previous is not None:
-            recovery["previous"] = previous
-        write_tucker_json(fold_dir / TUCKER_JSON, {**record, "tuckersegment_version": __version__,
-                                                   "weights_sha256": weights_sha256, "recovery": recovery})
+    recovery = report.record() | {"from": {"folder": str(model.path), "weights_sha256": record.get("weights_sha256")}}
+    if previous is not None:
+        recovery["previous"] = previous
+
+    def training_log(fold_dir: Path) -> None:
         (fold_dir / TRAINING_DIR).mkdir()
         for source, name in training_files:
             if source.is_file():
                 shutil.copy2(source, fold_dir / TRAINING_DIR / name)
+    write_retrained_model(model, fold, network, {**record, "recovery": recovery}, target, overwrite, training_log)
 
 
 def finetune_model_folder(source: str | Path, dataset: str | Path, output: str | Path, epochs: int = DEFAULT_EPOCHS,
