@@ -1,29 +1,38 @@
 #!/usr/bin/env python
-"""Accuracy recovered after compression on the bundled demo model, one function per recovery method.
+"""Accuracy recovered after compression on the bundled demo model: before, after distillation, after fine-tuning.
 
-``finetune``: labelled fine-tuning (``tuckersegment finetune``, nnU-Net's no-mirroring trainer, AdamW, constant lr)
-of the compressed points ``scripts/bench_compression.py`` cached (default: budget, activation-aware, at 0.3 and 0.2 of
-the FLOPs) on an nnU-Net raw data set made of the sample chest CT whose held-out checkerboard blocks
-(``image.holdout.holdout_mask``) carry the ``ignore`` label, so they are never learned from (the image is seen,
-its labels there are not). Held-out Dice before and after, and the time each run took here.
+``table`` (the README's table, ``docs/recovery.md``): for each compressed point (default: the budget policy,
+activation-aware, at 0.3 and 0.2 of the FLOPs, cached by ``scripts/bench_compression.py``; the uniform rule at
+factor 0.5 and at the smallest factor ``--rank-min`` 8 allows, compressed here with ``tuckersegment compress``),
+runs the user's commands one after the other, alone, and times each:
 
-``distill``: label-free distillation (``tuckersegment distill``, ``recovery.distill.distill_model_folder``) of the
-same cached points from the original, on the *training* half of the sample CT only (``CalibrationVolume(ct,
-~holdout_mask)``: the held-out blocks are never scored; they may appear as unscored context inside a training
-patch). No labels. ``--compare-trained`` first distils the 0.3 point with only the factorised layers trained, then
-with all parameters (same iterations and learning rate): the measurement behind ``distill.DEFAULT_TRAINED``.
+- ``tuckersegment distill POINT OUT --teacher chest-demo --calibration chest_train_half.nii.gz`` (no labels): the
+  sample CT whose held-out checkerboard blocks (``image.holdout.holdout_mask``) are replaced by their left-right mirror
+  image, which lies in the training half (``demo_data.training_half_ct``), so the held-out half is never seen, as
+  labels or as images;
+- ``tuckersegment finetune POINT OUT --dataset Dataset990_ChestDemoHoldout``: nnU-Net raw data set of the sample CT
+  whose held-out blocks carry nnU-Net's ``ignore`` label (the image is seen there, its labels are not).
 
-Usage: python scripts/bench_recovery.py finetune [--points budget-calibrated-0.3 budget-calibrated-0.2]
-       [--epochs 4] [--iterations-per-epoch 25] [--lr 1e-4] [--device auto]
-       python scripts/bench_recovery.py distill [--points ...] [--iterations 200] [--lr 1e-4] [--compare-trained]
-Writes docs/bench/recovery_<method>.json (and prints a Markdown table); distill also writes docs/recovery.md and
-docs/recovery.json.
+Held-out mean Dice (7 structures, the held-out half, ``testing.demo_data.held_out_dice``) of each folder.
+
+``distill --compare-trained``: the Python API on the training half's voxels, the 0.3 point with only the
+factorised layers trained, then all parameters (same iterations and learning rate): the measurement behind
+``distill.DEFAULT_TRAINED`` (``docs/bench/recovery_distill.json``).
+
+Usage: python scripts/bench_recovery.py table [--points ...] [--iterations 200] [--epochs 4]
+       [--iterations-per-epoch 25] [--lr 1e-4]
+       python scripts/bench_recovery.py distill [--points ...] [--iterations 60] [--lr 1e-4] [--compare-trained]
+Writes docs/bench/recovery_<method>.json; table also docs/recovery.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,14 +41,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from TuckerSegmentLib.compress.calibration_data import CalibrationVolume
+from TuckerSegmentLib.compress.folder import describe_model
 from TuckerSegmentLib.image.holdout import holdout_mask
 from TuckerSegmentLib.image.volume import Volume, volume_to_image
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.paths import cache_dir
 from TuckerSegmentLib.recovery.distill import distill_model_folder
-from TuckerSegmentLib.recovery.finetune import finetune_model_folder
 from TuckerSegmentLib.segment.predictor import Segmenter
-from TuckerSegmentLib.testing.demo_data import ChestSample, chest_sample, held_out_dice
+from TuckerSegmentLib.testing.demo_data import ChestSample, chest_sample, held_out_dice, training_half_ct
 from TuckerSegmentLib.variants.choice import bundled_models
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "bench"
@@ -68,32 +77,90 @@ def _held_out(folder: Path, sample: ChestSample, held: np.ndarray) -> float:
     return held_out_dice(Segmenter(folder, device="cpu", runtime="torch").segment(sample.ct).labels, sample, held)
 
 
-def finetune(points: list[str], epochs: int, iterations: int, lr: float, device: str) -> list[dict]:
-    """Fine-tune each cached compressed point on the training half of the sample CT; held-out Dice before/after."""
+ORIGINAL_ID = "chest-demo"
+TRAIN_HALF_CT = "chest_train_half.nii.gz"
+
+
+def original_folder() -> Path:
+    return Path(next(e["path"] for e in bundled_models() if e["policy"] == "original"))
+
+
+def write_train_half_ct(work: Path, sample: ChestSample, held: np.ndarray) -> Path:
+    """The sample CT as distillation may see it (``demo_data.training_half_ct``), as a file."""
+    path = work / TRAIN_HALF_CT
+    sitk.WriteImage(volume_to_image(training_half_ct(sample, held)), str(path))
+    return path
+
+
+def smallest_uniform_factor(model: Path, rank_min: int) -> float:
+    """The smallest uniform factor ``rank_min`` allows: every rank is ``rank_min`` (or the layer's channels) at it,
+    and any smaller factor gives the same network (rounded down to four decimals)."""
+    widest = max(ModelFolder.open(model).configuration_manager.network_arch_init_kwargs["features_per_stage"])
+    return math.floor(rank_min / widest * 1e4) / 1e4
+
+
+def flops(folder: Path) -> int:
+    return int(describe_model(folder)["flops"])
+
+
+def timed(command: list[str], shown: str) -> dict:
+    """Run one ``tuckersegment`` command, exit on failure; its wall time and the command as shown in the docs."""
+    print(f"$ {shown}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {shown}")
+    print(done.stdout, file=sys.stderr)
+    return {"command": shown, "seconds": round(seconds, 1), "load_average_1min_after": round(os.getloadavg()[0], 2)}
+
+
+def table(points: list[str], rank_min: int, iterations: int, epochs: int, per_epoch: int,
+          lr: float) -> tuple[float, list[dict]]:
+    """The original's held-out Dice, and each point's before, after ``tuckersegment distill`` and after
+    ``tuckersegment finetune``, commands timed."""
     sample = chest_sample()
     held = holdout_mask(sample.ct.array.shape)
+    original = original_folder()
+    cli = str(Path(sys.executable).with_name("tuckersegment"))
+    names = {str(original): ORIGINAL_ID}
+    factor = smallest_uniform_factor(original, rank_min)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as scratch:
-        first = ModelFolder.open(POINTS / points[0])
-        labels = {k: v for k, v in first.dataset_json["labels"].items() if isinstance(v, int)}
-        dataset = write_holdout_dataset(Path(scratch), sample, labels)
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as scratch:
+        work = Path(scratch)
+        labels = {k: v for k, v in ModelFolder.open(original).dataset_json["labels"].items() if isinstance(v, int)}
+        dataset = write_holdout_dataset(work, sample, labels)
+        ct = write_train_half_ct(work, sample, held)
+        names.update({str(dataset): DATASET, str(ct): TRAIN_HALF_CT})
+
+        def run(*arguments: str) -> dict:
+            shown = " ".join(shlex.quote(names.get(a, Path(a).name if a.startswith(scratch) else a)) for a in arguments)
+            return timed([cli, *arguments, "--quiet"], f"tuckersegment {shown}")
+
         for point in points:
-            source = POINTS / point
-            if not source.is_dir():
-                sys.exit(f"{source} is missing: run python scripts/bench_compression.py --model demo first")
-            out = Path(scratch) / f"{point}-finetuned"
-            before = _held_out(source, sample, held)
-            start = time.perf_counter()
-            report = finetune_model_folder(source, dataset, out, epochs=epochs, iterations_per_epoch=iterations,
-                                           lr=lr, device=device, data_workers=0,
-                                           progress=lambda f, m, p=point: print(f"  {p}: {m}", file=sys.stderr))
-            seconds = time.perf_counter() - start
-            after = _held_out(out, sample, held)
-            rows.append({"point": point, "held_out_dice_before": round(before, 4), "held_out_dice_after": round(after, 4),
-                         "seconds": round(seconds, 1), "training_seconds": round(report.seconds, 1),
-                         "train_losses": report.train_losses, "validation_dice": report.validation_dice})
-            print(f"{point}: held-out Dice {before:.3f} -> {after:.3f} in {seconds:.0f} s", file=sys.stderr)
-    return rows
+            source, made = POINTS / point, None
+            if point.startswith("uniform-min"):
+                source = work / f"uniform-{factor:g}"
+                made = run("compress", str(original), str(source), "--factor", f"{factor:g}", "--rank-min",
+                           str(rank_min), "--weight-only")
+            elif not source.is_dir():
+                sys.exit(f"{source} is missing: run python scripts/bench_compression.py --model demo --build-only")
+            names[str(source)] = source.name
+            row = {"point": source.name, "flops_fraction": round(flops(source) / flops(original), 3),
+                   "compress": made or {"command": "python scripts/bench_compression.py --model demo --build-only"},
+                   "before": round(_held_out(source, sample, held), 4)}
+            distilled, finetuned = work / f"{source.name}-distilled", work / f"{source.name}-finetuned"
+            row["distill"] = run("distill", str(source), str(distilled), "--teacher", str(original), "--calibration",
+                                 str(ct), "--iterations", str(iterations), "--lr", f"{lr:g}", "--device", "cpu")
+            row["distill"]["held_out_dice"] = round(_held_out(distilled, sample, held), 4)
+            row["finetune"] = run("finetune", str(source), str(finetuned), "--dataset", str(dataset), "--epochs",
+                                  str(epochs), "--iterations-per-epoch", str(per_epoch), "--lr", f"{lr:g}",
+                                  "--original", str(original), "--device", "cpu")
+            row["finetune"]["held_out_dice"] = round(_held_out(finetuned, sample, held), 4)
+            rows.append(row)
+            print(f"{source.name}: {row['before']:.3f} -> distilled {row['distill']['held_out_dice']:.3f}, "
+                  f"fine-tuned {row['finetune']['held_out_dice']:.3f}", file=sys.stderr, flush=True)
+    return round(_held_out(original, sample, held), 4), rows
 
 
 def _distil_one(source: Path, original: Path, sample: ChestSample, held: np.ndarray, scratch: Path, iterations: int,
@@ -119,7 +186,7 @@ def distill(points: list[str], iterations: int, lr: float, device: str, compare_
     held-out Dice before/after. ``compare_trained``: first the 0.3 point with factorised-only and all parameters."""
     sample = chest_sample()
     held = holdout_mask(sample.ct.array.shape)
-    original = Path(next(e["path"] for e in bundled_models() if e["policy"] == "original"))
+    original = original_folder()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as scratch:
         chosen = "auto"
@@ -137,56 +204,73 @@ def distill(points: list[str], iterations: int, lr: float, device: str, compare_
     return rows
 
 
-def write_distill_docs(rows: list[dict], settings: dict) -> None:
-    """docs/recovery.md and .json: the distillation rows (and the trained-parameters comparison)."""
-    docs = DOCS.parent
-    (docs / "recovery.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-    lines = ["# Label-free recovery by distillation (demo model)", "",
-             f"Generated by `python scripts/bench_recovery.py distill` ({settings['machine']}, device "
-             f"{settings['device']}). Held-out mean Dice of the bundled demo model (7 structures) on the held-out "
-             "checkerboard half of the sample CT, before and after distilling each cached compressed point "
-             "(`scripts/bench_compression.py`) from the original on the other half's voxels (no labels; the held-out "
-             "blocks are never scored). Agreement: label-free Dice with the original on the held-out quarter of the "
-             "training half (what `tucker.json` records).", "",
-             "| compressed point | trained | iterations | held-out Dice before | after | agreement before → after | "
-             "time (s) |", "|---|---|---:|---:|---:|---|---:|"]
+LABELS = {"budget-calibrated-0.3": "budget, activation-aware, 30 % of the FLOPs",
+          "budget-calibrated-0.2": "budget, activation-aware, 20 % of the FLOPs",
+          "uniform-0.5": "uniform rule, factor 0.5 (weight-only)"}
+
+
+def write_table_docs(rows: list[dict], settings: dict) -> None:
+    """docs/recovery.md: the table with each command and its time, and the trained-parameters comparison."""
+    original = settings["original_held_out_dice"]
+    lines = ["# Recovering accuracy on the demo model: distillation (no labels) and fine-tuning (labels)", "",
+             f"Generated by `python scripts/bench_recovery.py table` ({settings['machine']}, {settings['cores']} "
+             "cores, CPU, each command run alone). Held-out mean Dice (7 structures) on the held-out checkerboard "
+             f"half of the sample CT; the original: {original:.3f}. Distillation sees only `{TRAIN_HALF_CT}` (the "
+             "sample CT whose held-out blocks show their mirror image from the training half: never seen as labels or images); fine-tuning sees "
+             f"`{DATASET}` (the sample CT, the held-out blocks labelled `ignore`: never learned from). "
+             "The budget points are cached by `scripts/bench_compression.py` (calibrated on the training half).", "",
+             "| compressed point | FLOPs kept | held-out Dice before | after distillation | after fine-tuning |",
+             "|---|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['point']}{' (comparison)' if row.get('comparison') else ''} | {row['trained']} "
-                     f"({row['trained_params']} params) | {row['iterations']} | {row['held_out_dice_before']:.3f} | "
-                     f"{row['held_out_dice_after']:.3f} | {row['agreement']['before']} → {row['agreement']['after']} | "
-                     f"{row['seconds']:.0f} |")
-    (docs / "recovery.md").write_text("\n".join(lines) + "\n")
-
-
-METHODS = {"finetune": lambda a: finetune(a.points, a.epochs, a.iterations_per_epoch, a.lr, a.device),
-           "distill": lambda a: distill(a.points, a.iterations, a.lr, a.device, a.compare_trained)}
+        lines.append(f"| {LABELS.get(row['point'], row['point'])} | {row['flops_fraction']:.0%} | {row['before']:.3f} | "
+                     f"{row['distill']['held_out_dice']:.3f} ({row['distill']['seconds']:.0f} s) | "
+                     f"{row['finetune']['held_out_dice']:.3f} ({row['finetune']['seconds']:.0f} s) |")
+    lines += ["", "The commands, as run (paths shortened; the time includes loading, the held-out agreement or "
+              "nnU-Net's validations, and writing the folder):", "", "```"]
+    for row in rows:
+        for step in ("compress", "distill", "finetune"):
+            if step == "compress" and not row[step]["command"].startswith("tuckersegment"):
+                continue
+            lines.append(f"{row[step]['command']}   # {row[step]['seconds']:.0f} s")
+    lines += ["```", "", "What trains in distillation (`distill.DEFAULT_TRAINED`), from `python scripts/bench_recovery.py "
+              "distill --compare-trained` (`docs/bench/recovery_distill.json`, Python API, the training half's voxels "
+              "scored, 60 iterations):", ""]
+    compared = json.loads((DOCS / "recovery_distill.json").read_text())["rows"]
+    for row in (r for r in compared if r.get("comparison")):
+        lines.append(f"- {row['trained']} ({row['trained_params']} parameters): held-out Dice {row['held_out_dice_before']:.3f} → "
+                     f"{row['held_out_dice_after']:.3f}, agreement {row['agreement']['before']} → {row['agreement']['after']}")
+    (DOCS.parent / "recovery.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("method", choices=sorted(METHODS))
-    parser.add_argument("--points", nargs="+", default=["budget-calibrated-0.3", "budget-calibrated-0.2"])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--iterations-per-epoch", type=int, default=25)
+    parser.add_argument("method", choices=("table", "distill"))
+    parser.add_argument("--points", nargs="+",
+                        help="table default: budget-calibrated-0.3 budget-calibrated-0.2 uniform-0.5 uniform-min; "
+                             "distill default: budget-calibrated-0.3 budget-calibrated-0.2")
+    parser.add_argument("--rank-min", type=int, default=8, help="table: the uniform-min point's rank_min")
+    parser.add_argument("--iterations", type=int, default=200, help="distillation iterations")
+    parser.add_argument("--epochs", type=int, default=4, help="table: fine-tuning epochs")
+    parser.add_argument("--iterations-per-epoch", type=int, default=25, help="table: fine-tuning iterations per epoch")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--iterations", type=int, default=200, help="distill: training iterations")
     parser.add_argument("--compare-trained", action="store_true",
                         help="distill: also the 0.3 point with factorised-only and all parameters trained")
     args = parser.parse_args()
-    rows = METHODS[args.method](args)
-    settings = {"epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch, "lr": args.lr,
-                "device": args.device, "machine": platform.processor() or platform.machine()}
-    if args.method == "distill":
-        settings = {"iterations": args.iterations, "lr": args.lr, "device": args.device,
-                    "machine": settings["machine"]}
-        write_distill_docs(rows, settings)
+    machine = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / f"recovery_{args.method}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    print("| compressed point | held-out Dice before | after fine-tuning | time |\n|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['point']} | {row['held_out_dice_before']:.3f} | {row['held_out_dice_after']:.3f} | "
-              f"{row['seconds']:.0f} s |")
+    if args.method == "table":
+        points = args.points or ["budget-calibrated-0.3", "budget-calibrated-0.2", "uniform-0.5", "uniform-min"]
+        original, rows = table(points, args.rank_min, args.iterations, args.epochs, args.iterations_per_epoch,
+                               args.lr)
+        settings = {"original_held_out_dice": original, "iterations": args.iterations, "epochs": args.epochs,
+                    "iterations_per_epoch": args.iterations_per_epoch, "lr": args.lr, "device": "cpu", **machine}
+        (DOCS / "recovery_table.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+        write_table_docs(rows, settings)
+    else:
+        points = args.points or ["budget-calibrated-0.3", "budget-calibrated-0.2"]
+        rows = distill(points, args.iterations, args.lr, "auto", args.compare_trained)
+        settings = {"iterations": args.iterations, "lr": args.lr, "device": "auto", **machine}
+        (DOCS / "recovery_distill.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

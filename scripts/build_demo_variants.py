@@ -8,7 +8,10 @@ compresses it into:
 - ``chest-demo-tucker-balanced`` and ``chest-demo-tucker-fast``: TuckerSegment's default policy
   (activation-aware budgets: 70 % of the original's time per patch, timed in the runtime segmentation
   uses on this CPU; 30 % of the FLOPs), calibrated on the training half of the sample CT only: the
-  checkerboard blocks the model trained on (``holdout_mask``), never the blocks that are scored;
+  checkerboard blocks the model trained on (``holdout_mask``), never the blocks that are scored; then
+  distilled from the original (``DISTILL_ITERATIONS``, no labels) on the sample CT whose held-out blocks
+  are replaced by their mirror image from the training half (``demo_data.training_half_ct``), as
+  ``tuckersegment distill`` does in ``docs/recovery.md``;
 - ``chest-demo-tucker-0.7/0.5/0.3``: the paper's uniform rule, weight-only, as references.
 
 Each is measured as ``tuckersegment build-variants`` measures a user's variant
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +41,9 @@ from TuckerSegmentLib.paths import BUNDLED_MODELS
 from TuckerSegmentLib.policies.base import RankPolicy
 from TuckerSegmentLib.policies.budget import BudgetPolicy
 from TuckerSegmentLib.policies.uniform import UniformPolicy
+from TuckerSegmentLib.recovery.distill import distill_model_folder
 from TuckerSegmentLib.segment.predictor import Segmenter
-from TuckerSegmentLib.testing.demo_data import chest_sample, holdout_mask
+from TuckerSegmentLib.testing.demo_data import ChestSample, chest_sample, holdout_mask, training_half_ct
 from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION
 from TuckerSegmentLib.variants.choice import BUNDLED_CATALOGUE
 from TuckerSegmentLib.variants.hardware import cpu_device
@@ -51,6 +56,7 @@ ORIGINAL_ID = "chest-demo"
 # 50 % (the planner refuses it); its fast variant is the default policy at 30 % of the FLOPs instead.
 DEFAULT_POLICIES = {"balanced": BudgetPolicy(target_latency=0.7), "fast": BudgetPolicy(target_flops=0.3)}
 UNIFORM_FACTORS = (0.7, 0.5, 0.3)
+DISTILL_ITERATIONS = 200  # the default-policy variants are distilled; docs/recovery.md measured this setting
 HOW = "held-out half of the bundled sample CT (calibrated on the other half)"
 
 
@@ -75,6 +81,20 @@ def variants(sample, held_out: np.ndarray) -> dict[str, tuple[RankPolicy, list[C
     return made
 
 
+def compress_and_distill(original: Path, folder: Path, policy: RankPolicy, calibration: list[CalibrationVolume],
+                         sample: ChestSample, held_out: np.ndarray) -> dict[str, Any]:
+    """Compress ``original`` with ``policy`` and distil the result into ``folder``; what the distillation did."""
+    with tempfile.TemporaryDirectory(prefix="demo-variant-") as scratch:
+        compressed = Path(scratch) / folder.name
+        compress_model_folder(original, compressed, policy, calibration=calibration)
+        record = distill_model_folder(compressed, original, [training_half_ct(sample, held_out)], folder,
+                                      iterations=DISTILL_ITERATIONS, device="cpu")
+    return {"method": "distill", "iterations": DISTILL_ITERATIONS, "trained": record["trained"],
+            "seconds": record["seconds"], "agreement": record["agreement"],
+            "data": "the sample CT, its held-out blocks replaced by their mirror image from the training half "
+                    "(no labels)"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trained", type=Path, nargs="?", help="results folder written by train_demo_model.py")
@@ -93,9 +113,13 @@ def main() -> None:
     scored = [ScoredVolume("the sample CT", sample.ct, held_out)]
     device = cpu_device()
     entries: list[dict[str, Any]] = []
+    distilled = {f"{ORIGINAL_ID}-tucker-{name}" for name in DEFAULT_POLICIES}
     for model_id, (policy, calibration) in {ORIGINAL_ID: (None, None), **variants(sample, held_out)}.items():
         folder = original_dir if policy is None else BUNDLED_MODELS / model_id
-        if policy is not None:
+        recovery = None
+        if model_id in distilled:
+            recovery = compress_and_distill(original_dir, folder, policy, calibration, sample, held_out)
+        elif policy is not None:
             compress_model_folder(original_dir, folder, policy, calibration=calibration,
                                   weight_only=calibration is None)
         info = describe_model(folder)
@@ -106,9 +130,10 @@ def main() -> None:
         entries.append({"id": model_id, "folder": folder.name,
                         "policy": "original" if policy is None else policy.to_dict(),
                         "calibration": "none (the paper's rule, weight-only)" if policy is not None and calibration is None
-                        else None if policy is None else "training half of the sample CT",
+                        else None if policy is None else "training half of the sample CT"
+                        + (f"; distilled {DISTILL_ITERATIONS} iterations" if recovery else ""),
                         **{k: info[k] for k in ("params", "flops", "weights_bytes", "file_bytes")},
-                        "held_out_dice": per_class, "mean_dice": float(np.mean(scores)),
+                        "recovery": recovery, "held_out_dice": per_class, "mean_dice": float(np.mean(scores)),
                         "agreement_with_original": None if measurement is None else measurement["mean_agreement"],
                         "measurement": measurement})
         speed = "" if measurement is None else f", {measurement['speedup']:.2f}x, agreement {measurement['mean_agreement']}"

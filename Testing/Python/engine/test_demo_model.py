@@ -12,7 +12,7 @@ from TuckerSegmentLib.image.volume import Volume
 from TuckerSegmentLib.nnunet.checkpoint import load_checkpoint
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.segment.predictor import Segmenter
-from TuckerSegmentLib.testing.demo_data import SAMPLE_CT, chest_sample, holdout_mask
+from TuckerSegmentLib.testing.demo_data import SAMPLE_CT, chest_sample, holdout_mask, training_half_ct
 from TuckerSegmentLib.variants.choice import bundled_models
 
 RIGHT_LUNG, LEFT_LUNG = 5, 6
@@ -74,6 +74,20 @@ def test_held_out_dice_reproduces_the_catalogue(segmenter, sample, original):
         dice = 2 * np.sum(a & b) / (a.sum() + b.sum())
         assert dice == pytest.approx(original["held_out_dice"][segment.name], abs=0.005), segment.name
     assert original["mean_dice"] > 0.7  # a useful model, not noise
+
+
+def test_the_training_half_ct_shows_no_held_out_voxel(sample):
+    """What recovery sees of the sample CT: the training half as it is; each held-out voxel replaced by its
+    left-right mirror, a training voxel; so the held-out blocks' values appear nowhere unless a training
+    voxel has the same value."""
+    held = holdout_mask(sample.labels.shape)
+    shown = training_half_ct(sample, held).array
+    ct = sample.ct.array
+    assert np.array_equal(shown[~held], ct[~held])
+    assert np.array_equal(shown[held], ct[:, :, ::-1][held]) and not held[:, :, ::-1][held].any()
+    assert not np.array_equal(shown[held], ct[held])  # the held-out image really is replaced
+    with pytest.raises(ValueError, match="mirror"):
+        training_half_ct(sample, held[:, :, ::-1] | held)
 
 
 @pytest.mark.parametrize("how", ["RAS", "LPS", "permuted", "oblique"])

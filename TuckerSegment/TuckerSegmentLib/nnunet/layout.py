@@ -21,14 +21,15 @@ LAYOUT_HINT = ("an nnU-Net v2 trained model folder (Trainer__Plans__Configuratio
 Fold = int | str  # a fold number, or "all"
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ``ModelFolderError`` when unreadable or not an object."""
+def read_json(path: Path, error: type[Exception] = ModelFolderError,
+              fix: str = "restore it from the trained model") -> dict[str, Any]:
+    """A JSON object from ``path``; ``error`` (saying ``fix``) when unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"{path} is not readable JSON ({exc}); restore it from the trained model") from exc
+        raise error(f"{path} is not readable JSON ({exc}); {fix}") from exc
     if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it")
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
 
 

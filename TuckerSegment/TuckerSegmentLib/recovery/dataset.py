@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TuckerSegmentError
+from ..nnunet.layout import read_json
 from ..nnunet.model_folder import ModelFolder
 
 IGNORE = "ignore"
@@ -40,13 +41,7 @@ class Dataset:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path} is not readable JSON ({exc}); restore the data set's dataset.json") from exc
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path} is not an nnU-Net dataset.json (not an object)")
-    return data
+    return read_json(path, DatasetError, "restore the data set's file (or remove the data set and make it again)")
 
 
 def _kind(folder: Path) -> str | None:

@@ -47,6 +47,18 @@ def large_chest_ct(sample: ChestSample | None = None) -> Volume:
                   resampled_matrix(ct.ijk_to_ras, ct.array.shape, shape))
 
 
+def training_half_ct(sample: ChestSample, held: np.ndarray) -> Volume:
+    """The sample CT with each ``held`` voxel replaced by its left-right mirror voxel, which lies in the training
+    half (the checkerboard alternates along i): what recovery on the training half may see. The held-out
+    blocks are never seen, as labels or as images, and the image stays anatomy (blocks set to air instead
+    taught the network air holes: distilled on them the 30 % point lost Dice, 0.734 -> 0.712)."""
+    mirrored = held[:, :, ::-1]
+    if (held & mirrored).any():
+        raise ValueError("the held-out mask is not mirror-alternating along i; no training voxel mirrors it")
+    array = sample.ct.array
+    return Volume(np.where(held, array[:, :, ::-1], array).astype(np.float32), sample.ct.ijk_to_ras)
+
+
 def held_out_dice(labels: np.ndarray, sample: ChestSample, held: np.ndarray) -> float:
     """Mean Dice over the sample's structures of ``labels`` (on the CT grid) within the ``held`` mask."""
     scores = []
