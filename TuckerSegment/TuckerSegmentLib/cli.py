@@ -27,6 +27,7 @@ from .nnunet.model_folder import ModelFolder
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, PRUNING_METHODS, RANK_METHODS, method, policy_for
 from .progress import Progress
+from .recovery.compress_distill import MAX_ITERATIONS, compress_and_distill, content_digest, distill_iterations
 from .recovery.distill import DEFAULT_ITERATIONS, DEFAULT_LR, TRAINED, distill_model_folder
 from .runtime.inference import PRECISIONS, RUNTIMES
 from .segment.batch import BatchItem, segment_batch
@@ -46,6 +47,13 @@ TARGET_SHORTCUTS = {"target-flops": "flops", "target-params": "params", "target-
                     "factor": "uniform", "keep": "energy"}
 COMPRESS_METHODS = ("tucker", *(m.key for m in PRUNING_METHODS))
 RANK_ONLY_OPTIONS = ("policy", "target", "target-params", "target-latency", "factor", "keep", "weight-only")
+
+
+def _iterations(text: str) -> int:
+    """``--distill``'s value: a whole number of distillation iterations (0: none)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number of distillation iterations (0: none), not {text!r}")
+    return int(text)
 
 
 def _fold(text: str) -> int | str:
@@ -107,16 +115,60 @@ def _print_costs(before: NetworkStats, after: NetworkStats, label: str) -> None:
         print(f"  {name:<12} {fmt(a):>12} {fmt(b):>12} {b / a:>7.3f}")
 
 
-def _print_reports(args: argparse.Namespace, reports: dict[str, Any], first_line: str,
-                   print_fold: Callable[[str, Any], None]) -> None:
-    """Each fold's report, as JSON with --json, else ``first_line`` and a table per fold."""
+def _print_reports(args: argparse.Namespace, reports: dict[str, Any] | None, first_line: Callable[[Any], str],
+                   print_fold: Callable[[str, Any], None], recovery: dict[str, Any] | None = None) -> None:
+    """Each fold's report, as JSON with --json (with --distill: the written folds' records, recovery included),
+    else ``first_line(first report)``, a table per fold and the distillation's line. ``reports`` is None when an
+    interrupted ``--distill`` run's compressed model was reused."""
     if args.json:
-        print(json.dumps({fold: report.to_dict() for fold, report in reports.items()}, indent=1))
+        if recovery is None:
+            print(json.dumps({fold: report.to_dict() for fold, report in (reports or {}).items()}, indent=1))
+        else:
+            written = ModelFolder.open(args.out_dir, args.configuration)
+            print(json.dumps({fold: written.tucker_record(fold) for fold in written.folds}, indent=1))
         return
-    print(first_line)
-    for fold, report in reports.items():
-        print_fold(fold, report)
+    if reports is None:
+        print("compression: kept from an interrupted run of the same command")
+    else:
+        print(first_line(next(iter(reports.values()))))
+        for fold, report in reports.items():
+            print_fold(fold, report)
+    if recovery is not None:
+        _print_distilled(recovery)
     print(f"wrote {args.out_dir} ({FLOP_CONVENTION})")
+
+
+def _print_distilled(record: dict[str, Any]) -> None:
+    """One line on a distillation: iterations, what trained, time, held-out agreement and KL before and after."""
+    agreement, kl = record["agreement"], record["kl"]
+    print(f"distilled {record['iterations']} iterations ({record['trained']} parameters trained, "
+          f"{record['seconds']:.0f} s on {record['device']}); held-out agreement with the original "
+          f"{agreement['before']} -> {agreement['after']}, KL {kl['before']} -> {kl['after']}")
+
+
+def _check_distill(args: argparse.Namespace) -> None:
+    """``compress --distill N``: the options a distillation after compression can work with."""
+    distill_iterations(args.distill)
+    if args.weight_only:
+        raise TuckerSegmentError("--distill trains on calibration CTs and --weight-only uses none; drop --weight-only "
+                                 "(compression then calibrates on the CTs distillation uses) or --distill")
+    if len(args.fold) != 1:
+        raise TuckerSegmentError("--distill trains one fold; compress one (--fold N), or distil each compressed fold "
+                                 "with tuckersegment distill --fold N")
+
+
+def _write_compressed(args: argparse.Namespace, write: Callable[[Path], dict[str, Any]],
+                      settings: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """OUT_DIR as ``write(folder)`` makes it, or with ``--distill N`` that model distilled N iterations from
+    MODEL_DIR on the same calibration CTs (``recovery.compress_distill``); the reports and the recovery record."""
+    if not args.distill:
+        return write(Path(args.out_dir)), None
+    say = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    return compress_and_distill(write, args.model_dir, args.out_dir, args.calibration, args.distill,
+                                {**settings, "configuration": args.configuration}, device=args.device,
+                                fold=args.fold[0], configuration=args.configuration, overwrite=args.overwrite,
+                                trust=args.trust_checkpoint, progress=None if args.quiet else _progress("distilling "),
+                                say=say)
 
 
 def _calibration_text(record: dict[str, Any]) -> str:
@@ -151,6 +203,8 @@ def _policy(args: argparse.Namespace) -> RankPolicy:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    if args.distill:
+        _check_distill(args)
     if args.method != "tucker":
         return _prune(args)
     if args.labels:
@@ -158,12 +212,14 @@ def _compress(args: argparse.Namespace) -> int:
                                  "CTs (--calibration CT...)")
     policy = _policy(args)
     progress = None if args.quiet else _progress("decomposing ")
-    reports = compress_model_folder(args.model_dir, args.out_dir, policy, folds=args.fold,
-                                    configuration=args.configuration, trust=args.trust_checkpoint,
-                                    overwrite=args.overwrite, progress=progress, calibration=args.calibration,
-                                    weight_only=args.weight_only)
-    _print_reports(args, reports, f"calibration: {_calibration_text(next(iter(reports.values())).calibration)}",
-                   _print_report)
+
+    def write(folder: Path) -> dict[str, CompressionReport]:
+        return compress_model_folder(args.model_dir, folder, policy, folds=args.fold, configuration=args.configuration,
+                                     trust=args.trust_checkpoint, overwrite=args.overwrite, progress=progress,
+                                     calibration=args.calibration, weight_only=args.weight_only)
+    reports, recovery = _write_compressed(args, write, {"method": "tucker", "policy": policy.to_dict()})
+    _print_reports(args, reports, lambda first: f"calibration: {_calibration_text(first.calibration)}", _print_report,
+                   recovery)
     return 0
 
 
@@ -183,21 +239,28 @@ def _prune(args: argparse.Namespace) -> int:
     if given:
         raise TuckerSegmentError(f"--policy chooses Tucker ranks only: --method {args.method} takes no "
                                  f"{', '.join('--' + o for o in given)}; give its budget as --target-flops T (default 0.5)")
-    if args.device != "auto" or args.runtime != "auto":
+    if (args.device != "auto" and not args.distill) or args.runtime != "auto":
         raise TuckerSegmentError(f"--device and --runtime time latency budgets; --method {args.method} prunes to a "
-                                 "FLOP budget and times nothing: leave them out")
+                                 "FLOP budget and times nothing: leave them out (with --distill, --device is where "
+                                 "distillation trains)")
     chosen = method(args.method)
     if chosen.needs_labels and not (args.calibration and args.labels):
         raise TuckerSegmentError(f"--method {args.method} needs labelled CTs: --calibration CT... --labels LABELMAP... "
                                  "(one label map per CT, in the same order)")
     progress = None if args.quiet else _progress("pruning ")
-    reports = prune_model_folder(args.model_dir, args.out_dir, chosen.criterion,
-                                 target_flops=chosen.default if args.target_flops is None else args.target_flops,
-                                 folds=args.fold, configuration=args.configuration, trust=args.trust_checkpoint,
-                                 overwrite=args.overwrite, calibration=args.calibration, labels=args.labels,
-                                 progress=progress)
-    _print_reports(args, reports, f"data: {next(iter(reports.values())).calibration['description']}",
-                   _print_pruning_report)
+    target = chosen.default if args.target_flops is None else args.target_flops
+    # prune-l1/fpgm rank filters by their weights alone: with --distill the CTs are for the distillation only
+    pruning_data = args.calibration if chosen.needs_labels or not args.distill else None
+
+    def write(folder: Path) -> dict[str, PruningReport]:
+        return prune_model_folder(args.model_dir, folder, chosen.criterion, target_flops=target, folds=args.fold,
+                                  configuration=args.configuration, trust=args.trust_checkpoint,
+                                  overwrite=args.overwrite, calibration=pruning_data, labels=args.labels,
+                                  progress=progress)
+    reports, recovery = _write_compressed(args, write, {
+        "method": args.method, "target_flops": target, "labels": [content_digest(p) for p in args.labels or []]})
+    _print_reports(args, reports, lambda first: f"data: {first.calibration['description']}", _print_pruning_report,
+                   recovery)
     return 0
 
 
@@ -218,10 +281,7 @@ def _distill(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=1))
     else:
-        agreement, kl = record["agreement"], record["kl"]
-        print(f"distilled {record['iterations']} iterations ({record['trained']} parameters trained, "
-              f"{record['seconds']:.0f} s on {record['device']}); held-out agreement with the original "
-              f"{agreement['before']} -> {agreement['after']}, KL {kl['before']} -> {kl['after']}")
+        _print_distilled(record)
         print(f"wrote {args.out_dir}")
     return 0
 
@@ -282,6 +342,7 @@ def _variant_row(variant: Variant, device: DeviceInfo) -> dict[str, Any]:
             "params": variant.params, "flops": variant.flops, "weights_bytes": variant.weights_bytes,
             "peak_memory_bytes": variant.memory_bytes("cpu")[0], "quality": variant.quality,
             "dice_loss": variant.dice_loss(), "speed": variant.speed, "measured": variant.measured,
+            "distilled": variant.distilled,
             "auto_eligible": auto, "auto_quality": quality}
 
 
@@ -328,6 +389,9 @@ def _variants(args: argparse.Namespace) -> int:
           "(published or measured); speed: vs the original, measured here when built, else the catalogue's; "
           "auto: may be chosen here (measured agreement >= 0.97, every structure with >= 1000 voxels >= 0.90; "
           "the demo: held-out Dice within 1 point, no structure with >= 1000 voxels losing more than 10)")
+    distilled = [f"{v.id} ({v.distilled} iterations)" for v in variants if v.distilled]
+    if distilled:
+        print(f"distilled after compression (label-free, from the original): {', '.join(distilled)}")
     print(f"auto: {auto['id'] or 'none'}: {auto['reason']}")
     return 0
 
@@ -356,7 +420,7 @@ def _build_variants(args: argparse.Namespace) -> int:
             continue
         try:
             folder = build_variant(variant, weights_roots=roots, report=say, plan=plan, device=device,
-                                   measure=not args.no_measure)
+                                   measure=not args.no_measure, distill=args.distill)
         except PolicyError as exc:  # e.g. a latency target this network cannot reach here: the others go on
             print(f"tuckersegment: error: {variant.id}: not built: {exc}", file=sys.stderr)
             failed.append(variant.id)
@@ -365,7 +429,8 @@ def _build_variants(args: argparse.Namespace) -> int:
         ok, quality = qualifies(built, device)
         time, source = expected_time(built, device)
         speed = "" if time is None or built.measured is None else f"; {1 / time:.2f}x the original's speed ({source})"
-        print(f"{variant.id}: built in {folder}; {quality}{speed}; "
+        distilled = f"distilled {built.distilled} iterations; " if built.distilled else ""
+        print(f"{variant.id}: built in {folder}; {distilled}{quality}{speed}; "
               + ("auto may choose it" if ok else "auto will not choose it"))
     return 2 if failed else 0
 
@@ -446,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                                + "; ".join(f"{m.key}: {m.label}" for m in PRUNING_METHODS)
                                + ". The pruning baselines remove whole filters (no fine-tuning) until at most "
                                  "--target-flops of the FLOPs remain (default 0.5); prune-l1 and prune-fpgm use the "
-                                 "weights alone and refuse --calibration/--labels, prune-taylor needs --calibration CTs "
-                                 "with their --labels")
+                                 "weights alone and refuse --calibration/--labels (with --distill, --calibration CTs "
+                                 "are for the distillation), prune-taylor needs --calibration CTs with their --labels")
     compress.add_argument("--policy", choices=[m.key for m in METHODS], metavar="METHOD",
                           help="Tucker rank method, with --target its number: "
                                + "; ".join(f"{m.key}: {m.label}, target = {m.target or 'none'}"
@@ -462,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="shortcut for --policy latency --target T: fraction of the original's time per patch "
                                "to keep, measured on --device in --runtime (e.g. 0.5: twice as fast)")
     compress.add_argument("--device", default="auto",
-                          help="where --target-latency is timed: auto (default: the device inference would use), "
-                               "cpu, cuda, cuda:N or mps")
+                          help="where --target-latency is timed and --distill trains: auto (default: the device "
+                               "inference would use), cpu, cuda, cuda:N or mps")
     compress.add_argument("--runtime", choices=RUNTIMES, default="auto",
                           help="what --target-latency is timed in: auto (default: the runtime segmentation uses, "
                                "OpenVINO on a CPU when installed), torch, or openvino (CPU)")
@@ -481,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--factor", type=float, help="shortcut for --policy uniform --target F (the paper's DF)")
     compress.add_argument("--rank-min", type=int, default=8, help="uniform: smallest rank of any factor (default 8)")
     compress.add_argument("--keep", type=float, help="shortcut for --policy energy --target K")
+    compress.add_argument("--distill", type=_iterations, default=0, metavar="N",
+                          help="then recover accuracy without labels: train the compressed (or pruned) network N "
+                               "iterations to reproduce MODEL_DIR's output on the calibration CTs (--calibration, "
+                               "default the sample CT; as tuckersegment distill) and write that to OUT_DIR "
+                               f"(default 0: none; at most {MAX_ITERATIONS}; one fold; not with --weight-only). An "
+                               "interrupted run resumes from OUT_DIR.distill-source/ and OUT_DIR.distill-state/")
     compress.add_argument("--fold", type=_fold, nargs="+", default=[0], help="fold(s) to compress (default 0)")
     compress.add_argument("--configuration", help="plans configuration (default: from the folder name)")
     compress.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -586,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="auto",
                        help="where variants are measured (and latency budgets timed): auto (default: the device "
                             "segmentation uses), cpu, cuda, cuda:N or mps")
+    build.add_argument("--distill", type=_iterations, metavar="N",
+                       help="distil each variant N iterations from its original on the calibration CTs (the half "
+                            "of each CT it was calibrated on; label-free, as tuckersegment distill) after compressing "
+                            "it and before measuring it, on --device (default: a new build is not distilled, a built "
+                            "variant stays as it was built; 0 rebuilds a distilled one without)")
     build.add_argument("--no-measure", action="store_true",
                        help="build only: auto does not choose a variant until a build measures it on this machine")
     build.add_argument("--quiet", action="store_true", help="no progress on stderr")

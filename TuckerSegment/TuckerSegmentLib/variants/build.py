@@ -11,6 +11,12 @@ Compression is activation-aware, calibrated on the user's CTs (or the bundled sa
 ``measure.plan_measurement`` splits them; the paper's uniform rule is built as published (weight-only).
 A built variant whose measurement is missing, or was taken with another runtime, device or engine
 version, is measured again (on the CTs recorded in its manifest) instead of rebuilt.
+
+With ``distill`` N, each model is, after compression and before the variant is measured, trained N iterations
+towards its original on the same calibration inputs (never the scored CTs or blocks), label-free
+(``recovery.compress_distill``): the built folder is the distilled one, written whole; an interrupted
+distillation resumes. The manifest's ``distillation`` records it; a variant built with another number of
+iterations than asked is rebuilt (``None``: as it was built).
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ from ..compress.folder import compress_model_folder, describe_model
 from ..errors import CheckpointError, ModelFolderError
 from ..nnunet.checkpoint import sha256_file
 from ..nnunet.layout import CHECKPOINT_NAME, TUCKER_JSON, fold_dir_name
+from ..policies.base import RankPolicy
 from ..policies.methods import policy_from_dict
+from ..recovery.compress_distill import compress_and_distill, distill_iterations
 from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
 from .hardware import DeviceInfo, detect_devices
 from .measure import MeasurementPlan, measure_variant, plan_measurement, replan
@@ -80,6 +88,17 @@ def _reusable(target: Path, source_sha256: str, calibration: dict[str, Any]) -> 
         weights.is_file() and sha256_file(weights) == record.get("weights_sha256")
 
 
+def _distilled(manifest: dict[str, Any] | None) -> int:
+    """Distillation iterations a manifest's build ran (0: none)."""
+    return int(((manifest or {}).get("distillation") or {}).get("iterations", 0))
+
+
+def _recovery(target: Path) -> dict[str, Any]:
+    """Held-out agreement with the original before and after distillation, from a built model's record."""
+    record = json.loads(next(target.glob(f"fold_*/{TUCKER_JSON}")).read_text())["recovery"]
+    return {"agreement": record["agreement"], "seconds": record["seconds"]}
+
+
 def weight_only(variant: Variant) -> bool:
     """The paper's uniform rule is built as published: ranks and factors from the weights alone."""
     return isinstance(variant.policy, dict) and variant.policy.get("name") == "uniform"
@@ -87,18 +106,23 @@ def weight_only(variant: Variant) -> bool:
 
 def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cache: Path | None = None,
                   report: Report | None = None, download: bool = True, plan: MeasurementPlan | None = None,
-                  device: DeviceInfo | None = None, measure: bool = True) -> Path:
+                  device: DeviceInfo | None = None, measure: bool = True, distill: int | None = None) -> Path:
     """Build ``variant`` (a compressed TotalSegmentator entry) into the cache, calibrated and scored as
-    ``plan`` says (default: the plan it was built with, or the bundled sample CT's blocks), measured on
-    ``device`` (default: the one ``auto`` prefers) unless ``measure`` is False; return its folder."""
+    ``plan`` says (default: the plan it was built with, or the bundled sample CT's blocks), distilled ``distill``
+    iterations from its original on ``device`` (default: as it was built, or not), measured on ``device`` (default:
+    the one ``auto`` prefers) unless ``measure`` is False; return its folder."""
     say = report or (lambda message: None)
     if variant.original:
         raise ModelFolderError(f"{variant.id} is an original model: nothing to compress (its weights are used as "
                                "TotalSegmentator installed them)")
+    distill = None if distill is None else distill_iterations(distill)
     device = device or detect_devices()[0]
     manifest = read_manifest(variant, cache)
     recorded = (manifest or {}).get("calibration") or {}
-    if manifest is not None and (plan is None or _calibration_record(variant, plan) == recorded):
+    if distill is None:
+        distill = _distilled(manifest)
+    same_plan = plan is None or _calibration_record(variant, plan) == recorded
+    if manifest is not None and same_plan and _distilled(manifest) == distill:
         measurement = manifest.get("measurement")
         if not measure or measurement is not None and changed(measurement, device) is None:
             say(f"{variant.id}: already built" + (" and measured" if measurement else ""))
@@ -107,7 +131,7 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
         _write_manifest(variant, cache, {**manifest, "measurement": _measure(variant, manifest, plan or replan(recorded),
                                                                              device, cache, say)})
         return variant_dir(variant, cache)
-    plan = plan or plan_measurement()
+    plan = plan or (replan(recorded) if manifest is not None else plan_measurement())
     task = task_of(variant)
     assert task is not None
     sources = source_folders(variant, weights_roots, download)
@@ -120,33 +144,57 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
     policy = policy_from_dict({**variant.policy, "params": {**params, "device": device.torch_device}}
                               if "device" in params else variant.policy)
     calibration_record = _calibration_record(variant, plan)
+    built_with = {**calibration_record, "distill": distill} if distill else calibration_record
     models = []
     for index, (model, source) in enumerate(zip(task.models, sources, strict=True)):
         prefix = f"{variant.id} [{index + 1}/{len(task.models)}] {model.dataset}"
         say(f"{prefix}: checking source weights in {source}")
         digest = check_source(source, model.fold, known.get(model.dataset))
         target = folder / model.dataset
-        if _reusable(target, digest, calibration_record):
+        if _reusable(target, digest, built_with):
             say(f"{prefix}: kept from an earlier, interrupted build")
         else:
             say(f"{prefix}: compressing ({policy!r}, " + ("weight-only, as the paper" if weight_only(variant)
                                                           else f"calibrated on {plan.calibrated_on}") + ")")
-            compress_model_folder(source, target, policy, folds=(model.fold,), overwrite=True,
-                                  calibration=None if weight_only(variant) else plan.calibration,
-                                  weight_only=weight_only(variant))
+            _compress(source, target, policy, model.fold, variant, plan, distill, device, prefix, say)
             with atomic_output_file(target / BUILD_RECORD) as staging:
-                staging.write_text(json.dumps(calibration_record))
+                staging.write_text(json.dumps(built_with))
         built = describe_model(target)  # the real figures of these weights' plans (the catalogue's may be assumed)
         models.append({"dataset": model.dataset, "folder": model.dataset, "source": str(source),
                        "source_sha256": digest, "params": built["params"], "flops": built["flops"],
-                       "weights_bytes": built["weights_bytes"], "files": _files(target)})
+                       "weights_bytes": built["weights_bytes"], "files": _files(target),
+                       **({"distillation": _recovery(target)} if distill else {})})
     manifest = {"id": variant.id, "task": variant.task, "policy": variant.policy, "tuckersegment_version": __version__,
                 "calibration": calibration_record, "models": models}
+    if distill:
+        manifest["distillation"] = {"iterations": distill, "device": device.torch_device, "on": plan.calibrated_on,
+                                    "how": "label-free, towards the original's softmax (tuckersegment distill)"}
     if measure:
         manifest["measurement"] = _measure(variant, manifest, plan, device, cache, say)
     _write_manifest(variant, cache, manifest)
     say(f"{variant.id}: built in {folder}")
     return folder
+
+
+def _compress(source: Path, target: Path, policy: RankPolicy, fold: int, variant: Variant, plan: MeasurementPlan,
+              distill: int, device: DeviceInfo, prefix: str, say: Report) -> None:
+    """One model of a variant into ``target``: compressed, and distilled ``distill`` iterations when asked (on the
+    plan's calibration inputs, whatever the compression used)."""
+    def compress(folder: Path) -> None:
+        compress_model_folder(source, folder, policy, folds=(fold,), overwrite=True,
+                              calibration=None if weight_only(variant) else plan.calibration,
+                              weight_only=weight_only(variant))
+    if not distill:
+        compress(target)
+        return
+
+    def progress(done: int, total: int, message: str) -> None:
+        say(f"{prefix}: distilling, iteration {done}/{total} ({message})")
+    say(f"{prefix}: then distilling {distill} iterations on {plan.calibrated_on} ({device.torch_device})")
+    compress_and_distill(compress, source, target, plan.calibration, distill,
+                         {"policy": policy.to_dict(), "weight_only": weight_only(variant)},
+                         device=device.torch_device, fold=fold, overwrite=True, progress=progress,
+                         say=lambda message: say(f"{prefix}: {message}"))
 
 
 def _calibration_record(variant: Variant, plan: MeasurementPlan) -> dict[str, Any]:

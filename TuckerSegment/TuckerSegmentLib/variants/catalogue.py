@@ -5,6 +5,8 @@ weight bytes, peak memory, relative speed per device class; a latency-target var
 only once built on the machine it targets) and how good it is (published, measured here, or
 unmeasured). ``measured`` holds a measurement against the original (``measure.py``): the bundled demo
 variants carry this project's; a built variant carries the one its build took on the user's machine.
+``distillation`` says whether a build trained the variant towards its original after compressing it
+(``build-variants --distill N``: iterations, device, per-model held-out agreement before and after).
 ``with_availability`` adds where it stands on this machine:
 
 - ``bundled``: shipped in ``Resources/Models`` (the demo model and its variants);
@@ -50,6 +52,7 @@ class Variant:
     speed: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
     measured: dict[str, Any] | None = None
+    distillation: dict[str, Any] | None = None
     availability: str = "missing"
     folders: tuple[Path, ...] = ()
     detail: str = ""
@@ -62,6 +65,11 @@ class Variant:
     def bundled(self) -> bool:
         """Shipped in ``Resources/Models`` (nothing to build or download)."""
         return "bundled" in self.source
+
+    @property
+    def distilled(self) -> int:
+        """Distillation iterations its build ran after compression (0: none)."""
+        return int((self.distillation or {}).get("iterations", 0))
 
     def dice_loss(self) -> float | None:
         """Mean Dice lost against the original (same source), or ``None`` when unmeasured."""
@@ -151,6 +159,7 @@ def with_availability(variant: Variant, weights_roots: list[Path] | None = None,
             models = manifest["models"]
             return replace(variant, availability="built", folders=tuple(folder / m["folder"] for m in models),
                            detail=str(folder), measured=manifest.get("measurement"),
+                           distillation=manifest.get("distillation"),
                            **{key: sum(m[key] for m in models) if all(key in m for m in models) else getattr(variant, key)
                               for key in ("params", "flops", "weights_bytes")})
     if sources is not None:

@@ -74,8 +74,16 @@ def variant_choices(task: str, variants: Sequence[Variant], devices: Sequence[De
         auto = Choice(AUTO, f"Auto: {picked.id}", picked.reason)
     except TuckerSegmentError as error:
         auto = Choice(AUTO, "Auto: nothing ready", str(error))
-    return [auto, *(Choice(v.id, f"{v.id} ({v.availability})", v.detail)
-                    for v in variants if task in (AUTO, v.task))]
+    return [auto, *(_variant_choice(v) for v in variants if task in (AUTO, v.task))]
+
+
+def _variant_choice(variant: Variant) -> Choice:
+    """A catalogue variant's entry: id and availability, and whether its build distilled it."""
+    if not variant.distilled:
+        return Choice(variant.id, f"{variant.id} ({variant.availability})", variant.detail)
+    return Choice(variant.id, f"{variant.id} ({variant.availability}, distilled)",
+                  f"{variant.detail}; distilled {variant.distilled} iterations from the original after compression "
+                  "(label-free)")
 
 
 def build_targets(task: str, variant: str, variants: Sequence[Variant]) -> list[str]:

@@ -143,13 +143,16 @@ class Worker:
     def compress(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Compress ``args["source"]`` into ``args["output"]`` and review it against the original. Without
         ``args["calibration"]`` a CT model is calibrated on the bundled sample CT, unless ``args["weight_only"]``.
-        A pruning method (``prune-l1``, ``prune-fpgm``) prunes to the FLOP target instead, from the weights alone."""
+        A pruning method (``prune-l1``, ``prune-fpgm``) prunes to the FLOP target instead, from the weights alone.
+        ``args["distill"]`` N > 0: the compressed model is then distilled N iterations from the original on the same
+        CTs (label-free, ``recovery.compress_distill``) before it appears in ``output`` and is reviewed."""
         from ..atomic import check_output_dir
         from ..compress.folder import compress_model_folder, prune_model_folder
         from ..errors import PolicyError
         from ..compress.review import review_compression
         from ..nnunet.model_folder import ModelFolder
         from ..policies.methods import method, policy_for
+        from ..recovery.compress_distill import distill_iterations
         from ..runtime.devices import resolve_device
         from ..runtime.inference import choose_runtime
         device, runtime = args.get("device", "auto"), args.get("runtime", "auto")
@@ -159,26 +162,55 @@ class Worker:
         if chosen.needs_labels:
             raise PolicyError(f"{chosen.key} needs labelled CTs, which the panel does not take; run tuckersegment "
                               f"compress --method {chosen.key} --calibration CT... --labels LABELMAP...")
+        distill, weight_only = distill_iterations(args.get("distill", 0)), args.get("weight_only", False)
+        if distill and weight_only:
+            raise PolicyError("distillation trains on calibration CTs and weight-only compression uses none; ask for "
+                              "one of them")
         policy = None if chosen.prunes else policy_for(policy_key, target if chosen.target else None, device=device,
                                                        runtime=runtime)
         source = ModelFolder.open(args["source"]).path
         output = check_output_dir(Path(args["output"]).expanduser(), protected=source)
         volumes = [Volume(*load_volume(path)) for path in args.get("calibration", [])]
+        share = 0.3 if distill else 0.6  # of the progress bar; distillation takes the next 0.3, the review the rest
 
         def layer(done: int, total: int, name: str) -> None:
-            progress(0.6 * done / total, f"{'pruning, trial' if chosen.prunes else 'compressing layer'} {done}/{total}: "
-                                         f"{name}")
+            progress(share * done / total, f"{'pruning, trial' if chosen.prunes else 'compressing layer'} "
+                                           f"{done}/{total}: {name}")
+
+        def write(folder: Path) -> None:
+            if chosen.prunes:  # weights alone; the scene's CTs score agreement in the review (and train a distillation)
+                prune_model_folder(source, folder, chosen.criterion, chosen.default if target is None else target,
+                                   progress=layer)
+            else:
+                compress_model_folder(source, folder, policy, progress=layer, calibration=volumes or None,
+                                      weight_only=weight_only)
         progress(0.0, "reading the model" + (" and calibration volumes" if volumes else ""))
-        if chosen.prunes:  # weights alone; the scene's CTs only score agreement in the review
-            prune_model_folder(source, output, chosen.criterion, chosen.default if target is None else target,
-                               progress=layer)
+        if distill:
+            notes = self._distilled(write, source, output, volumes, distill, {
+                "policy": policy_key, "target": target, "runtime": runtime, "weight_only": weight_only}, device, progress)
         else:
-            compress_model_folder(source, output, policy, progress=layer, calibration=volumes or None,
-                                  weight_only=args.get("weight_only", False))
+            write(output)
+            notes = []
         review = review_compression(source, output, volumes, device, bool(args.get("measure", True)),
                                     lambda fraction, message: progress(0.6 + 0.4 * fraction, message),
                                     runtime=runtime)
+        review.notes.extend(notes)
         return review.to_json()
+
+    @staticmethod
+    def _distilled(write: Callable[[Path], None], source: Path, output: Path, volumes: list[Volume], iterations: int,
+                   settings: dict[str, Any], device: str, progress: Progress) -> list[str]:
+        """Write ``output`` as ``write`` compresses it, distilled ``iterations`` times from ``source`` on ``volumes``
+        (the sample CT without them); the review's note on it."""
+        from ..recovery.compress_distill import compress_and_distill
+
+        def step(done: int, total: int, message: str) -> None:
+            progress(0.3 + 0.3 * done / total, f"distilling, iteration {done}/{total}: {message}")
+        _, record = compress_and_distill(write, source, output, volumes or None, iterations, settings, device=device,
+                                         progress=step, say=lambda message: progress(0.3, message))
+        agreement = record["agreement"]
+        return [f"distilled {iterations} iterations from the original (label-free, {record['seconds']:.0f} s on "
+                f"{record['device']}): held-out agreement {agreement['before']} -> {agreement['after']}"]
 
     def build(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Build the catalogue variants ``args["variants"]`` (ids) into the user cache, calibrated on
