@@ -66,6 +66,18 @@ def compressionOutput(parent: str, name: str, modelFolder: str, policy: str, tar
     return Path(parent).expanduser() / name
 
 
+def _removeUnresumable(output: Path) -> None:
+    """After a compress-and-distil job that did not finish: the partial files the stopped worker left beside
+    ``<output>.distill-source`` (the compressed model waiting for its distillation, see ``recovery.compress_distill``)
+    and ``<output>.distill-state`` go, and so does the source folder unless a saved state can resume from it."""
+    from TuckerSegmentLib.atomic import remove_stale
+    source, state = (output.with_name(f"{output.name}.distill-{part}") for part in ("source", "state"))
+    for folder in (source, state):
+        remove_stale(folder)
+    if not state.exists():
+        shutil.rmtree(source, ignore_errors=True)
+
+
 def _processEvents() -> None:
     """Keep Slicer's window responsive while a console call waits for the worker."""
     if hasattr(slicer, "app"):
@@ -325,14 +337,18 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
 
     # --- compression and variant builds ------------------------------------------------------------
     def startCompression(self, modelFolder, outputFolder, policy: str = "flops", target: float = 0.5,
-                         calibrationNodes=(), device: str = "auto", measure: bool = True, runtime: str = "auto"):
+                         calibrationNodes=(), device: str = "auto", measure: bool = True, runtime: str = "auto",
+                         distill=0):
         """Compress an nnU-Net v2 model folder into the new folder ``outputFolder`` in the worker, then review
         it against the original; returns the ``WorkerJob`` at once (``finishCompression`` gives the review).
         ``policy``: a method of ``policies.methods.METHODS``; the pruning baselines ``prune-l1``/``prune-fpgm`` prune
         to the FLOP ``target`` from the weights alone (``prune-taylor`` needs labels: the command line).
         ``calibrationNodes``: scene CT volumes for activation-aware ranks and the agreement figure; ``runtime``
-        what time (a latency target, the review) is measured in. The
-        output appears whole or not at all: after a cancel, error or crash what the worker left is removed."""
+        what time (a latency target, the review) is measured in. ``distill`` N > 0: the compressed model is then
+        trained N iterations, label-free, to reproduce the original on the same volumes (the sample CT without
+        them) on ``device`` (the worker checks the number). The output appears whole or not at all: after a
+        cancel, error or crash what the worker left is removed, except a distillation's saved state (and the
+        compressed model it trains), from which the same compression into the same folder resumes."""
         from TuckerSegmentLib.atomic import check_output_dir, remove_stale
         from TuckerSegmentLib.errors import ModelFolderError, OutputPathError, PolicyError
         from TuckerSegmentLib.nnunet.layout import locate_model
@@ -357,7 +373,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             job = self.worker().submit("compress", {
                 "source": source, "output": output, "policy": policy,
                 "target": float(target), "calibration": calibration, "device": device, "measure": bool(measure),
-                "runtime": runtime},
+                "runtime": runtime, "distill": distill},
                 name="compression")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -367,6 +383,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(folder, ignore_errors=True)
             if job.state != "done":
                 remove_stale(output)
+                _removeUnresumable(output)
         job.on_end.append(tidy)
         job.output = output
         return job

@@ -28,5 +28,6 @@ class TuckerSegmentParameterNode:
     outputParent: str = ""
     outputName: str = ""
     measureSpeed: bool = True
+    distillIterations: Annotated[int, WithinRange(0, 100000)] = 0
     reportTable: vtkMRMLTableNode
     paretoChart: vtkMRMLPlotChartNode

@@ -287,6 +287,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.clearStructuresButton, self.ui.advancedCollapsibleButton,
                        self.ui.buildCalibrationSelector, self.ui.buildHoldoutSelector,
                        self.ui.modelFolderPathLineEdit, self.ui.policyComboBox, self.ui.calibrationVolumesSelector,
+                       self.ui.distillSpinBox,
                        self.ui.outputParentPathLineEdit, self.ui.outputNameLineEdit, self.ui.installButton):
             widget.enabled = idle  # a running job keeps what it started with
 
@@ -348,7 +349,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job = self.logic.startCompression(node.modelFolder, output, policy=node.policy, target=node.target,
                                               calibrationNodes=list(self.ui.calibrationVolumesSelector.checkedNodes()),
                                               device=node.device, measure=node.measureSpeed,
-                                              runtime=node.runtime)
+                                              runtime=node.runtime, distill=node.distillIterations)
         except Exception as error:
             self._showError(_("Compression could not start."), error)
             return
@@ -448,8 +449,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "TuckerSegment Pareto view")
             self.ui.paretoPlotWidget.setMRMLPlotViewNode(view)
         view.SetPlotChartNodeID(node.paretoChart.GetID())
-        self._status(_("Compressed in {seconds:.0f} s: {folder}").format(seconds=job.seconds,
-                                                                         folder=self._review.output), 1)
+        self._status("\n".join([_("Compressed in {seconds:.0f} s: {folder}").format(
+            seconds=job.seconds, folder=self._review.output), *self._review.notes]), 1)
 
     def onAddVariant(self) -> None:
         try:

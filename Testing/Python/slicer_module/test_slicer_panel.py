@@ -213,6 +213,31 @@ def test_compression_refuses_bad_input_before_starting_and_cancel_leaves_nothing
     assert tree_digest(DEMO_SOURCE) == source_before
 
 
+def test_compression_with_distillation_resumes_after_a_cancel_and_refuses_bad_counts(logic, ct_node, tmp_path):
+    source_before = tree_digest(DEMO_SOURCE)
+    for bad in (-1, 1.5, "3"):
+        job = logic.startCompression(DEMO_SOURCE, tmp_path / "out", policy="uniform", target=0.5, device="cpu",
+                                     measure=False, distill=bad)
+        assert job.wait(120) == FAILED
+        assert str(job.error).startswith("distillation takes a whole number of iterations from 0 (none) to 100000")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slicer_home"]
+    out = tmp_path / "out"
+    job = logic.startCompression(DEMO_SOURCE, out, policy="uniform", target=0.5, calibrationNodes=[ct_node],
+                                 device="cpu", measure=False, distill=3)
+    job.on_progress = lambda fraction, message: job.cancel() if message.startswith("distilling, iteration 1/3") else None
+    assert job.wait(600) == CANCELLED  # killed after the first iteration's state was saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.distill-source", "out.distill-state", "slicer_home"]
+    job = logic.startCompression(DEMO_SOURCE, out, policy="uniform", target=0.5, calibrationNodes=[ct_node],
+                                 device="cpu", measure=False, distill=3)
+    assert job.wait(600) == DONE, job.error
+    review = logic.finishCompression(job)
+    recovery = json.loads((out / "fold_0" / "tucker.json").read_text())["recovery"]
+    assert recovery["iterations"] == 3 and recovery["resumed"] == 1
+    assert review.notes[0].startswith("distilled 3 iterations from the original (label-free")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "slicer_home"]
+    assert tree_digest(DEMO_SOURCE) == source_before
+
+
 def test_the_logic_refuses_a_model_folder_whose_plans_name_code(logic, scene, ct_node, tiny_model, tmp_path):
     folder = hostile_copy(tiny_model, tmp_path, hub_payload)
     before, nodes = tree_digest(folder), node_ids(scene)
