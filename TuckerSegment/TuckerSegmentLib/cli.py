@@ -658,10 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where variants are measured (and latency budgets timed): auto (default: the device "
                             "segmentation uses), cpu, cuda, cuda:N or mps")
     build.add_argument("--distill", type=_iterations, metavar="N",
-                       help="distil each variant N iterations from its original on the calibration CTs (the half "
-                            "of each CT it was calibrated on; label-free, as tuckersegment distill) after compressing "
-                            "it and before measuring it, on --device (default: a new build is not distilled, a built "
-                            "variant stays as it was built; 0 rebuilds a distilled one without)")
+                       help="distil each variant N iterations from its original on what it was calibrated on "
+                            "(never the --holdout CTs or the held-out blocks agreement is scored on; label-free, as "
+                            "tuckersegment distill) after compressing it and before measuring it, on --device "
+                            "(default: a new build is not distilled, a built variant stays as it was built; 0 "
+                            "rebuilds a distilled one without)")
     build.add_argument("--no-measure", action="store_true",
                        help="build only: auto does not choose a variant until a build measures it on this machine")
     build.add_argument("--quiet", action="store_true", help="no progress on stderr")
