@@ -126,6 +126,7 @@ def table(points: list[str], rank_min: int, iterations: int, epochs: int, per_ep
     cli = str(Path(sys.executable).with_name("tuckersegment"))
     names = {str(original): ORIGINAL_ID}
     factor = smallest_uniform_factor(original, rank_min)
+    original_flops = flops(original)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as scratch:
         work = Path(scratch)
@@ -147,7 +148,7 @@ def table(points: list[str], rank_min: int, iterations: int, epochs: int, per_ep
             elif not source.is_dir():
                 sys.exit(f"{source} is missing: run python scripts/bench_compression.py --model demo --build-only")
             names[str(source)] = source.name
-            row = {"point": source.name, "flops_fraction": round(flops(source) / flops(original), 3),
+            row = {"point": source.name, "flops_fraction": round(flops(source) / original_flops, 3),
                    "compress": made or {"command": "python scripts/bench_compression.py --model demo --build-only"},
                    "before": round(_held_out(source, sample, held), 4)}
             distilled, finetuned = work / f"{source.name}-distilled", work / f"{source.name}-finetuned"

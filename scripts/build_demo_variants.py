@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from TuckerSegmentLib.paths import BUNDLED_MODELS
 from TuckerSegmentLib.policies.base import RankPolicy
 from TuckerSegmentLib.policies.budget import BudgetPolicy
 from TuckerSegmentLib.policies.uniform import UniformPolicy
-from TuckerSegmentLib.recovery.distill import distill_model_folder
+from TuckerSegmentLib.recovery.compress_distill import compress_and_distill
 from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.demo_data import ChestSample, chest_sample, holdout_mask, training_half_ct
 from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION
@@ -81,14 +80,13 @@ def variants(sample, held_out: np.ndarray) -> dict[str, tuple[RankPolicy, list[C
     return made
 
 
-def compress_and_distill(original: Path, folder: Path, policy: RankPolicy, calibration: list[CalibrationVolume],
-                         sample: ChestSample, held_out: np.ndarray) -> dict[str, Any]:
-    """Compress ``original`` with ``policy`` and distil the result into ``folder``; what the distillation did."""
-    with tempfile.TemporaryDirectory(prefix="demo-variant-") as scratch:
-        compressed = Path(scratch) / folder.name
-        compress_model_folder(original, compressed, policy, calibration=calibration)
-        record = distill_model_folder(compressed, original, [training_half_ct(sample, held_out)], folder,
-                                      iterations=DISTILL_ITERATIONS, device="cpu")
+def distilled_variant(original: Path, folder: Path, policy: RankPolicy, calibration: list[CalibrationVolume],
+                      sample: ChestSample, held_out: np.ndarray) -> dict[str, Any]:
+    """``folder``: ``original`` compressed with ``policy`` (calibrated on ``calibration``), then distilled on the
+    training-half CT (``recovery.compress_distill``); what the distillation did."""
+    _, record = compress_and_distill(
+        lambda out: compress_model_folder(original, out, policy, calibration=calibration), original, folder,
+        [training_half_ct(sample, held_out)], DISTILL_ITERATIONS, {"policy": policy.to_dict()}, device="cpu")
     return {"method": "distill", "iterations": DISTILL_ITERATIONS, "trained": record["trained"],
             "seconds": record["seconds"], "agreement": record["agreement"],
             "data": "the sample CT, its held-out blocks replaced by their mirror image from the training half "
@@ -118,7 +116,7 @@ def main() -> None:
         folder = original_dir if policy is None else BUNDLED_MODELS / model_id
         recovery = None
         if model_id in distilled:
-            recovery = compress_and_distill(original_dir, folder, policy, calibration, sample, held_out)
+            recovery = distilled_variant(original_dir, folder, policy, calibration, sample, held_out)
         elif policy is not None:
             compress_model_folder(original_dir, folder, policy, calibration=calibration,
                                   weight_only=calibration is None)
