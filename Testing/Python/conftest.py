@@ -85,6 +85,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_compressed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_model`` compressed by the paper's uniform rule at factor 0.5, weight-only (tests only read it)."""
+    from TuckerSegmentLib.compress.folder import compress_model_folder
+    from TuckerSegmentLib.policies.methods import policy_for
+    out = tmp_path_factory.mktemp("tiny-compressed") / "tiny-uniform-0.5"
+    compress_model_folder(tiny_model, out, policy_for("uniform", 0.5), weight_only=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def dataset291_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TotalSegmentator's Dataset291 architecture (31.19 M parameters) with random weights."""
     return write_example_model(tmp_path_factory.mktemp("ts291"), "Dataset291", seed=0)

@@ -15,13 +15,11 @@ import torch
 from conftest import tree_digest
 from TuckerSegmentLib import cli
 from TuckerSegmentLib.compress.calibration_data import CalibrationVolume, calibration_patches
-from TuckerSegmentLib.compress.folder import compress_model_folder
 from TuckerSegmentLib.errors import Interrupted, ModelFolderError
 from TuckerSegmentLib.image.holdout import holdout_mask
 from TuckerSegmentLib.image.volume import Volume, volume_to_image
 from TuckerSegmentLib.nnunet.layout import TUCKER_JSON
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
-from TuckerSegmentLib.policies.methods import policy_for
 from TuckerSegmentLib.recovery.distill import distill_model_folder, distillation_loss
 from TuckerSegmentLib.recovery.resume import NETWORK_FILE, ResumeStateError, state_folder
 from TuckerSegmentLib.segment.predictor import Segmenter
@@ -42,13 +40,6 @@ def phantom(shape=(40, 48, 48), spacing=3.0, seed=0) -> Volume:
 
 
 @pytest.fixture(scope="module")
-def compressed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("distill") / "tiny-uniform-0.5"
-    compress_model_folder(tiny_model, out, policy_for("uniform", 0.5), weight_only=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ct_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ct") / "phantom.nii.gz"
     sitk.WriteImage(volume_to_image(phantom()), str(path))
@@ -65,21 +56,21 @@ def held_out_error(model_dir: Path, teacher_dir: Path, volume: Volume) -> float:
                               for p in patches]))
 
 
-def test_distillation_moves_the_network_towards_the_original_on_held_out_patches(tiny_model, compressed, tmp_path):
+def test_distillation_moves_the_network_towards_the_original_on_held_out_patches(tiny_model, tiny_compressed, tmp_path):
     volume = phantom()
-    teacher_before, student_before = tree_digest(tiny_model), tree_digest(compressed)
+    teacher_before, student_before = tree_digest(tiny_model), tree_digest(tiny_compressed)
     training_half = CalibrationVolume(volume, ~holdout_mask(volume.array.shape))
     out = tmp_path / "distilled"
     steps = []
-    record = distill_model_folder(compressed, tiny_model, [training_half], out, iterations=40, lr=1e-3,
+    record = distill_model_folder(tiny_compressed, tiny_model, [training_half], out, iterations=40, lr=1e-3,
                                   device="cpu", log_every=10, progress=lambda *step: steps.append(step))
-    before, after = held_out_error(compressed, tiny_model, volume), held_out_error(out, tiny_model, volume)
+    before, after = held_out_error(tiny_compressed, tiny_model, volume), held_out_error(out, tiny_model, volume)
     assert after < 0.8 * before, (before, after)
-    assert tree_digest(tiny_model) == teacher_before and tree_digest(compressed) == student_before
+    assert tree_digest(tiny_model) == teacher_before and tree_digest(tiny_compressed) == student_before
     assert [s[0] for s in steps] == [10, 20, 30, 40] and all(s[1] == 40 and "loss" in s[2] for s in steps)
     assert not state_folder(out, "distill").exists()
     tucker = json.loads((out / "fold_0" / TUCKER_JSON).read_text())
-    source = json.loads((compressed / "fold_0" / TUCKER_JSON).read_text())
+    source = json.loads((tiny_compressed / "fold_0" / TUCKER_JSON).read_text())
     assert tucker["layers"] == source["layers"] and tucker["policy"] == source["policy"]
     assert tucker["recovery"] == record and record["method"] == "distillation"
     assert record["teacher"]["sha256"] == source["source"]["sha256"] and record["iterations"] == 40
@@ -90,20 +81,20 @@ def test_distillation_moves_the_network_towards_the_original_on_held_out_patches
     assert result.labels.shape == volume.array.shape
 
 
-def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tiny_model, compressed, ct_file, tmp_path):
+def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tiny_model, tiny_compressed, ct_file, tmp_path):
     settings = dict(iterations=8, lr=1e-3, device="cpu", log_every=2)
-    whole = distill_model_folder(compressed, tiny_model, [ct_file], tmp_path / "whole", **settings)
+    whole = distill_model_folder(tiny_compressed, tiny_model, [ct_file], tmp_path / "whole", **settings)
 
     def stop_after_four(done: int, total: int, message: str) -> None:
         if done == 4:
             raise Interrupted(signal.SIGINT)
     out = tmp_path / "resumed"
     with pytest.raises(Interrupted):
-        distill_model_folder(compressed, tiny_model, [ct_file], out, progress=stop_after_four, **settings)
+        distill_model_folder(tiny_compressed, tiny_model, [ct_file], out, progress=stop_after_four, **settings)
     state = state_folder(out, "distill")
     assert not out.exists() and json.loads((state / "state.json").read_text())["record"]["iteration"] == 4
     seen = []
-    record = distill_model_folder(compressed, tiny_model, [ct_file], out, progress=lambda d, t, m: seen.append(d),
+    record = distill_model_folder(tiny_compressed, tiny_model, [ct_file], out, progress=lambda d, t, m: seen.append(d),
                                   **settings)
     assert seen == [6, 8] and record["resumed"] == 1 and record["iterations"] == 8
     assert [e["iteration"] for e in record["log"]] == [2, 4, 6, 8]
@@ -124,24 +115,24 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str], root: Path) -> 
     return err
 
 
-def test_hostile_inputs_are_refused_in_one_line_with_nothing_written(tiny_model, compressed, ct_file, tmp_path,
+def test_hostile_inputs_are_refused_in_one_line_with_nothing_written(tiny_model, tiny_compressed, ct_file, tmp_path,
                                                                      capsys):
     out = tmp_path / "out"
-    base = ["distill", str(compressed), "--teacher", str(tiny_model), "--device", "cpu", "--quiet"]
+    base = ["distill", str(tiny_compressed), "--teacher", str(tiny_model), "--device", "cpu", "--quiet"]
     teacher_digest = tree_digest(tiny_model)
-    assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(compressed)], capsys, tmp_path)
-    assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(compressed / "inside")], capsys, tmp_path)
+    assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(tiny_compressed)], capsys, tmp_path)
+    assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(tiny_compressed / "inside")], capsys, tmp_path)
     assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(tiny_model / "x")], capsys, tmp_path)
     other = tmp_path / "models" / tiny_model.name
     shutil.copytree(tiny_model, other)
     dataset = json.loads((other / "dataset.json").read_text())
     dataset["labels"] = {(k if k == "background" else "other " + k): v for k, v in dataset["labels"].items()}
     (other / "dataset.json").write_text(json.dumps(dataset))
-    err = refused(["distill", str(compressed), "--teacher", str(other), "--calibration", str(ct_file), str(out)],
+    err = refused(["distill", str(tiny_compressed), "--teacher", str(other), "--calibration", str(ct_file), str(out)],
                   capsys, tmp_path)
     assert "another model" in err
     retrained = write_example_model(tmp_path / "retrained", "tiny", seed=7)
-    assert "another checkpoint" in refused(["distill", str(compressed), "--teacher", str(retrained), "--calibration",
+    assert "another checkpoint" in refused(["distill", str(tiny_compressed), "--teacher", str(retrained), "--calibration",
                                             str(ct_file), str(out)], capsys, tmp_path)
     assert "missing.nii.gz" in refused([*base, "--calibration", str(tmp_path / "missing.nii.gz"), str(out)], capsys,
                                        tmp_path)
@@ -152,16 +143,16 @@ def test_hostile_inputs_are_refused_in_one_line_with_nothing_written(tiny_model,
     assert tree_digest(tiny_model) == teacher_digest
 
 
-def test_a_state_made_for_other_inputs_or_altered_is_refused(tiny_model, compressed, ct_file, tmp_path, capsys):
+def test_a_state_made_for_other_inputs_or_altered_is_refused(tiny_model, tiny_compressed, ct_file, tmp_path, capsys):
     out = tmp_path / "out"
 
     def stop(done: int, total: int, message: str) -> None:
         raise Interrupted(signal.SIGTERM)
     with pytest.raises(Interrupted):
-        distill_model_folder(compressed, tiny_model, [ct_file], out, iterations=4, lr=1e-3, device="cpu",
+        distill_model_folder(tiny_compressed, tiny_model, [ct_file], out, iterations=4, lr=1e-3, device="cpu",
                              log_every=1, progress=stop)  # log_every as the command line's for 4 iterations
     state = state_folder(out, "distill")
-    argv = ["distill", str(compressed), "--teacher", str(tiny_model), "--calibration", str(ct_file), str(out),
+    argv = ["distill", str(tiny_compressed), "--teacher", str(tiny_model), "--calibration", str(ct_file), str(out),
             "--iterations", "4", "--device", "cpu", "--quiet"]
     err = refused([*argv, "--lr", "0.01"], capsys, tmp_path)  # other settings than the saved state's
     assert str(state) in err and "lr" in err
@@ -171,7 +162,7 @@ def test_a_state_made_for_other_inputs_or_altered_is_refused(tiny_model, compres
     err = refused([*argv, "--lr", "0.001"], capsys, tmp_path)
     assert str(state) in err and NETWORK_FILE in err
     with pytest.raises(ResumeStateError):
-        distill_model_folder(compressed, tiny_model, [ct_file], out, iterations=4, lr=1e-3, device="cpu", log_every=1)
+        distill_model_folder(tiny_compressed, tiny_model, [ct_file], out, iterations=4, lr=1e-3, device="cpu", log_every=1)
     shutil.rmtree(state)
     with pytest.raises(ModelFolderError):
-        distill_model_folder(compressed, compressed, [ct_file], out, iterations=4, device="cpu")
+        distill_model_folder(tiny_compressed, tiny_compressed, [ct_file], out, iterations=4, device="cpu")

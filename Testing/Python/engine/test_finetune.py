@@ -12,10 +12,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import tree_digest
 from TuckerSegmentLib.cli import main
-from TuckerSegmentLib.compress.folder import compress_model_folder
 from TuckerSegmentLib.image.volume import Volume
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
-from TuckerSegmentLib.policies.methods import policy_for
 from TuckerSegmentLib.recovery.dataset import find_dataset
 from TuckerSegmentLib.recovery.finetune import finetune_model_folder, state_dir
 from TuckerSegmentLib.segment.predictor import Segmenter
@@ -62,13 +60,6 @@ def write_raw_dataset(root: Path, name: str = "Dataset901_TinyCT", cases: int = 
 
 
 @pytest.fixture(scope="module")
-def compressed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("finetune") / "tiny-uniform-0.5"
-    compress_model_folder(tiny_model, out, policy_for("uniform", 0.5), weight_only=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def raw_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("nnUNet_raw")
     write_raw_dataset(root)
@@ -78,16 +69,16 @@ def raw_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 SMALL = {"epochs": 3, "iterations_per_epoch": 6, "lr": 3e-3, "device": "cpu", "data_workers": 0}
 
 
-def test_finetune_lowers_the_loss_and_writes_a_model_that_segments(compressed: Path, tiny_model: Path, raw_root: Path,
+def test_finetune_lowers_the_loss_and_writes_a_model_that_segments(tiny_compressed: Path, tiny_model: Path, raw_root: Path,
                                                                     tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("nnUNet_raw", str(raw_root))
-    before = tree_digest(compressed)
+    before = tree_digest(tiny_compressed)
     messages: list[str] = []
     out = tmp_path / "finetuned"
-    report = finetune_model_folder(compressed, "901", out, original=tiny_model,
+    report = finetune_model_folder(tiny_compressed, "901", out, original=tiny_model,
                                    progress=lambda fraction, message: messages.append(message), **SMALL)
-    assert tree_digest(compressed) == before  # the source is never modified
+    assert tree_digest(tiny_compressed) == before  # the source is never modified
     assert report.train_losses[-1] < report.train_losses[0], report.train_losses
     assert [m for m in messages if m.startswith("epoch ")][-1].startswith("epoch 3/3: train loss")
     assert set(report.validation_dice) == {"original", "compressed", "finetuned"}
@@ -98,14 +89,14 @@ def test_finetune_lowers_the_loss_and_writes_a_model_that_segments(compressed: P
     assert (recovery["epochs"], recovery["iterations_per_epoch"], recovery["lr"], recovery["device"]) == (3, 6, 3e-3,
                                                                                                           "cpu")
     assert recovery["seconds"] > 0 and recovery["validation_dice"] == report.validation_dice
-    assert record["layers"] == json.loads((compressed / "fold_0" / "tucker.json").read_text())["layers"]
+    assert record["layers"] == json.loads((tiny_compressed / "fold_0" / "tucker.json").read_text())["layers"]
     training = out / "fold_0" / "training"
     assert (training / "progress.png").is_file() and list(training.glob("training_log_*.txt"))
     assert {"validation_original.json", "validation_compressed.json", "validation_finetuned.json"} <= {
         p.name for p in training.iterdir()}
-    assert (out / "plans.json").read_bytes() == (compressed / "plans.json").read_bytes()
+    assert (out / "plans.json").read_bytes() == (tiny_compressed / "plans.json").read_bytes()
     assert not list(out.rglob("*.pth")) and not state_dir(out).exists()
-    tuned, start = ModelFolder.open(out).load_network(0), ModelFolder.open(compressed).load_network(0)
+    tuned, start = ModelFolder.open(out).load_network(0), ModelFolder.open(tiny_compressed).load_network(0)
     assert any((a != b).any() for a, b in zip(tuned.state_dict().values(), start.state_dict().values(), strict=True))
     image = sitk.ReadImage(str(raw_root / "Dataset901_TinyCT" / "imagesTr" / "case00_0000.nii.gz"))
     volume = Volume(sitk.GetArrayFromImage(image).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0]))
@@ -113,7 +104,7 @@ def test_finetune_lowers_the_loss_and_writes_a_model_that_segments(compressed: P
     assert labels.shape == SHAPE and set(np.unique(labels)) <= {0, 1, 2, 3}
 
 
-def test_an_interrupted_run_resumes_from_its_last_epoch(compressed: Path, raw_root: Path, tmp_path: Path) -> None:
+def test_an_interrupted_run_resumes_from_its_last_epoch(tiny_compressed: Path, raw_root: Path, tmp_path: Path) -> None:
     dataset = raw_root / "Dataset901_TinyCT"
     out = tmp_path / "resumed"
 
@@ -122,12 +113,12 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(compressed: Path, raw_ro
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune_model_folder(compressed, dataset, out, progress=stop_after_first_epoch, **SMALL)
+        finetune_model_folder(tiny_compressed, dataset, out, progress=stop_after_first_epoch, **SMALL)
     state = state_dir(out)
     assert not out.exists() and (state / "resume" / "state.json").is_file()
     assert json.loads((state / "resume" / "state.json").read_text())["record"]["epochs_done"] == 1
     messages: list[str] = []
-    report = finetune_model_folder(compressed, dataset, out, progress=lambda f, m: messages.append(m), **SMALL)
+    report = finetune_model_folder(tiny_compressed, dataset, out, progress=lambda f, m: messages.append(m), **SMALL)
     assert report.resumed_from_epoch == 1 and len(report.train_losses) == 3
     assert not any(m.startswith("epoch 1/") for m in messages) and any(m.startswith("epoch 3/") for m in messages)
     assert "compressed" in report.validation_dice and not state.exists()
@@ -145,17 +136,17 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-def test_bad_data_sets_and_options_end_in_one_line_with_nothing_written(compressed: Path, raw_root: Path,
+def test_bad_data_sets_and_options_end_in_one_line_with_nothing_written(tiny_compressed: Path, raw_root: Path,
                                                                        tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    before = tree_digest(compressed)
+    before = tree_digest(tiny_compressed)
     out = tmp_path / "out"
     other_labels = write_raw_dataset(tmp_path / "raw", "Dataset902_Other", cases=2,
                                      labels={"background": 0, "liver": 1, "structure_2": 2, "structure_3": 3})
     two_channels = write_raw_dataset(tmp_path / "raw", "Dataset903_TwoChannels", cases=2, channels=2)
     bad_values = write_raw_dataset(tmp_path / "raw", "Dataset904_BadValues", cases=2,
                                    labels={"background": 0, "structure_1": 1, "structure_2": 2, "structure_3": 3})
-    run = ["finetune", str(compressed), "--device", "cpu", "--epochs", "1", "--iterations-per-epoch", "1"]
+    run = ["finetune", str(tiny_compressed), "--device", "cpu", "--epochs", "1", "--iterations-per-epoch", "1"]
     err = _fails([*run, "--dataset", str(other_labels), str(out)], capsys)
     assert "labels differ from the model's: missing or renumbered structure_1=1; not in the model liver=1" in err
     err = _fails([*run, "--dataset", str(two_channels), str(out)], capsys)
@@ -166,14 +157,14 @@ def test_bad_data_sets_and_options_end_in_one_line_with_nothing_written(compress
     assert "data set 'Dataset999_Missing' not found" in err
     err = _fails([*run, "--dataset", str(tmp_path / "nowhere"), str(out)], capsys)
     assert "not found" in err
-    err = _fails([*run, "--dataset", str(raw_root / "Dataset901_TinyCT"), str(compressed)], capsys)
+    err = _fails([*run, "--dataset", str(raw_root / "Dataset901_TinyCT"), str(tiny_compressed)], capsys)
     assert "overlaps the source model folder" in err
     err = _fails([*run, "--dataset", str(raw_root / "Dataset901_TinyCT"), "--epochs", "0", str(out)], capsys)
     assert "--epochs" in err and "at least 1" in err
     err = _fails(["finetune", str(other_labels), "--dataset", str(raw_root / "Dataset901_TinyCT"), str(out)], capsys)
     assert "Dataset902_Other" in err  # a data set is not a model folder
     assert not out.exists() and not state_dir(out).exists()
-    assert tree_digest(compressed) == before
+    assert tree_digest(tiny_compressed) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
