@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,14 +16,32 @@ from .paths import checked_path
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, quota
 
 
-def check_output_dir(target: Path, overwrite: bool = False, protected: Path | None = None) -> Path:
-    """Resolve ``target`` and refuse, before any work, what could not be written or would destroy data."""
+Input = tuple[str, "str | Path"]  # what a command reads: (what it is, e.g. "teacher model folder"; its path)
+
+
+def path_inputs(role: str, items: Iterable[object] | None) -> list[Input]:
+    """The entries of ``items`` that are paths (file names given by the user), each as an input to protect;
+    in-memory volumes are skipped."""
+    return [(role, item) for item in items or () if isinstance(item, (str, Path))]
+
+
+def refuse_overlap(output: Path, inputs: Iterable[Input]) -> None:
+    """Refuse an output that is, lies inside or contains any input the command reads (model folders, data sets,
+    images, label maps, variants, CTs), ``--overwrite`` or not: writing it would replace or hide that input."""
+    for role, given in inputs:
+        path = checked_path(given, OutputPathError, role)
+        relation = ("is" if output == path else "lies inside" if path in output.parents
+                    else "contains" if output in path.parents else None)
+        if relation:
+            raise OutputPathError(f"output {output} {relation} the {role} {path}, which this command reads; choose "
+                                  "an output outside every input (inputs are never modified)")
+
+
+def check_output_dir(target: Path, overwrite: bool = False, inputs: Iterable[Input] = ()) -> Path:
+    """Resolve ``target`` and refuse, before any work, what could not be written or would destroy data: an output
+    over any of ``inputs`` (see ``refuse_overlap``), an existing one without ``overwrite``, an unwritable one."""
     target = checked_path(target, OutputPathError, "output")
-    if protected is not None:
-        protected = protected.resolve()
-        if target == protected or protected in target.parents or target in protected.parents:
-            raise OutputPathError(f"output {target} overlaps the source model folder {protected}; "
-                                  "choose an output folder outside it (the source is never modified)")
+    refuse_overlap(target, inputs)
     if target.exists() and not overwrite:
         raise OutputPathError(f"output {target} already exists; choose a new folder or pass --overwrite")
     if target.exists() and not target.is_dir():
@@ -149,11 +167,10 @@ def refuse_existing(target: Path, overwrite: bool = False) -> None:
                               "until the new one is completely written")
 
 
-def check_output_file(target: Path, protected: tuple[Path, ...] = ()) -> Path:
+def check_output_file(target: Path, inputs: Iterable[Input] = ()) -> Path:
     """Resolve an output file path and refuse, before any work, one that cannot be written or is an input."""
     target = checked_path(target, OutputPathError, "output")
-    if any(target == p.expanduser().resolve() for p in protected):
-        raise OutputPathError(f"output {target} is one of the inputs; choose another output name")
+    refuse_overlap(target, inputs)
     if target.is_dir():
         raise OutputPathError(f"output {target} is a folder; give a file name (.seg.nrrd or .nii.gz)")
     if target.exists() and not target.is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .atomic import check_output_dir, refuse_existing
+from .atomic import check_output_dir, path_inputs, refuse_existing
 from .compress.folder import compress_model_folder, describe_model, prune_model_folder
 from .compress.network import CompressionReport
 from .compress.pruning import PruningReport
@@ -23,6 +23,7 @@ from .evaluation.report import MARKDOWN_NAME, write_report
 from .evaluation.run import Candidate, evaluate
 from .evaluation.saved import save_evaluation
 from .image.volume import IntensityWarning
+from .nnunet.layout import model_inputs
 from .nnunet.model_folder import ModelFolder
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, PRUNING_METHODS, RANK_METHODS, method, policy_for
@@ -168,7 +169,7 @@ def _write_compressed(args: argparse.Namespace, write: Callable[[Path], dict[str
                                 {**settings, "configuration": args.configuration}, device=args.device,
                                 fold=args.fold[0], configuration=args.configuration, overwrite=args.overwrite,
                                 trust=args.trust_checkpoint, progress=None if args.quiet else _progress("distilling "),
-                                say=say)
+                                say=say, inputs=path_inputs("label map", args.labels))
 
 
 def _calibration_text(record: dict[str, Any]) -> str:
@@ -436,7 +437,10 @@ def _build_variants(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    check_output_dir(Path(args.out), args.overwrite)  # before hours of segmentation
+    inputs = [*(entry for index, path in enumerate(args.models)
+                for entry in model_inputs("variant folder" if index else "model folder", path)),
+              ("image folder", args.images), *path_inputs("label folder", [args.labels])]
+    check_output_dir(Path(args.out), args.overwrite, inputs)  # before hours of segmentation
     model = ModelFolder.open(args.models[0])
     scans = pair_scans(args.images, args.labels, model.num_input_channels)
     say = None if args.quiet else _segment_progress()
@@ -444,7 +448,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(original, variants, scans, device=args.device, runtime=args.runtime,
                       rounds=args.rounds, memory=not args.no_memory, progress=say)
     data = result.to_json()
-    folder = write_report(data, args.out, overwrite=args.overwrite,
+    folder = write_report(data, args.out, overwrite=args.overwrite, inputs=inputs,
                           title=f"{model.name}: quality against cost on {len(result.cases)} case(s)")
     save_evaluation(data)
     print((folder / MARKDOWN_NAME).read_text())

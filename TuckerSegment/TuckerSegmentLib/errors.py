@@ -56,3 +56,7 @@ class TaskError(TuckerSegmentError):
 
 class NotEnoughMemoryError(TuckerSegmentError):
     """Out of memory with nothing smaller to fall back to (GPU), or too little RAM even in slabs (CPU)."""
+
+
+class CacheWarning(UserWarning):
+    """A cached artefact failed its check (changed since written, unreadable) and is being built again."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,21 @@ def checked_path(path: str | Path, error: type[Exception], role: str) -> Path:
     except (RuntimeError, OSError) as exc:  # Python 3.11 reports a loop as RuntimeError, 3.13 as OSError
         raise error(f"the {role} {path} cannot be resolved ({exc}): it is a symbolic link loop or unreadable; "
                     "give the real file or folder") from None
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}")
+
+
+def is_plain_name(value: object) -> bool:
+    """Whether ``value`` is a string that is one harmless path component (``Dataset123_Name``, ``nnUNetPlans``,
+    ``3d_fullres``): letters, digits and ``_.+-``, not starting with a dot, no separator, at most 200 characters."""
+    return isinstance(value, str) and PLAIN_NAME.fullmatch(value) is not None
+
+
+def plain_relative(value: object) -> bool:
+    """Whether ``value`` is a relative path of plain names (``fold_0/weights.safetensors``): never absolute,
+    never ``..``, so joined to a folder it stays inside it."""
+    return isinstance(value, str) and all(is_plain_name(part) for part in value.split("/"))
 
 
 def cache_dir() -> Path:

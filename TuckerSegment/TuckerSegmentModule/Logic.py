@@ -351,7 +351,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         compressed model it trains), from which the same compression into the same folder resumes."""
         from TuckerSegmentLib.atomic import check_output_dir, remove_stale
         from TuckerSegmentLib.errors import ModelFolderError, OutputPathError, PolicyError
-        from TuckerSegmentLib.nnunet.layout import locate_model
+        from TuckerSegmentLib.nnunet.layout import locate_model, model_inputs
         from TuckerSegmentLib.policies.methods import method
         from TuckerSegmentLib.worker.protocol import save_volume
         if not str(modelFolder or "").strip():
@@ -362,7 +362,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             raise PolicyError(f"{policy} needs labelled CTs, which the panel does not take; run tuckersegment compress "
                               f"--method {policy} --calibration CT... --labels LABELMAP...")
         source = locate_model(Path(modelFolder).expanduser())  # the worker checks the folder's contents
-        output = check_output_dir(Path(outputFolder).expanduser(), protected=source)
+        output = check_output_dir(Path(outputFolder).expanduser(), inputs=model_inputs("model folder", modelFolder))
         volumes = [readVolume(node) for node in calibrationNodes]
         folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
         try:

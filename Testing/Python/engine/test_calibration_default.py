@@ -13,7 +13,7 @@ from TuckerSegmentLib.cli import main
 from TuckerSegmentLib.compress.calibration_data import calibration_patches
 from TuckerSegmentLib.compress.calibration_source import SAMPLE_CT, sample_ct
 from TuckerSegmentLib.errors import PolicyError
-from TuckerSegmentLib.nnunet.checkpoint import sha256_file
+from TuckerSegmentLib.checksums import sha256_file
 from TuckerSegmentLib.tucker.calibration import prediction_agreement
 from TuckerSegmentLib.worker.server import Worker
 

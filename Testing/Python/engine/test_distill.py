@@ -120,9 +120,12 @@ def test_hostile_inputs_are_refused_in_one_line_with_nothing_written(tiny_model,
     out = tmp_path / "out"
     base = ["distill", str(tiny_compressed), "--teacher", str(tiny_model), "--device", "cpu", "--quiet"]
     teacher_digest = tree_digest(tiny_model)
-    assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(tiny_compressed)], capsys, tmp_path)
-    assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(tiny_compressed / "inside")], capsys, tmp_path)
-    assert "overlaps" in refused([*base, "--calibration", str(ct_file), str(tiny_model / "x")], capsys, tmp_path)
+    assert "is the compressed model folder" in refused([*base, "--calibration", str(ct_file), str(tiny_compressed)],
+                                                        capsys, tmp_path)
+    assert "lies inside the compressed model folder" in refused(
+        [*base, "--calibration", str(ct_file), str(tiny_compressed / "inside")], capsys, tmp_path)
+    assert "lies inside the teacher model folder" in refused([*base, "--calibration", str(ct_file),
+                                                              str(tiny_model / "x")], capsys, tmp_path)
     other = tmp_path / "models" / tiny_model.name
     shutil.copytree(tiny_model, other)
     dataset = json.loads((other / "dataset.json").read_text())

@@ -158,7 +158,7 @@ def test_bad_data_sets_and_options_end_in_one_line_with_nothing_written(tiny_com
     err = _fails([*run, "--dataset", str(tmp_path / "nowhere"), str(out)], capsys)
     assert "not found" in err
     err = _fails([*run, "--dataset", str(raw_root / "Dataset901_TinyCT"), str(tiny_compressed)], capsys)
-    assert "overlaps the source model folder" in err
+    assert "is the compressed model folder" in err
     err = _fails([*run, "--dataset", str(raw_root / "Dataset901_TinyCT"), "--epochs", "0", str(out)], capsys)
     assert "--epochs" in err and "at least 1" in err
     err = _fails(["finetune", str(other_labels), "--dataset", str(raw_root / "Dataset901_TinyCT"), str(out)], capsys)

@@ -79,6 +79,13 @@ CASES: dict[str, tuple[Edit, str]] = {
     "spacing 0": (configuration("spacing", [0, 3.0, 3.0]), "spacing[0] is 0, not a number in 0.05–50.0"),
     "spacing 1e-9": (configuration("spacing", [3.0, 1e-9, 3.0]), "spacing[1] is 1e-09"),
     "missing CT statistics": (no_ct_statistics, "foreground_intensity_properties_per_channel['0'].percentile_99_5 is None"),
+    "an absolute data set name": (top("dataset_name", "/home/victim"), "dataset_name is '/home/victim', not a plain name"),
+    "a data set name that climbs": (top("dataset_name", "../../victim"), "dataset_name is '../../victim', not a plain"),
+    "a plans name with a separator": (top("plans_name", "plans/../../x"), "plans_name is 'plans/../../x', not a plain"),
+    "a missing plans name": (top("plans_name", None), "plans_name is None, not a plain name"),
+    "a data identifier that climbs": (configuration("data_identifier", "../x"), "data_identifier is '../x', not a plain"),
+    "a cascade stage with a separator": (configuration("next_stage", ["3d_cascade_fullres", "a/b"]),
+                                         "next_stage is 'a/b', not a plain name"),
     "stages and widths disagree": (arch_kwarg("features_per_stage", [8, 16]), "features_per_stage is [8, 16], not a list of 3"),
 }
 

@@ -205,7 +205,7 @@ def test_output_paths_that_cannot_be_written(tiny_model, tiny_compressed, tmp_pa
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     cases = [(existing, "already exists"), (tmp_path / "no" / "such" / "parent", "does not exist"),
-             (tiny_model / "inside", "overlaps the source"), (Path("/proc/tuckersegment-out"), "cannot write")]
+             (tiny_model / "inside", "lies inside the model folder"), (Path("/proc/tuckersegment-out"), "cannot write")]
     for target, message in cases:
         with pytest.raises(OutputPathError, match=message):
             compress_model_folder(tiny_model, target, UniformPolicy(0.5))

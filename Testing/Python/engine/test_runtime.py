@@ -3,13 +3,15 @@ random-weight networks, labels of the demo model on the sample CT), its cache, a
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from TuckerSegmentLib.compress.network import compress_network
-from TuckerSegmentLib.errors import TuckerSegmentError
+from TuckerSegmentLib.errors import CacheWarning, TuckerSegmentError
 from TuckerSegmentLib.image.volume import read_volume
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.paths import BUNDLED_MODELS, cache_dir
@@ -69,7 +71,30 @@ def test_openvino_logits_match_pytorch_on_random_weight_networks(tiny_model, for
         OpenVINONetwork(network, example, "f32")(x[..., :-1])
 
 
-def test_openvino_segments_the_sample_ct_as_pytorch_does_and_its_conversion_is_cached():
+def _flip_bytes_in_place(path: Path) -> None:
+    """Change a file's content in its middle, keeping its size and modification time."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0x5A for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+
+
+def _openvino_labels(volume, expect_warnings: tuple[str, ...] = ()) -> np.ndarray:
+    """Labels of the demo model in OpenVINO f32, asserting which cached files were refused (and rebuilt)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CacheWarning)
+        labels = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32").segment(volume).labels
+    refused = sorted(str(w.message) for w in caught if issubclass(w.category, CacheWarning))
+    assert len(refused) == len(expect_warnings), refused
+    for message, name in zip(refused, sorted(expect_warnings), strict=True):
+        assert name in message and "changed since it was written (sha256 mismatch)" in message
+    return labels
+
+
+def test_openvino_segments_the_sample_ct_as_pytorch_does_and_its_cache_is_verified():
     volume = read_volume(BUNDLED_MODELS.parent / "SampleData" / "CTChest4.nrrd")
     torch_labels = Segmenter(DEMO_SOURCE, device="cpu", runtime="torch", execution="reference").segment(volume).labels
     segmenter = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32")
@@ -77,20 +102,27 @@ def test_openvino_segments_the_sample_ct_as_pytorch_does_and_its_conversion_is_c
     assert result.runtime == "OpenVINO f32 (asked)"
     assert (result.labels == torch_labels).mean() >= 0.999
     key = folder_key(segmenter._source_files(), segmenter.model.patch_size)
-    converted = cache_dir() / "openvino" / f"{key}.xml"
-    assert converted.is_file() and converted.with_suffix(".bin").is_file()
+    folder = cache_dir() / "openvino" / key[:32]
+    blob = next(folder.glob("f32-*.blob"))
+    assert (folder / "model.xml").is_file() and (folder / "model.bin").is_file()
     weights = next(f for f in segmenter._source_files() if f.suffix in (".pth", ".safetensors"))
     stat = weights.stat()
     try:
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed file is converted again
-        assert folder_key(segmenter._source_files(), segmenter.model.patch_size) != key
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the key is the content, not the date
+        assert folder_key(segmenter._source_files(), segmenter.model.patch_size) == key
     finally:
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    again = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32").segment(volume)
-    assert np.array_equal(again.labels, result.labels)  # read back from the cache: the same network
-    converted.write_text("<net>not a network")  # a damaged cache file: converted again and replaced
-    repaired = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32").segment(volume)
-    assert np.array_equal(repaired.labels, result.labels) and converted.read_text().startswith("<?xml")
+    assert np.array_equal(_openvino_labels(volume), result.labels)  # imported from the cache: the same network
+    _flip_bytes_in_place(blob)  # a compiled blob changed in place (same size, same date): compiled again
+    assert np.array_equal(_openvino_labels(volume, (blob.name,)), result.labels)
+    _flip_bytes_in_place(blob)
+    _flip_bytes_in_place(folder / "model.bin")  # and the converted weights: converted again too
+    assert np.array_equal(_openvino_labels(volume, (blob.name, "model.bin")), result.labels)
+    assert np.array_equal(_openvino_labels(volume), result.labels)  # the rebuilt files pass their checks
+    (folder / "model.xml").write_text("<net>not a network")  # damaged and not compiled yet: converted again
+    blob.unlink()
+    assert np.array_equal(_openvino_labels(volume, ("model.xml",)), result.labels)
+    assert (folder / "model.xml").read_text().startswith("<?xml")
 
 
 def test_without_openvino_the_cpu_runs_pytorch_and_says_why(monkeypatch):

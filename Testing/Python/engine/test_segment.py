@@ -158,7 +158,7 @@ def test_nifti_label_map_has_the_input_geometry(segmenter, tmp_path):
 def test_unwritable_or_clashing_outputs_are_refused_before_segmenting(tmp_path):
     source = tmp_path / "ct.nrrd"
     sitk.WriteImage(volume_to_image(ct_phantom()), str(source))
-    with pytest.raises(OutputPathError, match="one of the inputs"):
+    with pytest.raises(OutputPathError, match="is the input"):
         plan_outputs([source], source.with_name("ct.nrrd"))
     with pytest.raises(OutputPathError, match="does not exist"):
         plan_outputs([source], tmp_path / "no" / "out.seg.nrrd")

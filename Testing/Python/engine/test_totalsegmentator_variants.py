@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from TuckerSegmentLib.cli import main
-from TuckerSegmentLib.errors import CheckpointError, ModelFolderError
+from TuckerSegmentLib.errors import CacheWarning, CheckpointError, ModelFolderError
 from TuckerSegmentLib.image.volume import Volume
+from TuckerSegmentLib.paths import BUNDLED_MODELS
 from TuckerSegmentLib.segment.labels import TOTALSEGMENTATOR_CSV, segment_labels
 from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.example_models import EXAMPLE_SPECS, example_model, write_totalsegmentator_task
@@ -23,6 +24,7 @@ from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_varian
 from TuckerSegmentLib.variants.choice import choose_model
 from TuckerSegmentLib.variants.guard import SafeTask
 from TuckerSegmentLib.variants.hardware import GB, DeviceInfo
+from TuckerSegmentLib.variants.task_weights import check_task_weights, weights_record
 from TuckerSegmentLib.variants.totalsegmentator import find_task, tasks, weights_dirs
 
 CPU = DeviceInfo("cpu", "CPU", 32 * GB, 16 * GB, cores=2)
@@ -178,7 +180,51 @@ def test_wrong_source_weights_are_refused_and_nothing_is_built(ts_home, tmp_path
         variant_build.build_variant(find_variant(catalogue(), "fast-tucker-0.7"))
     assert not variant_dir(find_variant(catalogue(), "fast-tucker-0.7")).joinpath(MANIFEST).exists()
     with pytest.raises(CheckpointError, match="corrupt or from another release"):
-        variant_build.check_source(folder, 0, "0" * 64)
+        check_task_weights(tasks()["fast"].models[0], folder, "0" * 64)
+
+
+def _foreign_labels(folder: Path) -> None:
+    """Give a TotalSegmentator-named folder another model's labels: two names changed, one value swapped."""
+    dataset = json.loads((folder / "dataset.json").read_text())
+    labels = dataset["labels"]
+    labels["tumour"] = labels.pop("spleen")
+    labels["kidney_right"], labels["kidney_left"] = labels["kidney_left"], labels["kidney_right"]
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+
+
+def test_a_foreign_model_under_a_totalsegmentator_name_is_refused_naming_the_labels(ts_home, tmp_path, capsys):
+    (folder,) = write_totalsegmentator_task(ts_home, "fast", divisor=8)
+    _foreign_labels(folder)
+    ct = BUNDLED_MODELS.parent / "SampleData" / "CTChest4.nrrd"  # refused before it is read
+    assert main(["segment", str(ct), str(tmp_path / "out.seg.nrrd"), "--task", "fast", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("tuckersegment: error: ") and "labels are not that model's" in err
+    assert "spleen=1" in err and "kidney_right=2, kidney_left=3" in err and "tumour=1" in err
+    assert not (tmp_path / "out.seg.nrrd").exists()
+    assert main(["build-variants", "--variant", "fast-tucker-0.7", "--quiet", "--no-measure"]) == 2
+    assert "labels are not that model's" in capsys.readouterr().err
+    assert not variant_dir(find_variant(catalogue(), "fast-tucker-0.7")).joinpath(MANIFEST).exists()
+
+
+def test_totalsegmentator_weights_are_recorded_when_first_verified_and_a_change_is_refused(ts_home, tmp_path):
+    (folder,) = write_totalsegmentator_task(ts_home, "fast", divisor=8)
+    model = tasks()["fast"].models[0]
+    record = weights_record()
+    assert not record.exists()
+    choice = choose_model("auto", task="fast", variants=catalogue(), devices=[CPU])
+    SafeTask(choice, catalogue(), [CPU])  # first use: verified and recorded
+    first = json.loads(record.read_text())[model.dataset]["sha256"]
+    assert first == check_task_weights(model, folder)  # the same weights pass again
+    write_totalsegmentator_task(tmp_path / "other", "fast", divisor=8, seed=7)  # other weights, same plans and labels
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    shutil.copy2(next((tmp_path / "other").rglob("checkpoint_final.pth")), checkpoint)
+    with pytest.raises(CheckpointError, match=r"not the .* recorded when these weights were first verified here"):
+        SafeTask(choice, catalogue(), [CPU])
+    assert json.loads(record.read_text())[model.dataset]["sha256"] == first  # the record is not replaced
+    record.write_text("{not json")  # a damaged record is said and started again
+    with pytest.warns(CacheWarning, match="not a record of TotalSegmentator checksums"):
+        assert check_task_weights(model, folder) != first
+    assert json.loads(record.read_text())[model.dataset]["sha256"] != first
 
 
 def test_missing_weights_without_totalsegmentator_say_where_and_how(ts_home, capsys):

@@ -10,11 +10,11 @@ import numpy as np
 from torch import nn
 
 from .. import __version__
-from ..atomic import atomic_output_dir, check_output_dir
+from ..atomic import atomic_output_dir, check_output_dir, path_inputs
 from ..errors import ModelFolderError, PolicyError
 from ..image.volume import Volume
-from ..nnunet.checkpoint import sha256_file
-from ..nnunet.layout import TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name
+from ..checksums import sha256_file
+from ..nnunet.layout import TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name, model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..nnunet.tucker_format import save_weights, write_tucker_json
 from ..policies.base import RankPolicy
@@ -29,9 +29,15 @@ from .pruning import CRITERIA, LabelledPatch, PruningReport, prune_network, trac
 COPIED_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", TERMINOLOGY_CSV)
 
 
-def _open_source(source: str | Path, configuration: str | None, folds: Sequence[Fold]) -> tuple[ModelFolder, list[str]]:
-    """The original model folder to compress or prune, and its folds (each named once, each present)."""
+def _open_source(source: str | Path, configuration: str | None, folds: Sequence[Fold], output: str | Path,
+                 overwrite: bool, calibration: Sequence[object] | None = None,
+                 labels: Sequence[object] | None = None) -> tuple[ModelFolder, list[str]]:
+    """The original model folder to compress or prune, and its folds (each named once, each present), once
+    ``output`` is known to be writable and clear of every input (the model, calibration CTs, label maps)."""
     model = ModelFolder.open(source, configuration)
+    check_output_dir(Path(output), overwrite, [*model_inputs("model folder", source),
+                                               *path_inputs("calibration CT", calibration),
+                                               *path_inputs("label map", labels)])
     if model.compressed:
         raise ModelFolderError(f"{model.path} is already compressed or pruned; start from the original nnU-Net model "
                                "folder")
@@ -75,9 +81,8 @@ def _write_model_folder(model: ModelFolder, fold_names: Sequence[str], output: s
     """Write ``output`` all or nothing: the source's plans and labels, and per fold the network that
     ``transform`` made of the original (in place) as ``tucker.json`` (its ``report.to_dict()`` plus where it came
     from) + ``weights.safetensors``."""
-    target = check_output_dir(Path(output), overwrite, protected=model.path)
     reports: dict[str, Report] = {}
-    with atomic_output_dir(target, overwrite) as staging:
+    with atomic_output_dir(Path(output), overwrite) as staging:
         _copy_model_files(model, staging)
         for fold in fold_names:
             network, checkpoint = model.load_original(fold, trust)
@@ -111,7 +116,7 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
     ``calibration``: unlabeled CT volumes (or files, or masked ``CalibrationVolume``s) for activation-aware
     compression; without them a CT model is calibrated on the bundled sample CT, and ``weight_only`` asks
     for the paper's data-free rule instead (see ``resolve_calibration``; each report records which)."""
-    model, fold_names = _open_source(source, configuration, folds)
+    model, fold_names = _open_source(source, configuration, folds, output, overwrite, calibration)
     volumes, record = resolve_calibration(model, calibration, weight_only)
 
     def compress(network: nn.Module) -> CompressionReport:
@@ -138,7 +143,7 @@ def prune_model_folder(source: str | Path, output: str | Path, criterion: str, t
         raise PolicyError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) or not 0 < target_flops <= 1:
         raise PolicyError(f"the FLOP target is the fraction of the original FLOPs kept, in (0, 1], not {target_flops!r}")
-    model, fold_names = _open_source(source, configuration, folds)
+    model, fold_names = _open_source(source, configuration, folds, output, overwrite, calibration, labels)
     if criterion == "taylor":
         if not calibration or not labels:
             raise PolicyError("prune-taylor needs labelled CTs: calibration CT volumes and one label map per CT "

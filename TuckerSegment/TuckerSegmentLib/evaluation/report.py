@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_output_dir, check_output_dir
+from ..atomic import Input, atomic_output_dir, check_output_dir
 
 JSON_NAME, MARKDOWN_NAME, DICE_PLOT, PARETO_PLOT = "evaluation.json", "evaluation.md", "dice_per_class.png", "pareto.png"
 QUALITY = (("pooled_dice", "Dice vs reference labels (pooled over cases)"),
@@ -145,9 +145,10 @@ def dice_plot(data: Mapping[str, Any], path: Path) -> None:
 
 
 def write_report(data: Mapping[str, Any], out_dir: str | Path, overwrite: bool = False, title: str = "",
-                 quality: bool = True) -> Path:
-    """Write the evaluation (``Evaluation.to_json()``) into ``out_dir``: whole or not at all."""
-    target = check_output_dir(Path(out_dir), overwrite)
+                 quality: bool = True, inputs: Sequence[Input] = ()) -> Path:
+    """Write the evaluation (``Evaluation.to_json()``) into ``out_dir``: whole or not at all, never over any of
+    ``inputs`` (the models, images and labels evaluated)."""
+    target = check_output_dir(Path(out_dir), overwrite, inputs)
     with atomic_output_dir(target, overwrite) as staging:
         (staging / JSON_NAME).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
         (staging / MARKDOWN_NAME).write_text(markdown(data))

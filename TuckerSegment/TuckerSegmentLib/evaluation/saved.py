@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_output_file
+from ..checksums import sealed, unsealed
 from ..errors import ModelFolderError
 from ..nnunet.layout import locate_model
 from ..paths import cache_dir
@@ -27,7 +28,7 @@ def save_evaluation(data: dict[str, Any], cache: Path | None = None) -> Path:
     target = saved_path(data["models"][0]["path"], cache)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_file(target) as staging:
-        staging.write_text(json.dumps(data, allow_nan=False))
+        staging.write_text(json.dumps(sealed(data), allow_nan=False))
     return target
 
 
@@ -35,7 +36,9 @@ def evaluation_curves(original: str | Path, cache: Path | None = None) -> dict[s
     """Per method curve of the last evaluation of ``original``: (FLOPs fraction, pooled agreement with the
     original) points, cheapest first; empty when none was run or the record is unreadable."""
     try:
-        models = json.loads(saved_path(original, cache).read_text())["models"]
+        path = saved_path(original, cache)
+        record = unsealed(json.loads(path.read_text()), path)
+        models = record["models"] if record is not None else []
         curves: dict[str, list[tuple[float, float]]] = {}
         for model in models[1:]:
             x, y = float(model["flops_fraction"]), model["pooled_agreement"]

@@ -1,7 +1,6 @@
 """Reading nnU-Net checkpoints without executing arbitrary pickled code."""
 from __future__ import annotations
 
-import hashlib
 import pickle
 import pickletools
 import warnings
@@ -32,14 +31,6 @@ def _numpy_globals() -> list[Any]:
     for module in _NUMPY_MODULES:
         allowed += [(core.scalar, f"{module}.scalar"), (core._reconstruct, f"{module}._reconstruct")]
     return allowed
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:

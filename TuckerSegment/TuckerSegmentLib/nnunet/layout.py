@@ -6,6 +6,7 @@ compressed one holds the same two JSON files and ``fold_N/tucker.json`` + ``weig
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ LAYOUT_HINT = ("an nnU-Net v2 trained model folder (Trainer__Plans__Configuratio
                f"and fold_N/{CHECKPOINT_NAME}")
 
 Fold = int | str  # a fold number, or "all"
+DATASET_FOLDER = re.compile(r"Dataset\d{3,}_.+")  # nnU-Net's data set folders: Dataset123_Name
 
 
 def read_json(path: Path, error: type[Exception] = ModelFolderError,
@@ -50,6 +52,17 @@ def locate_model(path: Path) -> Path:
         names = ", ".join(p.name for p in candidates)
         raise ModelFolderError(f"{path} holds several trained models ({names}); pass one of them")
     raise ModelFolderError(f"{path} is not an nnU-Net v2 trained model folder: no plans.json; {LAYOUT_HINT}")
+
+
+def model_inputs(role: str, given: str | Path) -> list[tuple[str, Path]]:
+    """A model folder as inputs an output must stay clear of: the path given, the folder holding plans.json and,
+    for a ``Trainer__Plans__Configuration`` folder in an nnU-Net data set folder (``DatasetNNN_Name``), that data
+    set folder (another model written there would make it hold several)."""
+    folder = locate_model(Path(given))
+    inputs = [(role, Path(given)), (role, folder)]
+    if folder.name.count("__") == 2 and DATASET_FOLDER.fullmatch(folder.parent.name):
+        inputs.append((f"data set folder of the {role}", folder.parent))
+    return inputs
 
 
 def fold_dir_name(fold: Fold) -> str:

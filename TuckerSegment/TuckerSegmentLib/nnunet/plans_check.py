@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ModelFolderError
+from ..paths import is_plain_name
 
 _DNA = "dynamic_network_architectures.architectures"
 ARCHITECTURES = {f"{_DNA}.unet.PlainConvUNet": "PlainConvUNet", f"{_DNA}.unet.ResidualEncoderUNet": "ResidualEncoderUNet",
@@ -100,6 +101,14 @@ def _dict(value: Any, field: str) -> dict[str, Any]:
 def _one_of(value: Any, field: str, allowed: tuple[str, ...] | frozenset[str] | Mapping[str, Any]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise _fail(field, f"names {value!r}, which is not allowed here (allowed: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _plain_name(value: Any, field: str) -> str:
+    """A name the engine or nnU-Net joins to a folder (data set, plans, data identifier): one plain component."""
+    if not is_plain_name(value):
+        raise _fail(field, f"is {value!r}, not a plain name such as Dataset123_Name (letters, digits, _ . + -; no "
+                           "folder separators, no leading dot): it becomes part of a file path")
     return value
 
 
@@ -195,9 +204,15 @@ def _check_stages(entries: dict[str, Any], field: str, stages: int, dims: int, b
 
 def check_configuration(plans: dict[str, Any], configuration: str, channels: int) -> None:
     """Every name and number of ``configuration`` that nnU-Net or the engine will use."""
+    _plain_name(configuration, "plans.json: configuration name")
     config = resolve_configuration(plans, configuration)
     where = f"plans.json: configurations[{configuration!r}]"
     dims = check_architecture(config, where)
+    _plain_name(config.get("data_identifier"), f"{where}.data_identifier")
+    for key in ("previous_stage", "next_stage"):  # cascade stages: nnU-Net's trainer makes folders of them
+        stages = config.get(key)
+        for stage in stages if isinstance(stages, list) else [] if stages is None else [stages]:
+            _plain_name(stage, f"{where}.{key}")
     for axis, size in enumerate(_list(config.get("patch_size"), f"{where}.patch_size", dims)):
         _int(size, f"{where}.patch_size[{axis}]", PATCH)
     for axis, spacing in enumerate(_list(config.get("spacing"), f"{where}.spacing", dims)):
@@ -231,6 +246,8 @@ def check_plans(plans: dict[str, Any], dataset_json: dict[str, Any], configurati
         if not isinstance(order, list) or sorted(order) != list(range(len(order))) or len(order) not in (2, 3):
             raise _fail(f"plans.json: {key}", f"is {order!r}, not an order of the axes such as [0, 1, 2]")
     check_configuration(plans, configuration, channels)
+    for key in ("dataset_name", "plans_name"):
+        _plain_name(plans.get(key), f"plans.json: {key}")
 
 
 def check_dataset_json(dataset_json: dict[str, Any]) -> int:

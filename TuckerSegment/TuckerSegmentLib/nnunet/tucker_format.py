@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import CheckpointError, OutputPathError, RankMismatchError
 from ..tucker.decomposition import LayerPlan
-from .checkpoint import non_finite, sha256_file, state_mismatch
+from ..checksums import sha256_file
+from .checkpoint import non_finite, state_mismatch
 from .layout import TUCKER_JSON
 
 FORMAT_NAME = "tuckersegment.tucker"

@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..atomic import atomic_output_file, check_output_dir
+from ..atomic import Input, atomic_output_file, check_output_dir, path_inputs
 from ..compress.calibration_data import CalibrationVolume
 from ..compress.calibration_source import CT_NORMALIZATION, sample_ct
 from ..errors import PolicyError
 from ..image.volume import Volume
-from ..nnunet.checkpoint import sha256_file
-from ..nnunet.layout import Fold
+from ..checksums import sha256_file
+from ..nnunet.layout import Fold, model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import LayerProgress
 from .distill import distill_model_folder
@@ -102,23 +102,26 @@ def compress_and_distill(compress: Callable[[Path], Result], teacher: str | Path
                          calibration: Calibration | None, iterations: int, settings: Mapping[str, Any],
                          device: str = "auto", fold: Fold = 0, configuration: str | None = None,
                          overwrite: bool = False, trust: bool = False, progress: LayerProgress | None = None,
-                         say: Callable[[str], None] | None = None) -> tuple[Result | None, dict[str, Any]]:
+                         say: Callable[[str], None] | None = None,
+                         inputs: Sequence[Input] = ()) -> tuple[Result | None, dict[str, Any]]:
     """Write ``output``: the model ``compress(folder)`` writes (compressed from ``teacher``, one ``fold``), distilled
     ``iterations`` times from ``teacher`` on ``calibration`` (default: the sample CT) on ``device``. ``settings``
-    (JSON) is whatever else decides the compressed model. Returns ``compress``'s result (``None`` when an
+    (JSON) is whatever else decides the compressed model; ``inputs``, whatever else ``compress`` reads (kept clear
+    of the outputs like the teacher and the CTs). Returns ``compress``'s result (``None`` when an
     interrupted run's compressed model was reused) and the ``recovery`` record. See the module docstring."""
     iterations = distill_iterations(iterations)
     if iterations < 1:
         raise RecoveryError("compress_and_distill needs at least 1 iteration; compress without distillation instead")
     original = ModelFolder.open(teacher, configuration)
     original.require_fold(fold)
-    target = check_output_dir(Path(output), overwrite, protected=original.path)
+    inputs = [*model_inputs("original model folder", teacher), *path_inputs("calibration CT", calibration), *inputs]
+    target = check_output_dir(Path(output), overwrite, inputs)
     volumes = distillation_data(original, calibration)
     request = json.loads(json.dumps({
         "settings": settings, "teacher_sha256": sha256_file(original.checkpoint_path(fold)), "fold": str(fold),
         "calibration": [content_digest(item) for item in volumes], "iterations": iterations, "device": device}))
     source = source_folder(target)
-    check_output_dir(source, overwrite=True, protected=original.path)
+    check_output_dir(source, overwrite=True, inputs=inputs)
     report = say or (lambda message: None)
     result = None
     if _reuse_or_clear(source, target, request):

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import TuckerSegmentError
 from ..nnunet.layout import read_json
 from ..nnunet.model_folder import ModelFolder
+from ..paths import is_plain_name
 
 IGNORE = "ignore"
 MARKER = "prepared.json"
@@ -135,6 +136,7 @@ def _raw_cases(dataset: Dataset) -> dict[str, dict[str, Any]]:
         raise DatasetError(f"{dataset.path / 'dataset.json'} has no 'file_ending' (e.g. \".nii.gz\")")
     if "dataset" not in dataset.dataset_json and not (dataset.path / "labelsTr").is_dir():
         raise DatasetError(f"{dataset.path} has no labelsTr/ folder: fine-tuning needs labels")
+    _file_ending(ending, dataset)
     try:
         cases = get_filenames_of_train_images_and_targets(str(dataset.path), json.loads(json.dumps(dataset.dataset_json)))
     except (OSError, KeyError, TypeError) as exc:
@@ -143,6 +145,9 @@ def _raw_cases(dataset: Dataset) -> dict[str, dict[str, Any]]:
         raise DatasetError(f"{dataset.path / 'imagesTr'} holds no case ending in {ending}; nothing to train on")
     channels = len(_channels(dataset.dataset_json))
     for name, case in cases.items():
+        if not is_plain_name(name):
+            raise DatasetError(f"{dataset.path} names a case {name!r}; case names become file names: use plain "
+                               "names (letters, digits, _ . + -) in its dataset.json")
         if len(case["images"]) != channels:
             raise DatasetError(f"case {name} of {dataset.path} has {len(case['images'])} image file(s), dataset.json "
                                f"names {channels} channel(s) (files NAME_0000{ending} ...)")
@@ -200,7 +205,8 @@ def prepare_dataset(dataset: Dataset, model: ModelFolder, base: Path, training_j
         shutil.rmtree(target)
     (target / "gt_segmentations").mkdir(parents=True)
     data_folder = target / cm.data_identifier
-    ending = dataset.dataset_json.get("file_ending", model.dataset_json.get("file_ending", ".nii.gz"))
+    ending = _file_ending(dataset.dataset_json.get("file_ending", model.dataset_json.get("file_ending", ".nii.gz")),
+                          dataset)
     if dataset.kind == "preprocessed":
         problem = _plans_fit(dataset, model)
         if problem:
@@ -209,8 +215,6 @@ def prepare_dataset(dataset: Dataset, model: ModelFolder, base: Path, training_j
         shutil.copytree(dataset.path / cm.data_identifier, data_folder)
         shutil.copytree(dataset.path / "gt_segmentations", target / "gt_segmentations", dirs_exist_ok=True)
         names = sorted(p.name.removesuffix(ending) for p in (target / "gt_segmentations").glob(f"*{ending}"))
-        if (dataset.path / SPLITS).is_file():
-            shutil.copy2(dataset.path / SPLITS, target / SPLITS)
     else:
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
         cases = _raw_cases(dataset)
@@ -229,8 +233,8 @@ def prepare_dataset(dataset: Dataset, model: ModelFolder, base: Path, training_j
                                    f"{str(exc).strip()[:200]}); check its image and label files") from exc
             shutil.copy2(case["label"], target / "gt_segmentations" / f"{name}{ending}")
         names = sorted(cases)
-        if (dataset.path / SPLITS).is_file():
-            shutil.copy2(dataset.path / SPLITS, target / SPLITS)
+    if (dataset.path / SPLITS).is_file():
+        _copy_splits(dataset.path / SPLITS, target / SPLITS, names)
     if not names:
         raise DatasetError(f"{dataset.path} holds no labelled case; nothing to train on")
     if not (target / SPLITS).is_file() and len(names) < 5:
@@ -245,6 +249,30 @@ def prepare_dataset(dataset: Dataset, model: ModelFolder, base: Path, training_j
     (target / "dataset.json").write_text(json.dumps(training_json, indent=1))
     marker.write_text(json.dumps({"fingerprint": fingerprint, "dataset": str(dataset.path), "cases": names}))
     return target
+
+
+def _file_ending(ending: Any, dataset: Dataset) -> str:
+    """The data set's ``file_ending`` (".nii.gz"), refused unless it is a plain file suffix (it ends file names)."""
+    if not isinstance(ending, str) or not ending.startswith(".") or not is_plain_name(ending[1:]):
+        raise DatasetError(f"{dataset.path / 'dataset.json'} has file_ending {ending!r}, not a file suffix such as "
+                           "\".nii.gz\"; fix dataset.json")
+    return ending
+
+
+def _copy_splits(source: Path, target: Path, names: list[str]) -> None:
+    """The data set's own ``splits_final.json``, when every fold lists only cases the data set holds (its names
+    become file names in nnU-Net's validation)."""
+    try:
+        splits = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{source} is not readable JSON ({exc}); fix or remove it") from exc
+    known = set(names)
+    if not isinstance(splits, list) or not splits or not all(
+            isinstance(fold, dict) and set(fold) == {"train", "val"}
+            and all(isinstance(part, list) and set(part) <= known for part in fold.values()) for fold in splits):
+        raise DatasetError(f"{source} is not a list of folds {{\"train\": [...], \"val\": [...]}} naming only the data "
+                           "set's cases; fix or remove it (without it, nnU-Net's own split is used)")
+    target.write_text(json.dumps(splits))
 
 
 def _check_label_values(name: str, label_file: str, allowed: set[int], model: ModelFolder) -> None:

@@ -63,14 +63,14 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 from torch import nn
 from torch.nn import functional
 
-from ..atomic import check_output_dir
+from ..atomic import check_output_dir, path_inputs, refuse_overlap
 from ..compress.calibration_data import CalibrationVolume, network_ready_volume
 from ..compress.calibration_source import calibration_name
 from ..compress.folder import write_retrained_model
 from ..errors import Cancelled, Interrupted, ModelFolderError
 from ..image.volume import Volume
-from ..nnunet.checkpoint import sha256_file
-from ..nnunet.layout import Fold, fold_dir_name
+from ..checksums import sha256_file
+from ..nnunet.layout import Fold, fold_dir_name, model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Cancel, LayerProgress, check_cancel
 from ..runtime.devices import resolve_device
@@ -312,8 +312,10 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
     module docstring for the data, masks, loss, what trains and resuming."""
     _check_settings(iterations, lr, temperature, batch_size, trained)
     student_model, teacher_model, fold_name, record, teacher_sha = _open_pair(compressed, teacher, fold, trust)
-    target = check_output_dir(Path(output), overwrite, protected=student_model.path)
-    check_output_dir(target, overwrite, protected=teacher_model.path)
+    inputs = [*model_inputs("compressed model folder", compressed), *model_inputs("teacher model folder", teacher),
+              *path_inputs("calibration CT", calibration)]
+    target = check_output_dir(Path(output), overwrite, inputs)
+    refuse_overlap(state_folder(target, METHOD), inputs)
     if not calibration:
         raise RecoveryError("distillation needs unlabeled CTs like the ones the model will segment: pass "
                             "--calibration CT... (a few volumes)")

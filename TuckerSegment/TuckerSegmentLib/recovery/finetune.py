@@ -36,9 +36,10 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoM
 )
 from torch import nn
 
-from ..atomic import check_output_dir
+from ..atomic import check_output_dir, refuse_overlap
 from ..compress.folder import write_retrained_model
 from ..errors import ModelFolderError, TuckerSegmentError
+from ..nnunet.layout import model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Progress
 from ..runtime.devices import resolve_device
@@ -285,8 +286,11 @@ def finetune_model_folder(source: str | Path, dataset: str | Path, output: str |
         raise ModelFolderError(f"{model.path} has no compressed or pruned fold 0; fine-tuning starts from the output "
                                "of tuckersegment compress (fold 0)")
     record = model.tucker_record(fold)
-    target = check_output_dir(Path(output), overwrite, protected=model.path)
     found = find_dataset(dataset)
+    inputs = [*model_inputs("compressed model folder", source), ("data set", found.path),
+              *([] if original is None else model_inputs("original model folder", original))]
+    target = check_output_dir(Path(output), overwrite, inputs)
+    refuse_overlap(state_dir(target), inputs)
     training_json = check_dataset(found, model)
     teacher = _teacher(original, model) if original is not None else None
     torch_device = resolve_device(device)

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..atomic import atomic_output_dir
 from ..errors import CheckpointError, RankMismatchError, TuckerSegmentError
-from ..nnunet.checkpoint import non_finite, sha256_file
+from ..checksums import sha256_file
+from ..nnunet.checkpoint import non_finite
 from ..nnunet.tucker_format import canonical_tensors, load_weights
 
 STATE_FORMAT = "tuckersegment.training-state"

@@ -2,15 +2,14 @@
 
 nnU-Net's predictor stays the inference engine either way (sliding window, Gaussian weighting,
 aggregation); with OpenVINO it calls an ``OpenVINONetwork``, a module that runs the network compiled
-once for the patch shape (static shapes). The converted network is kept in the user cache
-(``openvino/<key>.xml``) and OpenVINO's compiled blobs beside it, so a second load converts and
-compiles nothing.
+once for the patch shape (static shapes). The converted network and its compiled blobs are kept in the
+user cache, checked against their recorded sha256 on every load (``openvino_cache``), so a second load
+converts and compiles nothing.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,9 @@ from torch import nn
 
 from ..dependencies import openvino_missing
 from ..errors import TuckerSegmentError
+from ..checksums import sha256_file
 from ..paths import cache_dir
+from .openvino_cache import ConvertedCache, blob_name
 
 RUNTIMES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "fp16")
@@ -83,17 +84,12 @@ def choose_runtime(runtime: str, precision: str, device: torch.device) -> Runtim
     return RuntimeChoice("openvino", precision, "asked")
 
 
-def _openvino_dir() -> Path:
-    return cache_dir() / "openvino"
-
-
 def folder_key(files: list[Path], patch: tuple[int, ...]) -> str:
-    """A cache key for a network read from ``files``: their names, sizes and modification times, the
-    patch shape and the OpenVINO version (a changed file or another OpenVINO converts again)."""
+    """The cache key of a network read from ``files``: the sha256 of their contents (never their names, sizes or
+    dates), the patch shape and the OpenVINO version; a changed file or another OpenVINO converts again."""
     import openvino as ov
-    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
-    text = json.dumps([stamp, list(patch), ov.__version__])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    digests = sorted(sha256_file(f) for f in files)
+    return hashlib.sha256(json.dumps([digests, list(patch), ov.__version__]).encode()).hexdigest()
 
 
 class OpenVINONetwork(nn.Module):
@@ -111,21 +107,19 @@ class OpenVINONetwork(nn.Module):
             raise TuckerSegmentError(f"OpenVINO runs f32 or bf16 here, not {precision}")
         self.input_shape, self.precision, self.share_output = tuple(example.shape), precision, share_output
         core = ov.Core()
-        folder = _openvino_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        core.set_property({"CACHE_DIR": str(folder / "compiled")})
-        xml = folder / f"{key}.xml" if key else None
-        model = _cached(core, xml)
-        if model is None:
-            example = torch.zeros(self.input_shape, dtype=torch.float32)
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: intended
-                warnings.filterwarnings("ignore", r"`torch\.jit\.trace", DeprecationWarning)  # OpenVINO's tracer
-                model = ov.convert_model(network.eval(), example_input=example, input=[self.input_shape])
-            if xml is not None:
-                _save_whole(ov, model, xml)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                     "PERFORMANCE_HINT": "LATENCY"})
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        cache = ConvertedCache(cache_dir() / "openvino" / key[:32], key) if key else None
+        blob = blob_name(core, precision, config)
+        compiled = cache.compiled(core, blob, config) if cache else None
+        if compiled is None:
+            model = cache.converted(core) if cache else None
+            if model is None:
+                model = _convert(ov, network, self.input_shape)
+                if cache:
+                    cache.save_converted(ov, model)
+            compiled = core.compile_model(model, "CPU", config)
+            if cache:
+                cache.save_compiled(blob, compiled)
         self._request = compiled.create_infer_request()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,25 +133,10 @@ class OpenVINONetwork(nn.Module):
         return torch.from_numpy(result[0])
 
 
-def _cached(core, xml: Path | None):  # noqa: ANN001, ANN202 (openvino is imported lazily)
-    """The converted network kept in the cache, or None when there is none or it cannot be read (a damaged
-    cache file is converted again and replaced: the cache is only an optimisation)."""
-    if xml is None or not xml.is_file() or not xml.with_suffix(".bin").is_file():
-        return None
-    try:
-        return core.read_model(xml)
-    except RuntimeError:
-        return None
-
-
-def _save_whole(ov, model, xml: Path) -> None:  # noqa: ANN001 (openvino is imported lazily)
-    """Write the converted network's .xml and .bin under a temporary name, then rename: whole or absent."""
-    staging = xml.with_name(f".{xml.stem}.{os.getpid()}.partial.xml")
-    try:
-        ov.save_model(model, staging, compress_to_fp16=False)
-        os.replace(staging.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(staging, xml)
-    except OSError:
-        for path in (staging, staging.with_suffix(".bin")):
-            path.unlink(missing_ok=True)  # the cache is an optimisation: convert again next time
-
+def _convert(ov, network: nn.Module, shape: tuple[int, ...]):  # noqa: ANN001, ANN202 (openvino is imported lazily)
+    """``network`` converted to OpenVINO for inputs of ``shape`` (traced once)."""
+    example = torch.zeros(shape, dtype=torch.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: intended
+        warnings.filterwarnings("ignore", r"`torch\.jit\.trace", DeprecationWarning)  # OpenVINO's tracer
+        return ov.convert_model(network.eval(), example_input=example, input=[shape])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_output_file
+from ..checksums import sealed, unsealed
 from ..errors import TuckerSegmentError
 from ..paths import cache_dir
 from ..tucker.layers import ConvOp
@@ -230,7 +231,7 @@ class LatencyTable:
         """The timings in ``path`` for this device (none when missing, unreadable or another device's)."""
         if self.path is not None and self.path.is_file():
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-                data = json.loads(self.path.read_text())
+                data = unsealed(json.loads(self.path.read_text()), self.path)  # a changed table is measured again
                 if data["version"] == self.version and data["device"] == self.name:
                     return {str(k): float(v) for k, v in data["seconds"].items()}
         return {}
@@ -244,5 +245,5 @@ class LatencyTable:
         with contextlib.suppress(OSError, TuckerSegmentError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output_file(self.path) as staging:
-                staging.write_text(json.dumps({"version": self.version, "device": self.name,
-                                               "seconds": self._seconds}, indent=0, sort_keys=True))
+                staging.write_text(json.dumps(sealed({"version": self.version, "device": self.name,
+                                                      "seconds": self._seconds}), indent=0, sort_keys=True))

@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicerio
 
-from ..atomic import atomic_output_file, check_output_file
+from ..atomic import atomic_output_file, check_output_file, path_inputs
 from ..errors import OutputPathError
 from ..paths import checked_path
 from ..image.integrity import image_problem
@@ -89,14 +89,15 @@ def plan_outputs(inputs: list[str | Path], output: str | Path, fmt: str = "seg.n
     as_folder = len(sources) > 1 or target.is_dir() or not target.suffix
     if not as_folder:
         output_kind(target)
-        return [(sources[0], check_output_file(target, tuple(sources)))]
+        return [(sources[0], check_output_file(target, path_inputs("input", sources)))]
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{target} is not a folder" + ("; with several inputs the output must be a folder"
                                                              if len(sources) > 1 else f"; {OUTPUT_HINT}, or a folder"))
     if not target.parent.is_dir():
         raise OutputPathError(f"cannot create output folder {target}: {target.parent} does not exist")
     target.mkdir(exist_ok=True)
-    pairs = [(source, check_output_file(target / f"{_stem(source)}.{fmt}", tuple(sources))) for source in sources]
+    pairs = [(source, check_output_file(target / f"{_stem(source)}.{fmt}", path_inputs("input", sources)))
+             for source in sources]
     outputs = [out for _, out in pairs]
     clashes = sorted({str(o) for o in outputs if outputs.count(o) > 1})
     if clashes:

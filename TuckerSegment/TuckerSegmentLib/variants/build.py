@@ -29,8 +29,9 @@ from .. import __version__
 from ..atomic import atomic_output_file
 from ..compress.folder import compress_model_folder, describe_model
 from ..errors import CheckpointError, ModelFolderError
-from ..nnunet.checkpoint import sha256_file
-from ..nnunet.layout import CHECKPOINT_NAME, TUCKER_JSON, fold_dir_name
+from ..checksums import sealed, sha256_file
+from ..nnunet.layout import TUCKER_JSON
+from ..paths import is_plain_name
 from ..policies.base import RankPolicy
 from ..policies.methods import policy_from_dict
 from ..recovery.compress_distill import compress_and_distill, distill_iterations
@@ -38,6 +39,7 @@ from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
 from .hardware import DeviceInfo, detect_devices
 from .measure import MeasurementPlan, measure_variant, plan_measurement, replan
 from .measured import changed
+from .task_weights import check_task_model
 from .totalsegmentator import download_task, find_task, weights_dirs
 
 Report = Callable[[str], None]
@@ -64,17 +66,6 @@ def source_folders(variant: Variant, weights_roots: list[Path] | None = None, do
     return download_task(task)  # without TotalSegmentator installed, an error says where we looked and what to do
 
 
-def check_source(folder: Path, fold: int, expected_sha256: str | None) -> str:
-    """Refuse a source checkpoint whose sha256 differs from the release's (when known); return its sha256.
-    Shapes are checked against plans.json when the checkpoint is loaded for compression."""
-    checkpoint = folder / fold_dir_name(fold) / CHECKPOINT_NAME
-    digest = sha256_file(checkpoint)
-    if expected_sha256 and digest != expected_sha256:
-        raise CheckpointError(f"{checkpoint} has sha256 {digest[:12]}…, the release's is {expected_sha256[:12]}…: the "
-                              "download is corrupt or from another release; delete the folder and download it again")
-    return digest
-
-
 def _reusable(target: Path, source_sha256: str, calibration: dict[str, Any]) -> bool:
     """A model folder left by an interrupted build that is complete and was made from the same source
     with the same calibration."""
@@ -83,7 +74,9 @@ def _reusable(target: Path, source_sha256: str, calibration: dict[str, Any]) -> 
         built_with = json.loads((target / BUILD_RECORD).read_text())
     except (StopIteration, OSError, json.JSONDecodeError):
         return False
-    weights = target / f"fold_{record.get('fold')}" / str(record.get("weights"))
+    if not is_plain_name(str(record.get("fold"))) or not is_plain_name(record.get("weights")):
+        return False
+    weights = target / f"fold_{record.get('fold')}" / record["weights"]
     return record["source"]["sha256"] == source_sha256 and built_with == calibration and \
         weights.is_file() and sha256_file(weights) == record.get("weights_sha256")
 
@@ -128,8 +121,10 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
             say(f"{variant.id}: already built" + (" and measured" if measurement else ""))
             return variant_dir(variant, cache)
         say(f"{variant.id}: built; measuring " + (f"again ({changed(measurement, device)})" if measurement else "it"))
-        _write_manifest(variant, cache, {**manifest, "measurement": _measure(variant, manifest, plan or replan(recorded),
-                                                                             device, cache, say)})
+        sources = source_folders(variant, weights_roots, download)
+        _write_manifest(variant, cache, {**manifest, "measurement": _measure(variant, sources, manifest,
+                                                                             plan or replan(recorded), device, cache,
+                                                                             say)})
         return variant_dir(variant, cache)
     plan = plan or (replan(recorded) if manifest is not None else plan_measurement())
     task = task_of(variant)
@@ -149,7 +144,7 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
     for index, (model, source) in enumerate(zip(task.models, sources, strict=True)):
         prefix = f"{variant.id} [{index + 1}/{len(task.models)}] {model.dataset}"
         say(f"{prefix}: checking source weights in {source}")
-        digest = check_source(source, model.fold, known.get(model.dataset))
+        digest = check_task_model(model, source, known.get(model.dataset), cache)
         target = folder / model.dataset
         if _reusable(target, digest, built_with):
             say(f"{prefix}: kept from an earlier, interrupted build")
@@ -170,7 +165,7 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
         manifest["distillation"] = {"iterations": distill, "device": device.torch_device, "on": plan.calibrated_on,
                                     "how": "label-free, towards the original's softmax (tuckersegment distill)"}
     if measure:
-        manifest["measurement"] = _measure(variant, manifest, plan, device, cache, say)
+        manifest["measurement"] = _measure(variant, sources, manifest, plan, device, cache, say)
     _write_manifest(variant, cache, manifest)
     say(f"{variant.id}: built in {folder}")
     return folder
@@ -201,12 +196,13 @@ def _calibration_record(variant: Variant, plan: MeasurementPlan) -> dict[str, An
     return {**plan.record, "weight_only": weight_only(variant)}
 
 
-def _measure(variant: Variant, manifest: dict[str, Any], plan: MeasurementPlan, device: DeviceInfo,
-             cache: Path | None, say: Report) -> dict[str, Any]:
+def _measure(variant: Variant, sources: list[Path], manifest: dict[str, Any], plan: MeasurementPlan,
+             device: DeviceInfo, cache: Path | None, say: Report) -> dict[str, Any]:
+    """Measure the built ``variant`` against its original ``sources`` (found, never read from the manifest)."""
     task = task_of(variant)
     assert task is not None
     folder = variant_dir(variant, cache)
-    measurement = measure_variant([Path(m["source"]) for m in manifest["models"]],
+    measurement = measure_variant(sources,
                                   [folder / m["folder"] for m in manifest["models"]], plan.scored, device, plan.how,
                                   task.label_maps(), say=say)
     say(f"{variant.id}: agreement {measurement['mean_agreement']} on {plan.how}; {measurement['speedup']:.2f}x the "
@@ -216,7 +212,7 @@ def _measure(variant: Variant, manifest: dict[str, Any], plan: MeasurementPlan, 
 
 def _write_manifest(variant: Variant, cache: Path | None, manifest: dict[str, Any]) -> None:
     with atomic_output_file(variant_dir(variant, cache) / MANIFEST) as staging:
-        staging.write_text(json.dumps(manifest, indent=1))
+        staging.write_text(json.dumps(sealed(manifest), indent=1))
 
 
 def verify_built(variant: Variant, cache: Path | None = None) -> None:

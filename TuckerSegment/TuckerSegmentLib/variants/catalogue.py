@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..checksums import unsealed
 from ..errors import ModelFolderError
-from ..paths import BUNDLED_MODELS, CATALOGUE_JSON, cache_dir
+from ..paths import BUNDLED_MODELS, CATALOGUE_JSON, cache_dir, is_plain_name, plain_relative
 from .totalsegmentator import Task, find_task, tasks, totalsegmentator_installed
 
 SCHEMA = 1
@@ -109,6 +110,8 @@ def load_catalogue(path: Path = CATALOGUE_JSON) -> list[Variant]:
         raise ModelFolderError(f"{path} has catalogue schema {data.get('schema')!r}, this TuckerSegment reads schema "
                                f"{SCHEMA}; update TuckerSegment or rebuild the catalogue")
     fields = set(Variant.__dataclass_fields__) - {"availability", "folders", "detail"}
+    if not all(is_plain_name(entry.get("id")) for entry in data["variants"]):  # ids name cache folders
+        raise ModelFolderError(f"{path} has a variant id that is not a plain name; reinstall TuckerSegment")
     return [Variant(**{k: v for k, v in entry.items() if k in fields}) for entry in data["variants"]]
 
 
@@ -125,12 +128,16 @@ def read_manifest(variant: Variant, cache: Path | None = None) -> dict[str, Any]
     """The manifest of a completed build whose files are all present with their recorded sizes."""
     folder = variant_dir(variant, cache)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = unsealed(json.loads((folder / MANIFEST).read_text()), folder / MANIFEST)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if manifest.get("id") != variant.id or manifest.get("policy") != variant.policy:
+    if manifest is None or manifest.get("id") != variant.id or manifest.get("policy") != variant.policy:
         return None
     for model in manifest.get("models", []):
+        inside = isinstance(model, dict) and is_plain_name(model.get("folder")) and \
+            all(plain_relative(name) for name in model["files"])
+        if not inside:
+            return None  # a manifest naming files outside its variant's folder is not a build of ours
         for name, record in model["files"].items():
             path = folder / model["folder"] / name
             if not path.is_file() or path.stat().st_size != record["bytes"]:

@@ -20,10 +20,11 @@ from ..progress import Cancel, Progress
 from ..segment.result import SegmentationResult
 from ..segment.task import TaskSegmenter
 from .build import verify_built
-from .catalogue import Variant
+from .catalogue import Variant, task_of
 from .choice import ModelChoice, from_selection
 from .hardware import GB, DeviceInfo, system_memory
 from .selection import MEMORY_MARGIN, fallback_chain
+from .task_weights import check_task_model
 
 Notify = Callable[[str], None]
 
@@ -69,6 +70,10 @@ class SafeTask:
         variant = choice.selection.variant if choice.selection is not None else None
         if variant is not None and not variant.original and variant.availability == "built":
             verify_built(variant)  # a built file that changed since is named, never loaded
+        elif variant is not None and variant.original and (task := task_of(variant)) is not None:
+            known = variant.source.get("sha256") or {}
+            for model, folder in zip(task.models, choice.folders, strict=True):
+                check_task_model(model, folder, known.get(model.dataset))  # TotalSegmentator's labels and weights
         self.choice = choice
         self.task = TaskSegmenter(list(choice.folders), name=choice.id, label_maps=choice.label_maps,
                                   device=choice.device, **self._options)

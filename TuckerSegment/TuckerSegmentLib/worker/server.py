@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import __version__
-from ..errors import TuckerSegmentError
+from ..errors import CacheWarning, TuckerSegmentError
 from ..image.volume import IntensityWarning, Volume
 from ..progress import Progress
 from .protocol import (READY, encode, error_to_json, load_volume, save_labels, segments_to_json)
@@ -136,7 +136,8 @@ class Worker:
         return {"segments": segments_to_json(result.segments), "model": result.model, "device": result.device,
                 "runtime": result.runtime,
                 "seconds": result.seconds, "tiles": result.tiles, "policy": result.policy,
-                "warnings": list(result.warnings), "reason": self.model.reason, "notices": list(self.model.notices),
+                "warnings": list(result.warnings), "reason": self.model.reason,
+                "notices": [*self.model.notices, *(str(w.message) for w in caught if issubclass(w.category, CacheWarning))],
                 "loads": self.model.loads, "load_seconds": load_seconds,
                 "intensity_warnings": [str(w.message) for w in caught if issubclass(w.category, IntensityWarning)]}
 
@@ -150,6 +151,7 @@ class Worker:
         from ..compress.folder import compress_model_folder, prune_model_folder
         from ..errors import PolicyError
         from ..compress.review import review_compression
+        from ..nnunet.layout import model_inputs
         from ..nnunet.model_folder import ModelFolder
         from ..policies.methods import method, policy_for
         from ..recovery.compress_distill import distill_iterations
@@ -169,7 +171,7 @@ class Worker:
         policy = None if chosen.prunes else policy_for(policy_key, target if chosen.target else None, device=device,
                                                        runtime=runtime)
         source = ModelFolder.open(args["source"]).path
-        output = check_output_dir(Path(args["output"]).expanduser(), protected=source)
+        output = check_output_dir(Path(args["output"]).expanduser(), inputs=model_inputs("model folder", args["source"]))
         volumes = [Volume(*load_volume(path)) for path in args.get("calibration", [])]
         share = 0.3 if distill else 0.6  # of the progress bar; distillation takes the next 0.3, the review the rest
 

@@ -1,0 +1,132 @@
+"""The OpenVINO cache: each network converted once (IR ``model.xml``/``model.bin``) and compiled once per precision
+and CPU (an exported blob), in ``<cache>/openvino/<key>/``, where ``key`` is the checksum of the network's source
+files (see ``inference.folder_key``).
+
+Nothing in the cache is trusted by name, size or date: ``record.json`` beside the files holds the source checksum
+and the sha256 of every file written, and each file is checked against it whenever it is loaded (a blob is checked
+in memory, on the very bytes OpenVINO imports). A file that fails, or that the record does not name, is not used:
+the network is converted or compiled again, a ``CacheWarning`` says so, and the rebuilt file replaces it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import CacheWarning
+from ..checksums import sha256_bytes, sha256_file
+
+RECORD = "record.json"
+XML, BIN = "model.xml", "model.bin"
+FORMAT = 1
+
+
+class ConvertedCache:
+    """One network's folder in the OpenVINO cache (see the module docstring)."""
+
+    def __init__(self, folder: Path, source: str) -> None:
+        self.folder, self.source = folder, source
+
+    def _record(self) -> dict[str, str]:
+        """The recorded sha256 of each file; empty when the record is missing, unreadable or for another source."""
+        try:
+            record = json.loads((self.folder / RECORD).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return {}
+        ok = isinstance(record, dict) and record.get("format") == FORMAT and record.get("source") == self.source
+        files = record.get("files") if ok else None
+        return {k: v for k, v in files.items() if isinstance(v, str)} if isinstance(files, dict) else {}
+
+    def _remember(self, name: str, digest: str) -> None:
+        """Record ``name``'s sha256 (the record is replaced whole)."""
+        record = {"format": FORMAT, "source": self.source, "files": {**self._record(), name: digest}}
+        _write_whole(self.folder / RECORD, json.dumps(record, indent=1).encode())
+
+    def _failed(self, name: str, why: str) -> None:
+        warnings.warn(CacheWarning(f"the OpenVINO cache's {self.folder / name} {why}; it is not used: building it "
+                                   "again"), stacklevel=3)
+
+    def _verified(self, name: str, digest: str | None) -> bool:
+        """Whether ``name``'s ``digest`` (None: the file is missing) matches the record; warns when it does not."""
+        expected = self._record().get(name)
+        if digest is None:
+            return False
+        if expected != digest:
+            self._failed(name, "is not in the cache's record" if expected is None else
+                         "changed since it was written (sha256 mismatch)")
+            return False
+        return True
+
+    def converted(self, core: Any) -> Any | None:
+        """The converted network, when its IR files are there and match the record."""
+        xml, weights = self.folder / XML, self.folder / BIN
+        for path in (xml, weights):
+            if not self._verified(path.name, sha256_file(path) if path.is_file() else None):
+                return None
+        try:
+            return core.read_model(xml, weights)
+        except RuntimeError:
+            self._failed(XML, "cannot be read")
+            return None
+
+    def save_converted(self, ov: Any, model: Any) -> None:
+        """Write the converted network's IR (each file whole) and record their sha256."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = self.folder / f".{os.getpid()}.partial.xml"
+        try:
+            ov.save_model(model, staging, compress_to_fp16=False)
+            for name, part in ((BIN, staging.with_suffix(".bin")), (XML, staging)):
+                digest = sha256_file(part)
+                os.replace(part, self.folder / name)
+                self._remember(name, digest)
+        except OSError:
+            pass  # the cache is an optimisation: converted again next time
+        finally:
+            for part in (staging, staging.with_suffix(".bin")):
+                part.unlink(missing_ok=True)
+
+    def compiled(self, core: Any, name: str, config: dict[str, Any]) -> Any | None:
+        """The compiled network ``name`` imported from its blob, when the blob's bytes match the record."""
+        try:
+            data = (self.folder / name).read_bytes()
+        except OSError:
+            data = None
+        if not self._verified(name, None if data is None else sha256_bytes(data)):
+            return None
+        try:
+            return core.import_model(data, "CPU", config)
+        except RuntimeError:
+            self._failed(name, "cannot be imported")
+            return None
+
+    def save_compiled(self, name: str, compiled: Any) -> None:
+        """Export the compiled network as blob ``name`` (whole) and record its sha256."""
+        exported = compiled.export_model()
+        data = exported.getvalue() if hasattr(exported, "getvalue") else bytes(exported)  # BytesIO in OpenVINO 2026
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_whole(self.folder / name, data)
+            self._remember(name, sha256_bytes(data))
+        except OSError:
+            pass  # the cache is an optimisation: compiled again next time
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` under a temporary name, then renamed: whole or absent."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        staging.write_bytes(data)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def blob_name(core: Any, precision: str, config: dict[str, Any]) -> str:
+    """The compiled blob's name for this precision, compile settings and CPU (a blob compiled on another CPU, or
+    by another OpenVINO, is never imported)."""
+    import openvino as ov
+    machine = [core.get_property("CPU", "FULL_DEVICE_NAME"), core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+               os.cpu_count(), ov.__version__, sorted(config.items())]
+    return f"{precision}-{sha256_bytes(json.dumps(machine, default=str).encode())[:16]}.blob"
