@@ -116,7 +116,10 @@ def test_a_tucker_record_naming_weights_outside_its_fold_is_never_reused(tiny_co
     (target / variant_build.BUILD_RECORD).write_text(json.dumps({"calibration": "same"}))
     source = record["source"]["sha256"]
     assert variant_build._reusable(target, source, {"calibration": "same"})
-    for field, value in (("weights", "../../../outside.safetensors"), ("fold", "0/../..")):
+    weights = target / "fold_0" / record["weights"]
+    shutil.copy2(weights, tmp_path / "outside.safetensors")  # the same bytes outside: only the names can refuse
+    shutil.copy2(weights, tmp_path / record["weights"])
+    for field, value in (("weights", "../../outside.safetensors"), ("fold", "0/../..")):
         record_file.write_text(json.dumps({**record, field: value}))
         assert not variant_build._reusable(target, source, {"calibration": "same"})
 
@@ -125,9 +128,9 @@ def test_a_manifest_naming_files_outside_its_variant_is_not_a_build(tmp_path):
     variant = find_variant(load_catalogue(), "fast-tucker-0.7")
     folder = variant_dir(variant, tmp_path)
     victim = victim_folder(tmp_path)
-    folder.mkdir(parents=True)
-    size = (victim / "precious.txt").stat().st_size
-    for name, files in (("../../../victim", {"precious.txt": size}), ("model", {"../../../victim/precious.txt": size})):
+    (folder / "model").mkdir(parents=True)
+    size = (victim / "precious.txt").stat().st_size  # the named files exist with these sizes: only names can refuse
+    for name, files in (("../../victim", {"precious.txt": size}), ("model", {"../../../victim/precious.txt": size})):
         manifest = {"id": variant.id, "policy": variant.policy,
                     "models": [{"folder": name, "files": {f: {"bytes": b, "sha256": "0"} for f, b in files.items()}}]}
         (folder / MANIFEST).write_text(json.dumps(sealed(manifest)))  # sealed: only the names can refuse it
