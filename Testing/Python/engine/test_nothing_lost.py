@@ -3,6 +3,8 @@ from files that become paths are plain names, and no command writes over, inside
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from conftest import tree_digest
 from test_distill import phantom
 from test_finetune import write_raw_dataset
 from TuckerSegmentLib import ModelFolder, cli
+from TuckerSegmentLib.recovery.dataset import DatasetError, check_dataset, find_dataset, prepare_dataset
 from TuckerSegmentLib.recovery.finetune import state_dir
 from TuckerSegmentLib.image.volume import volume_to_image
 from TuckerSegmentLib.checksums import sealed
@@ -221,3 +224,31 @@ def test_compress_refuses_to_write_over_its_calibration_ct(tiny_model, ct_file, 
     assert "contains the calibration CT" in one_line(["compress", str(tiny_model), str(ct_file.parent), *options],
                                                      capsys)
     assert ct_file.is_file()
+
+
+class _Payload:
+    """Unpickled, runs a shell command (what a hostile preprocessed case could hold)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_preprocessed_cases_whose_properties_pickle_code_are_refused_unrun(tiny_compressed, raw_root, tmp_path):
+    """nnU-Net unpickles a preprocessed case's properties fully; only plain data gets that far."""
+    model = ModelFolder.open(tiny_compressed)
+    raw = find_dataset(raw_root / "Dataset901_TinyCT")
+    made = prepare_dataset(raw, model, tmp_path / "made", check_dataset(raw, model))
+    (made / "plans.json").rename(made / f"{model.plans_manager.plans_name}.json")  # as nnU-Net lays it out
+    preprocessed = find_dataset(made)
+    assert preprocessed.kind == "preprocessed"
+    again = prepare_dataset(preprocessed, model, tmp_path / "again", check_dataset(preprocessed, model))
+    assert sorted(p.name for p in again.rglob("*.pkl")) == sorted(p.name for p in made.rglob("*.pkl"))
+    case = next(made.rglob("*.pkl"))
+    marker = tmp_path / "PWNED"
+    case.write_bytes(pickle.dumps({"spacing": [3.0, 3.0, 3.0], "payload": _Payload(marker)}))
+    with pytest.raises(DatasetError, match=rf"{case.name}: it is not plain data \(it names posix.system\)"):
+        prepare_dataset(preprocessed, model, tmp_path / "third", check_dataset(preprocessed, model))
+    assert not marker.exists()

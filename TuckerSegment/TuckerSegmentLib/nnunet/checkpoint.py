@@ -33,6 +33,36 @@ def _numpy_globals() -> list[Any]:
     return allowed
 
 
+def _data_names() -> set[str]:
+    """``module.name`` of the globals a pickle holding only data may name: numpy's arrays, dtypes and scalars."""
+    names = {"collections.OrderedDict"}
+    for entry in _numpy_globals():
+        names.add(entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}")
+    return names
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that looks up no global outside ``_data_names`` (so nothing it reads can run code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if f"{module}.{name}" not in _data_names():
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_data_pickle(path: Path) -> str | None:
+    """Why the pickle ``path`` (e.g. nnU-Net's preprocessed case properties, which nnU-Net unpickles fully) is not
+    plain data (numbers, text, lists, dicts, numpy arrays), read without running anything; None when it is."""
+    try:
+        with open(path, "rb") as handle:
+            _DataUnpickler(handle).load()
+    except pickle.UnpicklingError as exc:
+        return f"it is not plain data ({exc})"
+    except (EOFError, ValueError, TypeError, OSError, MemoryError) as exc:
+        return f"it is not a readable pickle ({type(exc).__name__})"
+    return None
+
+
 def load_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
     """Load an nnU-Net checkpoint dict on the CPU.
 

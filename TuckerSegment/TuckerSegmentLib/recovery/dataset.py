@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TuckerSegmentError
+from ..nnunet.checkpoint import check_data_pickle
 from ..nnunet.layout import read_json
 from ..nnunet.model_folder import ModelFolder
 from ..paths import is_plain_name
@@ -213,6 +214,7 @@ def prepare_dataset(dataset: Dataset, model: ModelFolder, base: Path, training_j
             raise DatasetError(f"{dataset.path} was preprocessed with other plans ({problem}); give the raw data set "
                                "(imagesTr/labelsTr) so it is preprocessed with the model's plans")
         shutil.copytree(dataset.path / cm.data_identifier, data_folder)
+        _check_case_properties(data_folder, dataset.path / cm.data_identifier)
         shutil.copytree(dataset.path / "gt_segmentations", target / "gt_segmentations", dirs_exist_ok=True)
         names = sorted(p.name.removesuffix(ending) for p in (target / "gt_segmentations").glob(f"*{ending}"))
     else:
@@ -249,6 +251,16 @@ def prepare_dataset(dataset: Dataset, model: ModelFolder, base: Path, training_j
     (target / "dataset.json").write_text(json.dumps(training_json, indent=1))
     marker.write_text(json.dumps({"fingerprint": fingerprint, "dataset": str(dataset.path), "cases": names}))
     return target
+
+
+def _check_case_properties(copied: Path, source: Path) -> None:
+    """Refuse preprocessed cases whose properties pickles (which nnU-Net's trainer unpickles fully) hold anything
+    but data; checked on the private copy the trainer will read, never the data set itself."""
+    for pickled in sorted(copied.rglob("*.pkl")):
+        problem = check_data_pickle(pickled)
+        if problem:
+            raise DatasetError(f"{source / pickled.relative_to(copied)}: {problem}, and nnU-Net would unpickle it, "
+                               "running any code it names; give the raw data set (imagesTr/labelsTr) instead")
 
 
 def _file_ending(ending: Any, dataset: Dataset) -> str:
