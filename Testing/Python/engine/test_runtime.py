@@ -97,7 +97,12 @@ def _openvino_labels(volume, expect_warnings: tuple[str, ...] = ()) -> np.ndarra
 def test_openvino_segments_the_sample_ct_as_pytorch_does_and_its_cache_is_verified():
     volume = read_volume(BUNDLED_MODELS.parent / "SampleData" / "CTChest4.nrrd")
     torch_labels = Segmenter(DEMO_SOURCE, device="cpu", runtime="torch", execution="reference").segment(volume).labels
+    old = cache_dir() / "openvino"  # what earlier versions kept there, unverified: removed, never read
+    (old / "compiled").mkdir(parents=True, exist_ok=True)
+    for name in ("0123abcd.xml", "0123abcd.bin", "compiled/blob"):
+        (old / name).write_text("unverified")
     segmenter = Segmenter(DEMO_SOURCE, device="cpu", runtime="openvino", precision="f32")
+    assert not any((old / name).exists() for name in ("0123abcd.xml", "0123abcd.bin", "compiled"))
     result = segmenter.segment(volume)
     assert result.runtime == "OpenVINO f32 (asked)"
     assert (result.labels == torch_labels).mean() >= 0.999

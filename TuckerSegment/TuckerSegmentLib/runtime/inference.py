@@ -22,7 +22,7 @@ from ..dependencies import openvino_missing
 from ..errors import TuckerSegmentError
 from ..checksums import sha256_file
 from ..paths import cache_dir
-from .openvino_cache import ConvertedCache, blob_name
+from .openvino_cache import NetworkCache, blob_name, remove_old_layout
 
 RUNTIMES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "fp16")
@@ -108,7 +108,9 @@ class OpenVINONetwork(nn.Module):
         self.input_shape, self.precision, self.share_output = tuple(example.shape), precision, share_output
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        cache = ConvertedCache(cache_dir() / "openvino" / key[:32], key) if key else None
+        cache = NetworkCache(cache_dir() / "openvino" / key[:32], key) if key else None
+        if cache:
+            remove_old_layout(cache.folder.parent)
         blob = blob_name(core, precision, config)
         compiled = cache.compiled(core, blob, config) if cache else None
         if compiled is None:

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CacheWarning
 from ..checksums import sha256_bytes, sha256_file
+from ..errors import CacheWarning
 
 RECORD = "record.json"
 XML, BIN = "model.xml", "model.bin"
 FORMAT = 1
 
 
-class ConvertedCache:
+class NetworkCache:
     """One network's folder in the OpenVINO cache (see the module docstring)."""
 
     def __init__(self, folder: Path, source: str) -> None:
@@ -121,6 +122,14 @@ def _write_whole(path: Path, data: bytes) -> None:
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def remove_old_layout(root: Path) -> None:
+    """Remove what earlier versions kept unverified in ``root`` (``<key>.xml``/``.bin`` and OpenVINO's own
+    ``compiled/`` folder): never read again, only taking space."""
+    for path in [*root.glob("*.xml"), *root.glob("*.bin")]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(root / "compiled", ignore_errors=True)
 
 
 def blob_name(core: Any, precision: str, config: dict[str, Any]) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_output_file
-from ..errors import CacheWarning, CheckpointError, ModelFolderError
 from ..checksums import sha256_file
+from ..errors import CacheWarning, CheckpointError, ModelFolderError
 from ..nnunet.layout import CHECKPOINT_NAME, fold_dir_name, read_json
 from ..paths import cache_dir
 from .totalsegmentator import TaskModel
