@@ -137,3 +137,32 @@ def test_a_python_that_cannot_start_is_one_clear_error(tmp_path):
         with pytest.raises(TuckerSegmentError, match=f"^could not start {missing}: "):
             worker.run("status", {})
         assert not worker.busy
+
+
+def test_a_cache_file_changed_in_place_reaches_the_panel_as_a_notice(tmp_path, monkeypatch):
+    """The worker's segment answer names a cached OpenVINO file that failed its check (and was rebuilt)."""
+    from TuckerSegmentLib.image.volume import read_volume
+    from TuckerSegmentLib.paths import BUNDLED_MODELS
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))  # the worker inherits it
+    volume = read_volume(BUNDLED_MODELS.parent / "SampleData" / "CTChest4.nrrd")
+    protocol.save_volume(tmp_path / "v.npz", volume.array, volume.ijk_to_ras)
+    request = {"volume": str(tmp_path / "v.npz"), "labels": str(tmp_path / "l.npy"), "device": "cpu",
+               "model": [str(BUNDLED_MODELS / "chest-demo")], "runtime": "openvino"}
+    answers = []
+    for damage in (False, True):
+        if damage:
+            blob = next((tmp_path / "cache" / "openvino").glob("*/f32-*.blob"))
+            data = bytearray(blob.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            blob.write_bytes(bytes(data))
+        worker = client()
+        try:
+            answers.append(worker.run("segment", dict(request)))
+            answers[-1]["labels"] = protocol.load_labels(tmp_path / "l.npy", volume.array.shape)
+        finally:
+            worker.shutdown()
+    clean, rebuilt = answers
+    assert not any("OpenVINO cache" in notice for notice in clean["notices"])
+    assert [n for n in rebuilt["notices"] if "OpenVINO cache" in n] == [
+        f"the OpenVINO cache's {blob} changed since it was written (sha256 mismatch); it is not used: building it again"]
+    assert np.array_equal(rebuilt["labels"], clean["labels"])
