@@ -6,9 +6,15 @@ The names below are the public API; each is imported on first use, so ``TuckerSe
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+# OpenVINO sends usage statistics when it is imported and when it converts a network, and writes a client id under
+# the home folder, unless the user opted out (seen here: ~/intel/openvino_ga_cid after `import openvino`). This engine
+# handles medical images and sends nothing: without its telemetry package OpenVINO uses its own no-op stub.
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 _EXPORTS = {
     # segmentation

@@ -3,6 +3,9 @@ random-weight networks, labels of the demo model on the sample CT), its cache, a
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -181,3 +184,26 @@ def test_the_cpu_sums_tiles_in_float32_closer_to_the_exact_sum_than_nnunets_floa
     assert float((ours - exact).abs().max()) <= 1e-5 * span
     assert float((nnunets.double() - exact).abs().max()) >= 0.3  # rounded to whole numbers at the edges
     assert (ours.argmax(0) == exact.argmax(0)).float().mean() >= 0.9999
+
+
+@pytest.mark.parametrize("openvino_first", [False, True])
+def test_openvino_sends_nothing_and_writes_nothing_in_the_home_folder(tmp_path, openvino_first):
+    """OpenVINO's telemetry writes ~/intel/openvino_ga_cid and sends usage statistics on import and conversion
+    unless the user opted out; through the engine it does neither, whichever was imported first."""
+    script = textwrap.dedent(f"""
+        import shutil
+        from pathlib import Path
+        if {openvino_first}:
+            import openvino  # its own import event is not ours to stop; what the engine does after it is
+            shutil.rmtree(Path.home() / "intel", ignore_errors=True)
+        import torch
+        from TuckerSegmentLib.runtime.inference import OpenVINONetwork
+        OpenVINONetwork(torch.nn.Conv3d(1, 2, 3, padding=1), torch.zeros(1, 1, 8, 8, 8))
+        print(sorted(str(p.relative_to(Path.home())) for p in Path.home().rglob("*")))
+    """)
+    home = tmp_path / "home"
+    home.mkdir()
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HOME": str(home)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

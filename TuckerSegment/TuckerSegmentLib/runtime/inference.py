@@ -135,8 +135,20 @@ class OpenVINONetwork(nn.Module):
         return torch.from_numpy(result[0])
 
 
+def _without_telemetry() -> None:
+    """Have OpenVINO's converter use its own no-op telemetry stub, also when OpenVINO was imported before the engine
+    (``TuckerSegmentLib/__init__`` keeps its telemetry out otherwise). Unless a user opted out, the converter writes
+    a client id under the home folder and sends usage statistics without asking, and offline its sender can hang in
+    a forked process for ever (after one test run here: 74 orphaned worker processes of 0.3–0.9 GB each; every one
+    inspected was stuck in OpenVINO's telemetry sender)."""
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
+    for module in (convert_impl, telemetry_utils):
+        module.tm = telemetry_stub
+
+
 def _convert(ov, network: nn.Module, shape: tuple[int, ...]):  # noqa: ANN001, ANN202 (openvino is imported lazily)
-    """``network`` converted to OpenVINO for inputs of ``shape`` (traced once)."""
+    """``network`` converted to OpenVINO for inputs of ``shape`` (traced once), sending nothing anywhere."""
+    _without_telemetry()
     example = torch.zeros(shape, dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: intended
