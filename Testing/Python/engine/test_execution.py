@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_policies import SmallUNet3d, seeded_unet
 from torch import nn
+from TuckerSegmentLib.checksums import SEAL, sealed
 from TuckerSegmentLib import BudgetPolicy, UniformPolicy, compress_network, policy_from_dict
 from TuckerSegmentLib.cli import main
 from TuckerSegmentLib.compress.folder import compress_model_folder
@@ -166,8 +167,8 @@ def test_latency_table_is_kept_per_device(tmp_path):
     again.save()
     table.save()  # an older instance saving later keeps what the newer one added
     assert LatencyTable("cpu", path, measure=measure).seconds(other) == 0.25 and len(calls) == 2
-    data = json.loads(path.read_text())
-    path.write_text(json.dumps(data | {"device": "another machine"}))
+    data = {key: value for key, value in json.loads(path.read_text()).items() if key != SEAL}
+    path.write_text(json.dumps(sealed(data | {"device": "another machine"})))  # written there, intact
     assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 3  # other device: re-timed
     path.write_text("{not json")
     assert LatencyTable("cpu", path, measure=measure).seconds(op) == 0.25 and len(calls) == 4  # corrupt: re-timed
