@@ -218,12 +218,17 @@ def test_distill_refuses_to_write_inside_the_teacher_given_as_its_data_set(tiny_
     assert tree_digest(teacher) == before and ct_file.is_file()
 
 
-def test_compress_refuses_to_write_over_its_calibration_ct(tiny_model, ct_file, capsys):
+def test_compress_refuses_to_write_over_its_calibration_cts_and_label_maps(tiny_model, ct_file, tmp_path, capsys):
     options = ["--factor", "0.5", "--quiet", "--overwrite", "--calibration", str(ct_file)]
     assert "is the calibration CT" in one_line(["compress", str(tiny_model), str(ct_file), *options], capsys)
     assert "contains the calibration CT" in one_line(["compress", str(tiny_model), str(ct_file.parent), *options],
                                                      capsys)
-    assert ct_file.is_file()
+    labels = tmp_path / "labels.nii.gz"
+    shutil.copy2(ct_file, labels)
+    taylor = ["--method", "prune-taylor", "--quiet", "--overwrite", "--calibration", str(ct_file), "--labels",
+              str(labels)]
+    assert "is the label map" in one_line(["compress", str(tiny_model), str(labels), *taylor], capsys)
+    assert ct_file.is_file() and labels.read_bytes() == ct_file.read_bytes()
 
 
 class _Payload:
