@@ -65,5 +65,11 @@ def model_inputs(role: str, given: str | Path) -> list[tuple[str, Path]]:
     return inputs
 
 
+def label_differences(expected: dict[str, Any], found: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``name=value`` of the labels ``found`` lacks or numbers otherwise, and of those ``expected`` does not hold."""
+    return ([f"{k}={v}" for k, v in expected.items() if found.get(k) != v],
+            [f"{k}={v}" for k, v in found.items() if expected.get(k) != v])
+
+
 def fold_dir_name(fold: Fold) -> str:
     return f"fold_{fold}"

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import TuckerSegmentError
 from ..nnunet.checkpoint import check_data_pickle
-from ..nnunet.layout import read_json
+from ..nnunet.layout import label_differences, read_json
 from ..nnunet.model_folder import ModelFolder
 from ..paths import is_plain_name
 
@@ -113,8 +113,7 @@ def check_dataset(dataset: Dataset, model: ModelFolder) -> dict[str, Any]:
     ignore = labels.pop(IGNORE, None)
     model_labels = _labels(model.dataset_json)
     if labels != model_labels:
-        missing = [f"{k}={v}" for k, v in model_labels.items() if labels.get(k) != v]
-        extra = [f"{k}={v}" for k, v in labels.items() if model_labels.get(k) != v]
+        missing, extra = label_differences(model_labels, labels)
         raise DatasetError(f"{where} labels differ from the model's: missing or renumbered "
                            f"{', '.join(missing) or 'none'}; not in the model {', '.join(extra) or 'none'} "
                            "(only an extra 'ignore' label is allowed)")

@@ -16,7 +16,7 @@ from typing import Any
 from ..atomic import atomic_output_file
 from ..checksums import sha256_file
 from ..errors import CacheWarning, CheckpointError, ModelFolderError
-from ..nnunet.layout import CHECKPOINT_NAME, fold_dir_name, read_json
+from ..nnunet.layout import CHECKPOINT_NAME, fold_dir_name, label_differences, read_json
 from ..paths import cache_dir
 from .totalsegmentator import TaskModel
 
@@ -35,8 +35,7 @@ def check_task_labels(model: TaskModel, folder: Path) -> None:
     ours = {name: value for value, name in model.labels.items()}
     if theirs == ours:
         return
-    missing = [f"{name}={value}" for name, value in ours.items() if theirs.get(name) != value]
-    foreign = [f"{name}={value}" for name, value in theirs.items() if ours.get(name) != value]
+    missing, foreign = label_differences(ours, theirs)
 
     def listed(items: list[str]) -> str:
         return (", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")) or "none"
