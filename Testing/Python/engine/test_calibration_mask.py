@@ -15,6 +15,7 @@ from TuckerSegmentLib.testing.demo_data import chest_sample
 from TuckerSegmentLib.tucker.calibration import (
     CalibrationPatch,
     collect_statistics,
+    cropped,
     output_sensitivity,
     prediction_agreement,
 )
@@ -88,6 +89,40 @@ def test_a_layer_without_masked_voxels_contributes_nothing_for_that_input():
     assert stats["0"].calls == 2 and stats["0"].voxels == 1 + 512
     assert stats["1"].calls == 1 and stats["1"].out_voxels == 64  # the masked input left it out
     assert stats["2"].calls == 1 and stats["2"].voxels == 64
+
+
+def test_sensitivity_is_the_output_energy_a_layer_s_noise_adds_per_unit_of_its_energy():
+    """On a linear network the first-order gain is exact: σ²‖J‖²_F / ‖y‖², with J the pointwise maps after the
+    layer, times the voxels (the estimate comes from one backward pass with a random probe, hence the tolerance)."""
+    torch.manual_seed(1)
+    first, second = nn.Conv3d(2, 6, 1), nn.Conv3d(6, 5, 1)
+    network = nn.Sequential(first, second).eval()
+    x = torch.randn(1, 2, 12, 12, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden, y = first(x), network(x)
+    voxels, energy = 12 ** 3, float(y.pow(2).sum())
+    expected = {"0": float(hidden.var()) * voxels * float(second.weight.detach().pow(2).sum()) / energy,
+                "1": float(y.var()) * voxels * 5 / energy}
+    gains = output_sensitivity(network, [("0", first), ("1", second)], [x])
+    assert gains == pytest.approx(expected, rel=0.1)
+    assert all(p.requires_grad for p in network.parameters()) and not network.training  # left as it was
+    again = output_sensitivity(network, [("0", first), ("1", second)], [x])
+    assert again == gains  # the probe is seeded: the same inputs give the same gains
+
+
+def test_sensitivity_crops_keep_the_masked_voxels_and_the_whole_of_small_inputs():
+    image = torch.arange(16 * 20 * 24, dtype=torch.float32).reshape(1, 1, 16, 20, 24)
+    mask = torch.zeros(1, 1, 16, 20, 24, dtype=torch.bool)
+    mask[..., 12:16, 16:20, 20:24] = True  # in a corner: the window is clamped into the image
+    crop = cropped(CalibrationPatch(image, mask), (8, 8, 8))
+    assert crop.image.shape == crop.mask.shape == (1, 1, 8, 8, 8) and int(crop.mask.sum()) == 64
+    assert torch.equal(crop.image, image[..., 8:16, 12:20, 16:24])
+    centred = cropped(image, (8, 8, 8))
+    assert torch.equal(centred.image, image[..., 4:12, 6:14, 8:16]) and centred.mask is None
+    spread = torch.zeros(1, 1, 16, 20, 24, dtype=torch.bool)
+    spread[..., 0, 0, 0] = spread[..., 15, 19, 23] = True  # centred between two far corners: no voxel of it
+    assert cropped(CalibrationPatch(image, spread), (8, 8, 8)).mask.any()
+    assert cropped(image, (16, 32, 32)) is image
 
 
 class ClassAtPositions(nn.Module):

@@ -21,6 +21,8 @@ from TuckerSegmentLib.paths import BUNDLED_MODELS, cache_dir
 from TuckerSegmentLib.policies.uniform import UniformPolicy
 from TuckerSegmentLib.runtime import inference
 from TuckerSegmentLib.runtime.inference import OpenVINONetwork, choose_runtime, folder_key
+from TuckerSegmentLib.testing.example_models import example_model
+from TuckerSegmentLib.tucker.layers import crop_edges, smallest_same_input
 from TuckerSegmentLib.segment.predictor import Segmenter
 
 pytest.importorskip("openvino")
@@ -72,6 +74,30 @@ def test_openvino_logits_match_pytorch_on_random_weight_networks(tiny_model, for
     assert float((got - expected).abs().max()) <= 1e-3 * span
     with pytest.raises(TuckerSegmentError, match="was compiled for"):
         OpenVINONetwork(network, example, "f32")(x[..., :-1])
+
+
+@pytest.mark.parametrize(("spec", "expected"), [("Dataset297", (1, 1, 32, 32, 32)), ("Dataset291", (1, 1, 64, 64, 64)),
+                                                 ("tiny", (1, 1, 8, 8, 8))])
+def test_networks_are_traced_on_the_smallest_input_of_the_same_operations(spec, expected):
+    folder = example_model(spec)
+    network = folder.build_network()
+    assert smallest_same_input(network, tuple(folder.example_input().shape)) == expected
+    assert smallest_same_input(network, (1, 1, 4, 96, 96)) == (1, 1, 4, *expected[3:])  # never more than the patch
+    plain = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1))
+    assert smallest_same_input(plain, (1, 1, 40, 40, 40)) == (1, 1, 40, 40, 40)
+
+
+@pytest.mark.parametrize(("spec", "voxels", "expected"), [("Dataset297", 64 ** 3, (64, 64, 64)),
+                                                          ("Dataset291", 64 ** 3, (64, 64, 64)),
+                                                          ("Dataset297", 10, (32, 32, 32)), ("tiny", 64 ** 3, (32, 32, 32))])
+def test_crops_are_whole_downsampling_steps_within_the_voxel_budget(spec, voxels, expected):
+    folder = example_model(spec)
+    network = folder.build_network()
+    assert crop_edges(network, tuple(folder.patch_size), voxels) == expected
+    x = torch.zeros(1, 1, *expected)
+    with torch.no_grad():
+        assert network.eval()(x).shape[2:] == x.shape[2:]  # a window the network runs as it is
+    assert crop_edges(torch.nn.Conv3d(1, 1, 1), (100, 100, 100), 10) == (100, 100, 100)
 
 
 def _flip_bytes_in_place(path: Path) -> None:

@@ -18,13 +18,16 @@ from ..runtime.inference import choose_runtime
 from ..runtime.latency import LatencyTable
 from ..tucker.calibration import (
     CalibrationInput,
+    CalibrationPatch,
     LayerStatistics,
     collect_statistics,
+    cropped,
+    label_agreement,
     output_sensitivity,
-    prediction_agreement,
+    predicted_labels,
 )
 from ..tucker.decomposition import LayerPlan, decompose_conv, relative_error, replace_modules
-from ..tucker.layers import LayerInfo, decomposable_layers, layer_info
+from ..tucker.layers import LayerInfo, crop_edges, decomposable_layers, layer_info
 from ..tucker.network_stats import NetworkStats, count_flops, network_stats, stats_from_trace, trace
 
 
@@ -116,7 +119,9 @@ def plan_layers(network: nn.Module, policy: RankPolicy, example_input: torch.Ten
 
 
 SENSITIVITY_EXPONENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-SENSITIVITY_INPUTS = 2  # calibration inputs used to measure sensitivity (one forward pass per layer and input)
+SENSITIVITY_INPUTS = 4  # calibration inputs sensitivity is measured on (one forward and backward pass each)
+SENSITIVITY_VOXELS = 64 ** 3  # each cropped to at most this many voxels: a backward pass holds the activations
+# (a 3 mm TotalSegmentator patch, 112×112×128, took 4.9 GB here, a 64³ window 0.6 GB)
 
 
 def compress_network(network: nn.Module, policy: RankPolicy, example_input: torch.Tensor | None = None,
@@ -148,23 +153,32 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
     sensitivity = getattr(policy, "sensitivity", None)
     timed = getattr(policy, "latency", None) is not None
     original = copy.deepcopy(network) if inputs is not None or timed else None
+    reference: list[torch.Tensor] = []  # the original's labels on the calibration inputs
     if inputs is not None:
-        stats = collect_statistics(network, found.layers, inputs)
+        stats = collect_statistics(network, found.layers, inputs, labels=reference)
         if sensitivity is not None:
             measured = [(name, module) for name, module in found.layers if name in stats]
-            for name, gain in output_sensitivity(network, measured, inputs[:SENSITIVITY_INPUTS]).items():
+            for name, gain in output_sensitivity(network, measured, _sensitivity_inputs(network, inputs)).items():
                 stats[name].gain = gain
             if sensitivity == "auto":
                 policy = max((policy.weighted(e) for e in SENSITIVITY_EXPONENTS),
-                             key=lambda p: _trial_agreement(original, p, stats, inputs, example_input))
+                             key=lambda p: _trial_agreement(original, p, stats, inputs, reference, example_input))
     elif sensitivity == "auto":
         policy = policy.weighted(None)  # nothing to weigh by without calibration
     report = _apply(network, policy, found, stats, example_input, progress)
     if timed:
         report = _meet_latency(network, original, policy, report, stats, example_input)
     if inputs is not None:
-        report.agreement = prediction_agreement(network, original, inputs)
+        report.agreement = label_agreement(predicted_labels(network, inputs), reference)
     return report
+
+
+def _sensitivity_inputs(network: nn.Module, inputs: list[CalibrationInput]) -> list[CalibrationInput]:
+    """The first ``SENSITIVITY_INPUTS`` calibration inputs, each cropped to ``SENSITIVITY_VOXELS`` (``crop_edges``)."""
+    chosen = inputs[:SENSITIVITY_INPUTS]
+    image = chosen[0].image if isinstance(chosen[0], CalibrationPatch) else chosen[0]
+    edges = crop_edges(network, tuple(image.shape[2:]), SENSITIVITY_VOXELS)
+    return [cropped(item, edges) for item in chosen]
 
 
 LATENCY_ATTEMPTS = 3  # plans tried for a latency target, each budget corrected by the last measured miss
@@ -202,10 +216,12 @@ def _meet_latency(network: nn.Module, original: nn.Module, policy: RankPolicy, r
 
 
 def _trial_agreement(original: nn.Module, policy: RankPolicy, stats: Mapping[str, LayerStatistics],
-                     inputs: list[CalibrationInput], example_input: torch.Tensor | None) -> float:
+                     inputs: list[CalibrationInput], reference: list[torch.Tensor],
+                     example_input: torch.Tensor | None) -> float:
+    """Agreement with the original's labels ``reference`` of ``original`` compressed as ``policy`` plans."""
     trial = copy.deepcopy(original)
     _apply(trial, policy, survey(trial, example_input), stats, example_input, None)
-    return prediction_agreement(trial, original, inputs)
+    return label_agreement(predicted_labels(trial, inputs), reference)
 
 
 def _apply(network: nn.Module, policy: RankPolicy, found: Survey, stats: Mapping[str, LayerStatistics],

@@ -2,6 +2,7 @@
 (``LayerInfo``, with its convolution as an operation ``ConvOp``), and layer plans applied to a network."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import astuple, dataclass, replace
 from typing import Literal
@@ -99,6 +100,44 @@ def layer_info(name: str, module: nn.Module, input_shape: tuple[int, ...] | None
                      c_out=c_out, c_in=c_in, kernel_size=tuple(module.kernel_size),
                      flops=flops, input_shape=input_shape, output_shape=output_shape,
                      op=conv_op(module, input_shape) if input_shape else None)
+
+
+def downsampling(network: nn.Module) -> tuple[int, ...] | None:
+    """A U-Net's total downsampling per spatial axis: the product of its transposed convolutions' strides (one per
+    decoder stage in nnU-Net's networks, dense or factorised); None for a network without transposed convolutions."""
+    factors: tuple[int, ...] | None = None
+    for module in network.modules():
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            stride = tuple(module.stride)
+            factors = stride if factors is None else tuple(f * s for f, s in zip(factors, stride, strict=True))
+    return factors
+
+
+def smallest_same_input(network: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The smallest input shape on which a U-Net like ``network`` runs the same operations as on ``shape``: each
+    spatial axis twice its total downsampling (``downsampling``: the bottleneck keeps two voxels per axis, as
+    instance normalisation needs), never more than ``shape`` itself; ``shape`` for a network without a decoder."""
+    factors = downsampling(network)
+    if factors is None or len(factors) != len(shape) - 2:
+        return shape
+    return (*shape[:2], *(min(size, 2 * factor) for size, factor in zip(shape[2:], factors, strict=True)))
+
+
+def crop_edges(network: nn.Module, spatial: tuple[int, ...], voxels: int) -> tuple[int, ...]:
+    """The largest window of at most ``voxels`` voxels within ``spatial`` that ``network`` runs as it runs
+    ``spatial``: the longest axis shortened by one downsampling step (``downsampling``) at a time, never below
+    two steps; ``spatial`` itself when it is small enough or the network has no decoder."""
+    factors = downsampling(network)
+    if factors is None or len(factors) != len(spatial):
+        return tuple(spatial)
+    edges = list(spatial)
+    while math.prod(edges) > voxels:
+        shorter = [axis for axis in range(len(edges)) if edges[axis] - factors[axis] >= 2 * factors[axis]]
+        if not shorter:
+            break
+        axis = max(shorter, key=lambda a: edges[a])
+        edges[axis] -= factors[axis]
+    return tuple(edges)
 
 
 def decomposable_layers(network: nn.Module) -> list[tuple[str, nn.Module]]:
