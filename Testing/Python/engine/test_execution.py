@@ -27,7 +27,10 @@ from TuckerSegmentLib.runtime.execution import (
     execution_seconds,
     executions,
     fastest,
+    latency_grid,
     optimise_execution,
+    primitives,
+    rank_anchors,
     reference_execution,
 )
 from TuckerSegmentLib.runtime.inference import RuntimeChoice, openvino_missing
@@ -301,3 +304,26 @@ def test_a_latency_budget_replans_when_it_misses_either_way_and_keeps_the_slowes
     assert network._modules is plans[kept]
     corrections = [s for s in seen if isinstance(s, float)]  # each re-plan seen the budget by target / ratio
     assert corrections == pytest.approx(np.cumprod([0.5 / r for r in ratios[:-1]]).tolist())
+
+
+def test_a_latency_budget_times_each_layer_at_its_anchor_ranks_only_and_interpolates_between_them():
+    dense = ConvOp("conv", 320, 256, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (0, 0, 0), True, (1, 320, 8, 8, 8))
+    timed: set[tuple[int, int, int]] = set()
+
+    def cost(op: ConvOp) -> float:  # memory traffic on each side and multiply-adds of both, per tap
+        return 1e-3 + 2e-5 * op.c_in + 3e-5 * op.c_out + 1e-7 * op.c_in * op.c_out * op.kernel_size[0] ** 3
+
+    def bilinear(op: ConvOp) -> float:
+        timed.add((op.c_in, op.c_out, op.kernel_size[0]))
+        return cost(op)
+    plans = [LayerPlan(rank_out=r_out, rank_in=r_in) for r_in in latency_grid(320)[:-1]
+             for r_out in latency_grid(256)[:-1]]
+    assert len(plans) == 7 * 7
+    for plan in plans:
+        stored = reference_execution(plan)
+        exact = sum(cost(op) for op in primitives(dense, dense.input_shape, plan, stored))
+        assert execution_seconds(dense, dense.input_shape, plan, stored, bilinear, anchored=True) == \
+            pytest.approx(exact, rel=1e-9)
+    cores = {t for t in timed if t[2] == 3}
+    assert cores == {(a, b, 3) for a in rank_anchors(320) for b in rank_anchors(256)}  # 9 cores, not 49
+    assert len(timed - cores) == 6  # each factor at its side's 3 anchors, not 7

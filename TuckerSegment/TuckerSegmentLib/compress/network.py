@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import PolicyError
 from ..policies.base import RankPolicy
-from ..progress import LayerProgress
+from ..progress import LayerProgress, stage
 from ..runtime.devices import resolve_device
 from ..runtime.execution import compare_latency, measure_network_latency
 from ..runtime.inference import choose_runtime
@@ -147,7 +147,8 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
             raise PolicyError("a latency budget needs example_input (the network's input shape) to time the layers")
         device = resolve_device(policy.device)
         table = LatencyTable.for_device(device, runtime=choose_runtime(policy.runtime, "auto", device))
-        policy = policy.with_latency(measure_network_latency(network, example_input, table))
+        with stage("timing the original for the latency target"):
+            policy = policy.with_latency(measure_network_latency(network, example_input, table))
     stats: dict[str, LayerStatistics] = {}
     inputs = list(calibration) if calibration is not None else None
     sensitivity = getattr(policy, "sensitivity", None)
@@ -161,13 +162,14 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
             for name, gain in output_sensitivity(network, measured, _sensitivity_inputs(network, inputs)).items():
                 stats[name].gain = gain
             if sensitivity == "auto":
-                policy = max((policy.weighted(e) for e in SENSITIVITY_EXPONENTS),
-                             key=lambda p: _trial_agreement(original, p, stats, inputs, reference, example_input))
+                policy = _best_weighting(original, policy, stats, inputs, reference, example_input)
     elif sensitivity == "auto":
         policy = policy.weighted(None)  # nothing to weigh by without calibration
-    report = _apply(network, policy, found, stats, example_input, progress)
+    with stage("decomposing"):
+        report = _apply(network, policy, found, stats, example_input, progress)
     if timed:
-        report = _meet_latency(network, original, policy, report, stats, example_input)
+        with stage("checking the latency target"):
+            report = _meet_latency(network, original, policy, report, stats, example_input)
     if inputs is not None:
         report.agreement = label_agreement(predicted_labels(network, inputs), reference)
     return report
@@ -213,6 +215,20 @@ def _meet_latency(network: nn.Module, original: nn.Module, policy: RankPolicy, r
     network._modules, network._parameters, network._buffers = state
     report.latency["attempts"] = len(tried)
     return report
+
+
+def _best_weighting(original: nn.Module, policy: RankPolicy, stats: Mapping[str, LayerStatistics],
+                    inputs: list[CalibrationInput], reference: list[torch.Tensor],
+                    example_input: torch.Tensor | None) -> RankPolicy:
+    """``policy`` weighted by the sensitivity exponent (``SENSITIVITY_EXPONENTS``) whose compressed network agrees
+    best with the original's labels ``reference`` (the first of equals)."""
+    scored = []
+    with stage("choosing the sensitivity weighting", len(SENSITIVITY_EXPONENTS)) as step:
+        for exponent in SENSITIVITY_EXPONENTS:
+            trial = policy.weighted(exponent)
+            scored.append((_trial_agreement(original, trial, stats, inputs, reference, example_input), trial))
+            step()
+    return max(scored, key=lambda pair: pair[0])[1]
 
 
 def _trial_agreement(original: nn.Module, policy: RankPolicy, stats: Mapping[str, LayerStatistics],

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from ..errors import PolicyError
+from ..progress import stage
+from ..runtime.execution import latency_grid
 from ..tucker.decomposition import LayerPlan
 from ..tucker.layers import LayerInfo
 from .base import RankPolicy
@@ -39,14 +41,6 @@ def _rank_grid(channels: int, steps: int = 64) -> list[int]:
     if channels <= steps:
         return list(range(1, channels + 1))
     return sorted({max(1, round(channels * (i + 1) / steps)) for i in range(steps)})
-
-
-def latency_grid(channels: int) -> list[int]:
-    """Candidate ranks when each must be timed: multiples of 8 (vector-friendly), at most 8 per mode."""
-    if channels <= 8:
-        return list(range(1, channels + 1))
-    step = 8 * max(1, math.ceil(channels / 64))
-    return sorted({*range(step, channels, step), channels})
 
 
 def layer_options(info: LayerInfo, stats: Any = None, latency: LatencyModel | None = None) -> list[_Option]:
@@ -159,13 +153,15 @@ class BudgetPolicy(RankPolicy):
                                   "example_input=...) so that they are measured on the device")
             latency = self.latency
         options = {}
-        for layer in layers:
-            stats = (calibration or {}).get(layer.name)
-            found = layer_options(layer, stats, latency)
-            gain = getattr(stats, "gain", None)
-            if isinstance(self.sensitivity, float) and gain is not None:
-                found = [replace(o, error=o.error * max(gain, 1e-12) ** self.sensitivity) for o in found]
-            options[layer.name] = found
+        with stage("timing candidate layers" if latency else "layer options", len(layers)) as step:
+            for layer in layers:
+                stats = (calibration or {}).get(layer.name)
+                found = layer_options(layer, stats, latency)
+                gain = getattr(stats, "gain", None)
+                if isinstance(self.sensitivity, float) and gain is not None:
+                    found = [replace(o, error=o.error * max(gain, 1e-12) ** self.sensitivity) for o in found]
+                options[layer.name] = found
+                step()
         dense = {name: next(o for o in opts if o.plan.form == "dense") for name, opts in options.items()}
         chosen = dict(dense)
         for cost, target in (("flops", self.target_flops), ("params", self.target_params)):

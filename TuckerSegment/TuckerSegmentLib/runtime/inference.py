@@ -22,6 +22,7 @@ from ..dependencies import openvino_missing
 from ..errors import TuckerSegmentError
 from ..checksums import sha256_file
 from ..paths import cache_dir
+from ..progress import stage
 from ..tucker.layers import smallest_same_input
 from .openvino_cache import NetworkCache, blob_name, remove_old_layout
 
@@ -117,10 +118,12 @@ class OpenVINONetwork(nn.Module):
         if compiled is None:
             model = cache.converted(core) if cache else None
             if model is None:
-                model = _convert(ov, network, self.input_shape)
+                with stage("converting for OpenVINO" + (", once for this model" if cache else ""), announce=bool(cache)):
+                    model = _convert(ov, network, self.input_shape)
                 if cache:
                     cache.save_converted(ov, model)
-            compiled = core.compile_model(model, "CPU", config)
+            with stage(f"compiling for OpenVINO {precision}", announce=bool(cache)):
+                compiled = core.compile_model(model, "CPU", config)
             if cache:
                 cache.save_compiled(blob, compiled)
         self._request = compiled.create_infer_request()

@@ -54,9 +54,13 @@ def compile_op(op: ConvOp, precision: str, weight: np.ndarray | None = None, bia
     return compiled.create_infer_request()
 
 
+SLOW_SECONDS = 0.3  # an operation this slow is timed by fewer runs: its own noise is small beside its time
+
+
 def openvino_op_seconds(op: ConvOp, precision: str, repeats: int = 3) -> float:
     """Median seconds of ``op``'s own nodes, compiled alone by OpenVINO on the CPU, by its performance
-    counters (layout reorders left out; fast operations get more runs)."""
+    counters (layout reorders left out): fast operations get more runs, slow ones (``SLOW_SECONDS``) runs until
+    they add up to a second."""
     request = compile_op(op, precision, profile=True)
     x = np.random.default_rng(1).standard_normal(op.input_shape, dtype=np.float32)
 
@@ -67,6 +71,7 @@ def openvino_op_seconds(op: ConvOp, precision: str, repeats: int = 3) -> float:
     run()  # warm-up
     times = [run()]
     count = repeats * (3 if times[0] < 0.05 else 1)
-    while len(times) < count and (len(times) < min(3, count) or sum(times) < 0.5):
+    at_least = 1 if times[0] >= SLOW_SECONDS else min(3, count)
+    while len(times) < count and (len(times) < at_least or sum(times) < (1.0 if at_least == 1 else 0.5)):
         times.append(run())
     return statistics.median(times)

@@ -14,7 +14,7 @@ centre of nnU-Net's stride-s convolution).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional
 
 from ..errors import PolicyError
+from ..progress import stage
 
 MAX_VOXELS = 16384  # voxels per layer and input used for the statistics
 
@@ -124,13 +125,15 @@ def collect_statistics(network: nn.Module, layers: Sequence[tuple[str, nn.Module
     was_training = network.training
     try:
         network.eval()
-        with torch.no_grad():
+        with torch.no_grad(), stage("calibration statistics", len(calibration) if isinstance(calibration, Sized)
+                                    else 0) as step:
             for item in calibration:
                 image, current[0] = _parts(item)
                 output = network(image)
                 if labels is not None:
                     labels.append(_masked_voxels(output.argmax(1, keepdim=True), current[0])[0])
                 count += 1
+                step()
     finally:
         for handle in handles:
             handle.remove()
@@ -184,9 +187,11 @@ def output_sensitivity(network: nn.Module, layers: Sequence[tuple[str, nn.Module
     try:
         for p, _ in needs_grad:
             p.requires_grad_(False)  # gradients reach the activations only
-        for item in inputs:
-            for name, gain in _input_sensitivity(network, layers, item, generator).items():
-                gains[name] += gain / len(inputs)
+        with stage("layer sensitivity", len(inputs)) as step:
+            for item in inputs:
+                for name, gain in _input_sensitivity(network, layers, item, generator).items():
+                    gains[name] += gain / len(inputs)
+                step()
     finally:
         for p, needed in needs_grad:
             p.requires_grad_(needed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from ..checksums import sealed, sha256_file
 from ..nnunet.layout import TUCKER_JSON
 from ..paths import is_plain_name
 from ..policies.base import RankPolicy
+from ..progress import listener, listening, stage
 from ..policies.methods import policy_from_dict
 from ..recovery.compress_distill import compress_and_distill, distill_iterations
+from ..runtime.stage_log import StageLog
 from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
 from .hardware import DeviceInfo, detect_devices
 from .measure import MeasurementPlan, measure_variant, plan_measurement, replan
@@ -103,8 +106,16 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
     """Build ``variant`` (a compressed TotalSegmentator entry) into the cache, calibrated and scored as
     ``plan`` says (default: the plan it was built with, or the bundled sample CT's blocks), distilled ``distill``
     iterations from its original on ``device`` (default: as it was built, or not), measured on ``device`` (default:
-    the one ``auto`` prefers) unless ``measure`` is False; return its folder."""
+    the one ``auto`` prefers) unless ``measure`` is False; return its folder. Long stages are reported to ``report``
+    with the time left (``runtime.stage_log``), unless the caller listens to them itself."""
     say = report or (lambda message: None)
+    with nullcontext() if listener() else listening(StageLog(say)):
+        return _build(variant, weights_roots, cache, say, download, plan, device, measure, distill)
+
+
+def _build(variant: Variant, weights_roots: list[Path] | None, cache: Path | None, say: Report, download: bool,
+           plan: MeasurementPlan | None, device: DeviceInfo | None, measure: bool, distill: int | None) -> Path:
+    """``build_variant``, its stages heard by the listener in place."""
     if variant.original:
         raise ModelFolderError(f"{variant.id} is an original model: nothing to compress (its weights are used as "
                                "TotalSegmentator installed them)")
@@ -144,14 +155,16 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
     for index, (model, source) in enumerate(zip(task.models, sources, strict=True)):
         prefix = f"{variant.id} [{index + 1}/{len(task.models)}] {model.dataset}"
         say(f"{prefix}: checking source weights in {source}")
-        digest = check_task_model(model, source, known.get(model.dataset), cache)
+        with stage(model.dataset), stage("checking source weights"):
+            digest = check_task_model(model, source, known.get(model.dataset), cache)
         target = folder / model.dataset
         if _reusable(target, digest, built_with):
             say(f"{prefix}: kept from an earlier, interrupted build")
         else:
             say(f"{prefix}: compressing ({policy!r}, " + ("weight-only, as the paper" if weight_only(variant)
                                                           else f"calibrated on {plan.calibrated_on}") + ")")
-            _compress(source, target, policy, model.fold, variant, plan, distill, device, prefix, say)
+            with stage(model.dataset), stage("compressing"):
+                _compress(source, target, policy, model.fold, variant, plan, distill, device, prefix, say)
             with atomic_output_file(target / BUILD_RECORD) as staging:
                 staging.write_text(json.dumps(built_with))
         built = describe_model(target)  # the real figures of these weights' plans (the catalogue's may be assumed)
@@ -165,7 +178,8 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
         manifest["distillation"] = {"iterations": distill, "device": device.torch_device, "on": plan.calibrated_on,
                                     "how": "label-free, towards the original's softmax (tuckersegment distill)"}
     if measure:
-        manifest["measurement"] = _measure(variant, sources, manifest, plan, device, cache, say)
+        with stage("measuring"):
+            manifest["measurement"] = _measure(variant, sources, manifest, plan, device, cache, say)
     _write_manifest(variant, cache, manifest)
     say(f"{variant.id}: built in {folder}")
     return folder

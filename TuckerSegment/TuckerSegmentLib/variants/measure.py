@@ -28,6 +28,7 @@ from ..compress.calibration_source import sample_ct
 from ..errors import ModelFolderError
 from ..image.holdout import holdout_mask
 from ..image.volume import Volume, read_volume
+from ..progress import stage
 from ..runtime.memory import PeakMemory
 from ..segment.task import TaskSegmenter
 from .agreement import Overlap, mean_agreement
@@ -136,24 +137,27 @@ def measure_variant(original: Sequence[Path], variant: Sequence[Path], scored: S
               for name, folders in (("original", original), ("variant", variant))}
     names = {s.value: s.name for s in models["original"].segments}
     overlap, seconds, peak, runtime = Overlap(), {"original": [], "variant": []}, {"original": 0, "variant": 0}, ""
-    for index, item in enumerate(scored, start=1):
-        (say or (lambda message: None))(f"measuring on {item.name} ({index}/{len(scored)}): warm-up, then "
-                                        f"{rounds} interleaved rounds")
-        for segmenter in models.values():
-            segmenter.segment(item.volume)  # loading, conversion and first-call allocations are not the cost
-        times: dict[str, list[float]] = {"original": [], "variant": []}
-        labels: dict[str, np.ndarray] = {}
-        for round_index in range(rounds):
-            for name, segmenter in models.items():
-                with PeakMemory() as memory:
-                    result = segmenter.segment(item.volume)
-                if round_index == 0 and memory.peak is not None:
-                    peak[name] = max(peak[name], memory.peak)
-                times[name].append(result.seconds)
-                labels[name], runtime = result.labels, result.runtime
-        for name in models:
-            seconds[name].append(statistics.median(times[name]))
-        overlap.add(labels["variant"], labels["original"], names, item.region)
+    with stage("segmenting with the original and the variant", len(scored) * (rounds + 1)) as step:
+        for index, item in enumerate(scored, start=1):
+            (say or (lambda message: None))(f"measuring on {item.name} ({index}/{len(scored)}): warm-up, then "
+                                            f"{rounds} interleaved rounds")
+            for segmenter in models.values():
+                segmenter.segment(item.volume)  # loading, conversion and first-call allocations are not the cost
+            step()
+            times: dict[str, list[float]] = {"original": [], "variant": []}
+            labels: dict[str, np.ndarray] = {}
+            for round_index in range(rounds):
+                for name, segmenter in models.items():
+                    with PeakMemory() as memory:
+                        result = segmenter.segment(item.volume)
+                    if round_index == 0 and memory.peak is not None:
+                        peak[name] = max(peak[name], memory.peak)
+                    times[name].append(result.seconds)
+                    labels[name], runtime = result.labels, result.runtime
+                step()
+            for name in models:
+                seconds[name].append(statistics.median(times[name]))
+            overlap.add(labels["variant"], labels["original"], names, item.region)
     structures = overlap.structures()
     count = len(scored)
     return {"how": how, "volumes": count, "structures": structures, "mean_agreement": mean_agreement(structures),
