@@ -315,9 +315,12 @@ def _segment(args: argparse.Namespace) -> int:
         refuse_existing(target, args.overwrite)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IntensityWarning)
-            result = segmenter.segment(source, progress=None if args.quiet else progress, subset=args.subset)
+            result = segmenter.segment(source, progress=None if args.quiet else progress, subset=args.subset,
+                                       crop=not args.no_crop)
         for warning in caught:
             print(f"tuckersegment: warning: {warning.message}", file=sys.stderr)
+        for note in result.warnings:
+            print(f"tuckersegment: {note}", file=sys.stderr)
         write_result(result, target)
         return target, (f"{len(result.found())}/{len(result.segments)} structures, {result.seconds:.1f} s "
                         f"on {result.device} ({segmenter.choice.id}; {result.runtime})")
@@ -617,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="task for --model auto (default: total on a GPU, fast on a CPU, when ready; else demo)")
     segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     segment.add_argument("--subset", nargs="+", metavar="NAME", help="keep only these structures")
+    segment.add_argument("--no-crop", action="store_true",
+                         help="with --subset, run the model on the whole CT instead of only where TotalSegmentator's "
+                              "6 mm model (when installed) finds the structures")
     segment.add_argument("--format", choices=("seg.nrrd", "nii.gz"), default="seg.nrrd",
                          help="file format when OUTPUT is a folder (default seg.nrrd)")
     segment.add_argument("--fold", type=_fold, help="fold to use (default: the first available)")

@@ -224,8 +224,9 @@ class LatencyTable:
                          warmup=2 if quick else 0, enough=0.5)
 
     def _time_openvino_op(self, op: ConvOp) -> float:
-        from .openvino_timing import openvino_op_seconds
-        return openvino_op_seconds(op, self.runtime.precision, self.repeats)
+        from .openvino_timing import openvino_op_seconds, reduced
+        part, scale = reduced(op)
+        return openvino_op_seconds(part, self.runtime.precision, self.repeats) * scale
 
     def _stored(self) -> dict[str, float]:
         """The timings in ``path`` for this device (none when missing, unreadable or another device's)."""

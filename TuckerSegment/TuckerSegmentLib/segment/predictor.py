@@ -30,6 +30,7 @@ from ..runtime.devices import resolve_device
 from ..runtime.execution import ExecutionReport, optimise_execution
 from ..runtime.inference import OpenVINONetwork, choose_runtime, folder_key
 from ..runtime.latency import LatencyTable
+from .crop import model_grid_box
 from .labels import label_values, segment_labels
 from .result import SegmentationResult
 
@@ -191,8 +192,9 @@ class Segmenter:
         return self.predict(checked_volume(volume), progress, cancel, subset)
 
     def predict(self, volume: Volume, progress: Progress | None = None, cancel: Cancel | None = None,
-                subset: Sequence[str] | None = None) -> SegmentationResult:
-        """``segment`` for a volume that has already passed ``check_volume``."""
+                subset: Sequence[str] | None = None, region: Volume | None = None) -> SegmentationResult:
+        """``segment`` for a volume that has already passed ``check_volume``; with ``region`` (a label map on any grid
+        of the same CT) the network runs only on the box of the model grid it marks, and labels are empty outside."""
         start = time.perf_counter()
         report = progress or (lambda fraction, message: None)
         keep = self.label_value(subset) if subset else None
@@ -201,7 +203,13 @@ class Segmenter:
         target = self.target_spacing
         shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
         image = resample_image(canonical.array, shape)
-        labels, tiles = self._predict(image, target, report, cancel)
+        box = model_grid_box(region, shape, tuple(self.model.patch_size)) if region is not None else None
+        if box is None:
+            labels, tiles = self._predict(image, target, report, cancel)
+        else:
+            inside, tiles = self._predict(np.ascontiguousarray(image[box]), target, report, cancel)
+            labels = np.zeros(shape, dtype=inside.dtype)
+            labels[box] = inside
         report(0.97, "mapping labels to the input grid")
         labels = resample_labels_nearest(labels, canonical.array.shape)
         labels = reorientation.restore(labels)

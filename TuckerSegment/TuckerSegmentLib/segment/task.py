@@ -18,6 +18,7 @@ from ..errors import TaskError
 from ..image.volume import Volume, checked_volume
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Cancel, Progress
+from .crop import bounding_box, decimated
 from .labels import SegmentLabel, label_values, segment_labels
 from .predictor import TOTALSEGMENTATOR_MAX_VOXELS, SegmentationResult, Segmenter, check_tile_step
 
@@ -34,9 +35,11 @@ class TaskSegmenter:
     """Segment with one or more models; models are loaded lazily and kept for the next volume."""
 
     def __init__(self, models: Sequence[str | Path | ModelFolder], name: str | None = None,
-                 label_maps: Sequence[Mapping[int, tuple[int, str]]] | None = None, **segmenter_options) -> None:
+                 label_maps: Sequence[Mapping[int, tuple[int, str]]] | None = None,
+                 coarse: TaskSegmenter | None = None, **segmenter_options) -> None:
         """``label_maps``: per model, its own label value -> (task value, structure name); names and values
-        then come from the task (as TotalSegmentator's class maps), not from each dataset.json."""
+        then come from the task (as TotalSegmentator's class maps), not from each dataset.json. ``coarse``: the
+        task that finds a structure subset's region before this one segments it (see ``segment``)."""
         if not models:
             raise TaskError("a segmentation task needs at least one model folder")
         check_tile_step(segmenter_options.get("tile_step", 0.8))  # before any model is opened
@@ -47,6 +50,7 @@ class TaskSegmenter:
         if label_maps is not None and len(label_maps) != len(folders):
             raise TaskError(f"{len(label_maps)} label maps for {len(folders)} models; give one per model")
         self._options = segmenter_options
+        self.coarse = coarse
         self.max_voxels: int | None = None  # set to predict in smaller slabs (see runner.cpu_slab_voxels)
         self._members: list[_Member] = []
         self.segments: list[SegmentLabel] = []
@@ -70,15 +74,65 @@ class TaskSegmenter:
         """Which models have been loaded so far."""
         return [m.segmenter is not None for m in self._members]
 
+    def load(self) -> None:
+        """Load every model now (converted and compiled where the runtime needs it) instead of on first use."""
+        for member in self._members:
+            if member.segmenter is None:
+                member.segmenter = Segmenter(member.folder, **self._options)
+
     def check_subset(self, subset: Sequence[str] | None) -> None:
         label_values(self.segments, subset or [])
 
+    def finest_spacing(self) -> float:
+        """The finest voxel spacing (mm) of the task's models."""
+        return min(min(m.folder.configuration_manager.spacing) for m in self._members)
+
     def segment(self, volume: Volume | str | Path, progress: Progress | None = None, cancel: Cancel | None = None,
-                subset: Sequence[str] | None = None) -> SegmentationResult:
-        """Labels of every model that holds a wanted structure, merged on the input grid."""
+                subset: Sequence[str] | None = None, crop: bool = True) -> SegmentationResult:
+        """Labels of every model that holds a wanted structure, merged on the input grid. With a ``subset`` and
+        ``crop`` and a ``coarse`` task that knows every structure of it, the models run only inside the box the
+        coarse task finds the subset in (``_cropped``)."""
         start = time.perf_counter()
         self.check_subset(subset)
         volume = checked_volume(volume)  # once, not once per model
+        if subset and crop and self.coarse is not None and set(subset) <= {s.name for s in self.coarse.segments}:
+            return self._cropped(volume, list(subset), progress or (lambda fraction, message: None), cancel, start)
+        return self._segment(volume, progress, cancel, subset, start)
+
+    def _cropped(self, volume: Volume, subset: list[str], report: Progress, cancel: Cancel | None,
+                 start: float) -> SegmentationResult:
+        """``subset`` segmented inside the bounding box (plus a margin) where the ``coarse`` task (e.g.
+        TotalSegmentator's 6 mm model) finds it on the CT decimated to its spacing (``crop.decimated``). Labels on
+        the whole grid, empty outside the box; nothing found: an empty label map, said in its warnings. (Without a
+        coarse task there is no crop: this task's own coarse pass would run its network on the same model grid, costing
+        about what the crop saves.)"""
+        coarse = self.coarse
+        assert coarse is not None
+        small, factors = decimated(volume, coarse.finest_spacing())
+        located = coarse._segment(small, lambda f, m: report(0.3 * f, f"locating {', '.join(subset)}: {m}"), cancel,
+                                  subset, start)
+        box = bounding_box(located.labels > 0, small)
+        if box is None:
+            empty = self._segment_nothing(volume, subset, start, located.tiles)
+            empty.warnings.append(f"the coarse pass found none of {', '.join(subset)} in this CT, so nothing was "
+                                  "segmented; segment without cropping (--no-crop) to run the full model everywhere")
+            return empty
+        fine = self._segment(volume, lambda f, m: report(0.3 + 0.7 * f, m), cancel, subset, start, box.region(small))
+        return replace(fine, seconds=time.perf_counter() - start, tiles=located.tiles + fine.tiles,
+                       warnings=[*fine.warnings, f"segmented inside {box.describe(factors)} of the CT, where a coarse "
+                                 f"pass found {', '.join(subset)}"])
+
+    def _segment_nothing(self, volume: Volume, subset: list[str], start: float, tiles: int) -> SegmentationResult:
+        """An empty label map of ``subset`` on ``volume``'s grid."""
+        segments = [s for s in self.segments if s.name in subset]
+        largest = max((s.value for s in self.segments), default=0)
+        labels = np.zeros(volume.array.shape, dtype=np.uint8 if largest < 256 else np.uint16)
+        return SegmentationResult(volume.with_array(labels), segments, self.name, "none", time.perf_counter() - start,
+                                  tiles)
+
+    def _segment(self, volume: Volume, progress: Progress | None, cancel: Cancel | None,
+                 subset: Sequence[str] | None, start: float, region: Volume | None = None) -> SegmentationResult:
+        """``segment`` of a checked volume, the networks run only where ``region`` marks (None: everywhere)."""
         wanted = set(subset) if subset else None
         members = [m for m in self._members if wanted is None or wanted & {s.name for s in m.segments}]
         report = progress or (lambda fraction, message: None)
@@ -93,7 +147,7 @@ class TaskSegmenter:
                 part(0.0, f"loading {member.folder.name}")
                 member.segmenter = Segmenter(member.folder, **self._options)
             member.segmenter.max_voxels = self.max_voxels or self._options.get("max_voxels", TOTALSEGMENTATOR_MAX_VOXELS)
-            result = member.segmenter.predict(volume, part, cancel)
+            result = member.segmenter.predict(volume, part, cancel, region=region)
             lookup = np.zeros(max(member.values) + 1, dtype=labels.dtype)
             for segment in member.segments:
                 if wanted is None or segment.name in wanted:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from .choice import ModelChoice, from_selection
 from .hardware import GB, DeviceInfo, system_memory
 from .selection import MEMORY_MARGIN, fallback_chain
 from .task_weights import check_task_model
+from .totalsegmentator import find_task, tasks
+
+COARSE_TASK = "fastest"  # TotalSegmentator's 6 mm task: where a subset is looked for before it is segmented
 
 Notify = Callable[[str], None]
 
@@ -76,8 +80,24 @@ class SafeTask:
                 check_task_model(model, folder, known.get(model.dataset))  # TotalSegmentator's labels and weights
         self.choice = choice
         self.task = TaskSegmenter(list(choice.folders), name=choice.id, label_maps=choice.label_maps,
-                                  device=choice.device, **self._options)
+                                  device=choice.device, coarse=self._coarse(choice), **self._options)
         self.segments, self.name = self.task.segments, self.task.name
+
+    def _coarse(self, choice: ModelChoice) -> TaskSegmenter | None:
+        """TotalSegmentator's 6 mm model (its ``fastest`` task), when it is installed beside the finer task chosen: it
+        finds a structure subset's region before the chosen task segments it (``TaskSegmenter.segment``)."""
+        variant = choice.selection.variant if choice.selection is not None else None
+        task = task_of(variant) if variant is not None else None
+        if task is None or task.name == COARSE_TASK or not choice.folders:
+            return None
+        coarse = tasks()[COARSE_TASK]
+        folders = find_task(coarse, [Path(choice.folders[0]).parent.parent])
+        if folders is None:
+            return None
+        for model, folder in zip(coarse.models, folders, strict=True):
+            check_task_model(model, folder, None)  # untrusted like every TotalSegmentator folder
+        return TaskSegmenter(folders, name=f"{COARSE_TASK} (locating)", label_maps=coarse.label_maps(),
+                             device=choice.device, **self._options)
 
     def loaded(self) -> list[bool]:
         return self.task.loaded()
@@ -86,7 +106,7 @@ class SafeTask:
         self.task.check_subset(subset)
 
     def segment(self, volume: Volume | str, progress: Progress | None = None, cancel: Cancel | None = None,
-                subset: Sequence[str] | None = None) -> SegmentationResult:
+                subset: Sequence[str] | None = None, crop: bool = True) -> SegmentationResult:
         volume = checked_volume(volume)
         while True:
             selection = self.choice.selection
@@ -98,7 +118,7 @@ class SafeTask:
                                 f"{slab / 1e6:.1f} M voxels")
                 self.task.max_voxels = slab
             try:
-                return self.task.segment(volume, progress, cancel, subset)
+                return self.task.segment(volume, progress, cancel, subset, crop)
             except RuntimeError as error:  # torch.OutOfMemoryError included
                 if self.choice.device == "cpu" or not _is_out_of_memory(error):
                     raise

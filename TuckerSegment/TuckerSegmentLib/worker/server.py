@@ -127,11 +127,13 @@ class Worker:
         segmenter = self.model.get(args.get("model", "auto"), args.get("device", "auto"), args.get("task", "auto"),
                                    args.get("tile_step", 0.8), args.get("runtime", "auto"), args.get("precision", "auto"))
         load_seconds = time.perf_counter() - started if self.model.loads > loads else 0.0
-        subset = args.get("subset") or None
+        subset, crop = args.get("subset") or None, args.get("crop", True)
+        if not isinstance(crop, bool):
+            raise TuckerSegmentError(f"crop must be true or false, not {crop!r}")
         segmenter.check_subset(subset)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IntensityWarning)
-            result = segmenter.segment(Volume(*load_volume(args["volume"])), progress, None, subset)
+            result = segmenter.segment(Volume(*load_volume(args["volume"])), progress, None, subset, crop)
         save_labels(Path(args["labels"]), result.labels)
         return {"segments": segments_to_json(result.segments), "model": result.model, "device": result.device,
                 "runtime": result.runtime,
