@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from TuckerSegmentLib.progress import listening
+from TuckerSegmentLib.runtime.stage_log import StageLog
 from TuckerSegmentLib.cli import main
 from TuckerSegmentLib.errors import CacheWarning, CheckpointError, ModelFolderError
 from TuckerSegmentLib.image.volume import Volume
@@ -311,3 +313,36 @@ def test_every_catalogue_cpu_time_names_the_runtime_and_cpu_it_was_measured_on()
         cpu = variant.speed["cpu"]
         assert cpu["runtime"].startswith(("OpenVINO", "PyTorch")) and cpu["device"], variant.id
         assert cpu["runtime"] in cpu["source"] and 0 < cpu["relative_time"] < 5, variant.id
+
+
+class StopAt:
+    """A stage listener that stops the work (as a user's Ctrl-C) when the stage ``name`` begins."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def begin(self, name: str, steps: int, announce: bool = False) -> None:
+        if name == self.name:
+            raise KeyboardInterrupt
+
+    def step(self, name: str, done: int, steps: int) -> None: ...
+
+    def end(self, name: str) -> None: ...
+
+
+@pytest.mark.parametrize(("stage", "kept"), [("checking source weights", 0), ("decomposing", 0), ("measuring", 1)])
+def test_a_build_interrupted_in_any_stage_is_not_used_and_resumes(ts_home, stage, kept):
+    write_totalsegmentator_task(ts_home, "fast", divisor=8)
+    variant = find_variant(catalogue(), "fast-tucker-0.5")
+    with pytest.raises(KeyboardInterrupt), listening(StopAt(stage)):
+        variant_build.build_variant(variant)
+    assert find_variant(catalogue(), variant.id).availability == "buildable"
+    messages: list[str] = []
+    log = StageLog()
+    with listening(log):
+        variant_build.build_variant(variant, report=messages.append)
+    assert sum("kept from an earlier" in m for m in messages) == kept  # a compressed model is never redone
+    assert any(r.name.endswith("measuring") for r in log.records)
+    built = find_variant(catalogue(), variant.id)
+    assert built.availability == "built" and built.measured is not None
+    variant_build.verify_built(built)

@@ -167,5 +167,8 @@ def test_variant_builds_run_in_the_worker_calibrated_and_measured_on_scene_volum
         assert variant.measured["how"] == "1 of your CTs never used for calibration"
         assert 0 <= variant.measured["mean_agreement"] <= 1 and variant.measured["speedup"] > 0
         assert any(m.startswith(f"measuring on CT ({twin.GetID()}) (1/1)") for m in messages)
+        stages = [m for m in messages if " › " in m]  # each stage of the build, with its progress and time
+        assert any("compressing › calibration statistics: 1/" in m for m in stages)
+        assert any(m.startswith("measuring › ") and "done in" in m for m in stages)
     finally:
         logic.shutdownWorker()

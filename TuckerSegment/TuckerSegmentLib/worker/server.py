@@ -219,6 +219,8 @@ class Worker:
     def build(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Build the catalogue variants ``args["variants"]`` (ids) into the user cache, calibrated on
         ``args["calibration"]`` and scored on ``args["holdout"]`` (saved scene volumes, by name), measured."""
+        from ..progress import listening
+        from ..runtime.stage_log import StageLog
         from ..variants.build import build_variant
         from ..variants.catalogue import catalogue, find_variant
         from ..variants.measure import plan_measurement
@@ -236,8 +238,10 @@ class Worker:
             progress(at, f"building {variant.id}")
             if variant.original or variant.bundled:
                 continue
-            built[variant.id] = str(build_variant(variant, weights_roots=roots, plan=plan,
-                                                  report=lambda message, at=at: progress(at, message)))
+            def say(message: str, at: float = at) -> None:
+                progress(at, message)
+            with listening(StageLog(say, quiet_seconds=0.0)):  # the panel shows every stage as it goes
+                built[variant.id] = str(build_variant(variant, weights_roots=roots, plan=plan, report=say))
         return {"built": built}
 
 
