@@ -13,7 +13,7 @@ twice: its first use (cache as the build left it) against its warm time.
 Writes ``docs/bench/build_<variant>.json`` (``--out`` to change) and prints a Markdown table for docs/speed.md.
 
 Usage: python scripts/bench_build.py [--task fast] [--variant fast-tucker-balanced] [--divisor 1]
-(``fast-tucker-balanced`` at full size: about N min on 2 CPU cores; ``--task total``: five 1.5 mm parts)
+(``fast-tucker-balanced`` at full size: about 11 min on 2 CPU cores; ``--task total``: five 1.5 mm parts, not timed yet)
 """
 from __future__ import annotations
 

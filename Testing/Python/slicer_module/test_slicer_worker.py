@@ -168,7 +168,7 @@ def test_variant_builds_run_in_the_worker_calibrated_and_measured_on_scene_volum
         assert 0 <= variant.measured["mean_agreement"] <= 1 and variant.measured["speedup"] > 0
         assert any(m.startswith(f"measuring on CT ({twin.GetID()}) (1/1)") for m in messages)
         stages = [m for m in messages if " › " in m]  # each stage of the build, with its progress and time
-        assert any("compressing › calibration statistics: 1/" in m for m in stages)
-        assert any(m.startswith("measuring › ") and "done in" in m for m in stages)
+        assert any("› compressing › decomposing: done in" in m for m in stages)
+        assert any("measuring › segmenting with the original and the variant: 1/3" in m for m in stages)
     finally:
         logic.shutdownWorker()
