@@ -13,6 +13,7 @@ twice: its first use (cache as the build left it) against its warm time.
 Writes ``docs/bench/build_<variant>.json`` (``--out`` to change) and prints a Markdown table for docs/speed.md.
 
 Usage: python scripts/bench_build.py [--task fast] [--variant fast-tucker-balanced] [--divisor 1]
+       python scripts/bench_build.py --compress Dataset291   (``compress`` of one 1.5 mm model: about 4 min)
 (``fast-tucker-balanced`` at full size: about 11 min on 2 CPU cores; ``--task total``: five 1.5 mm parts, not timed yet)
 """
 from __future__ import annotations
@@ -86,21 +87,46 @@ def first_use(results: str, variant_id: str, models: list[str]) -> dict:
             "warm_seconds": round(warm, 2), "ratio": round(first_total / warm, 2)}
 
 
+def compress(dataset: str, scratch: Path) -> dict:
+    """``compress`` of a TotalSegmentator-shaped ``dataset`` model with the default policy (calibrated on the sample
+    CT, as the command does without --calibration): its stages and the process's peak memory."""
+    from TuckerSegmentLib.compress.folder import compress_model_folder
+    from TuckerSegmentLib.policies.methods import DEFAULT_METHOD, policy_for
+    from TuckerSegmentLib.progress import listening
+    from TuckerSegmentLib.runtime.stage_log import StageLog
+    from TuckerSegmentLib.testing.example_models import write_example_model
+    source = write_example_model(scratch / "source", dataset)
+    log = StageLog(lambda message: print(message, flush=True))
+    started = time.perf_counter()
+    with listening(log):
+        compress_model_folder(source, scratch / "compressed", policy_for(DEFAULT_METHOD))
+    return {"seconds": round(time.perf_counter() - started, 1),
+            "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "stages": [r.to_dict() for r in log.records]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="fast", choices=("fast", "total", "fastest"))
     parser.add_argument("--variant", help="catalogue id (default: the task's balanced variant)")
     parser.add_argument("--divisor", type=int, default=1, help="divide every width by this (1: full size)")
+    parser.add_argument("--compress", metavar="DATASET", help="time `compress` of this TotalSegmentator-shaped model "
+                        "(e.g. Dataset291) with the default policy instead of a variant build")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    variant = args.variant or f"{args.task}-tucker-balanced"
+    variant = args.compress or args.variant or f"{args.task}-tucker-balanced"
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:
-        row = build(args.task, variant, args.divisor, Path(scratch))
-        row |= first_use(row.pop("results"), variant, row.pop("models"))
+        if args.compress:
+            row = compress(args.compress, Path(scratch)) | {"first_use_seconds": None, "warm_seconds": None,
+                                                             "ratio": None}
+        else:
+            row = build(args.task, variant, args.divisor, Path(scratch))
+            row |= first_use(row.pop("results"), variant, row.pop("models"))
     row |= {"variant": variant, "task": args.task, "divisor": args.divisor, "cpu": cpu_model(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    out = args.out or Path(__file__).resolve().parents[1] / "docs" / "bench" / f"build_{variant}.json"
+    kind = "compress" if args.compress else "build"
+    out = args.out or Path(__file__).resolve().parents[1] / "docs" / "bench" / f"{kind}_{variant}.json"
     out.write_text(json.dumps(row, indent=1))
     print(f"\n{variant}: {row['seconds'] / 60:.1f} min, peak {row['peak_bytes'] / 2**30:.2f} GiB; first use "
           f"{row['first_use_seconds']} s against {row['warm_seconds']} s warm ({row['ratio']}x)")
