@@ -27,7 +27,8 @@ from .nnunet.layout import model_inputs
 from .nnunet.model_folder import ModelFolder
 from .policies.base import RankPolicy
 from .policies.methods import DEFAULT_METHOD, METHODS, PRUNING_METHODS, RANK_METHODS, method, policy_for
-from .progress import Progress
+from .progress import Progress, listening
+from .runtime.stage_log import StageLog
 from .recovery.compress_distill import MAX_ITERATIONS, compress_and_distill, content_digest, distill_iterations
 from .recovery.distill import DEFAULT_ITERATIONS, DEFAULT_LR, TRAINED, distill_model_folder
 from .runtime.inference import PRECISIONS, RUNTIMES
@@ -218,7 +219,8 @@ def _compress(args: argparse.Namespace) -> int:
         return compress_model_folder(args.model_dir, folder, policy, folds=args.fold, configuration=args.configuration,
                                      trust=args.trust_checkpoint, overwrite=args.overwrite, progress=progress,
                                      calibration=args.calibration, weight_only=args.weight_only)
-    reports, recovery = _write_compressed(args, write, {"method": "tucker", "policy": policy.to_dict()})
+    with listening(_stage_log(args.quiet)):  # long stages say how far they are
+        reports, recovery = _write_compressed(args, write, {"method": "tucker", "policy": policy.to_dict()})
     _print_reports(args, reports, lambda first: f"calibration: {_calibration_text(first.calibration)}", _print_report,
                    recovery)
     return 0
@@ -331,7 +333,8 @@ def _segment(args: argparse.Namespace) -> int:
             print(f"{source} -> {target}: {item.message}")
         else:
             print(f"tuckersegment: error: {source}: {item.message}", file=sys.stderr)
-    items = segment_batch(jobs, work, name=lambda job: job[0].name, progress=_segment_progress(), done=done)
+    with listening(_stage_log(args.quiet)):  # e.g. a model's first conversion for OpenVINO is announced
+        items = segment_batch(jobs, work, name=lambda job: job[0].name, progress=_segment_progress(), done=done)
     failures = sum(not item.ok for item in items)
     if failures and len(jobs) > 1:
         print(f"tuckersegment: {failures} of {len(jobs)} inputs failed; the others were written", file=sys.stderr)
@@ -483,6 +486,11 @@ def _finetune(args: argparse.Namespace) -> int:
           f"{report.seconds:.0f} s (validation Dice: nnU-Net's validation of fold 0)")
     print(f"wrote {report.output}")
     return 0
+
+
+def _stage_log(quiet: bool) -> StageLog:
+    """Stages of a long command on stderr (announced ones and those that take more than a few seconds)."""
+    return StageLog(None if quiet else lambda message: print(f"tuckersegment: {message}", file=sys.stderr, flush=True))
 
 
 def _segment_progress() -> Progress:

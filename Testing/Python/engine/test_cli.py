@@ -105,6 +105,20 @@ def test_segment_a_batch_into_a_folder_with_one_model_load(tiny_model, tmp_path)
     assert "50% 1/2 a.nii.gz: done" in result.stderr and "100% 2/2 b.nrrd: done" in result.stderr  # per volume
 
 
+def test_a_model_s_first_conversion_for_openvino_is_announced_once(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))  # the command inherits an empty cache
+    ct = write_ct(tmp_path / "a.nii.gz")
+    first = run("segment", str(ct), str(tmp_path / "first.seg.nrrd"), "--model", str(tiny_model), "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.count("converting for OpenVINO, once for this model…") == 1
+    again = run("segment", str(ct), str(tmp_path / "again.seg.nrrd"), "--model", str(tiny_model), "--device", "cpu")
+    assert again.returncode == 0 and "converting for OpenVINO" not in again.stderr  # loaded from the cache
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "other-cache"))  # converted again, silently
+    quiet = run("segment", str(ct), str(tmp_path / "quiet.seg.nrrd"), "--model", str(tiny_model), "--quiet")
+    assert quiet.returncode == 0 and "converting" not in quiet.stderr
+    assert any((tmp_path / "other-cache" / "openvino").iterdir())
+
+
 def test_segment_batch_reports_a_bad_input_and_writes_the_others(tiny_model, tmp_path):
     good = write_ct(tmp_path / "good.nii.gz")
     bad = tmp_path / "bad.nii.gz"
