@@ -29,6 +29,9 @@ def test_answers_carry_results_and_errors_by_class_and_the_worker_goes_on(tmp_pa
         with pytest.raises(ModelFolderError, match="does not exist"):
             worker.run("segment", {"volume": str(tmp_path / "v.npz"), "labels": str(tmp_path / "l.npy"),
                                    "model": [str(tmp_path / "no model")], "device": "cpu"})
+        with pytest.raises(TuckerSegmentError, match="^crop must be true or false, not 'yes'$"):  # before any load
+            worker.run("segment", {"volume": str(tmp_path / "v.npz"), "labels": str(tmp_path / "l.npy"),
+                                   "model": [str(tmp_path / "no model")], "crop": "yes"})
         job = worker.submit("compress", {"source": str(tmp_path / "none"), "output": str(tmp_path / "out")})
         assert job.wait(60) == FAILED and isinstance(job.error, ModelFolderError)
         assert worker.run("status", {})["pid"] == status["pid"] and worker.starts == 1  # one process throughout

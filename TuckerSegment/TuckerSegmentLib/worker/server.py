@@ -121,15 +121,16 @@ class Worker:
 
     def segment(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Segment the volume file ``args["volume"]`` and write its labels to ``args["labels"]``."""
+        crop = args.get("crop", True)
+        if not isinstance(crop, bool):
+            raise TuckerSegmentError(f"crop must be true or false, not {crop!r}")
         self.model.notices.clear()
         loads, started = self.model.loads, time.perf_counter()
         progress(0.0, "loading the model")
         segmenter = self.model.get(args.get("model", "auto"), args.get("device", "auto"), args.get("task", "auto"),
                                    args.get("tile_step", 0.8), args.get("runtime", "auto"), args.get("precision", "auto"))
         load_seconds = time.perf_counter() - started if self.model.loads > loads else 0.0
-        subset, crop = args.get("subset") or None, args.get("crop", True)
-        if not isinstance(crop, bool):
-            raise TuckerSegmentError(f"crop must be true or false, not {crop!r}")
+        subset = args.get("subset") or None
         segmenter.check_subset(subset)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IntensityWarning)
