@@ -327,3 +327,16 @@ def test_a_latency_budget_times_each_layer_at_its_anchor_ranks_only_and_interpol
     cores = {t for t in timed if t[2] == 3}
     assert cores == {(a, b, 3) for a in rank_anchors(320) for b in rank_anchors(256)}  # 9 cores, not 49
     assert len(timed - cores) == 6  # each factor at its side's 3 anchors, not 7
+
+
+def test_large_operations_are_timed_on_a_part_of_their_input_scaled_by_the_voxels_left_out():
+    from TuckerSegmentLib.runtime.openvino_timing import reduced
+    big = ConvOp("conv", 32, 32, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (0, 0, 0), True, (1, 32, 112, 112, 128))
+    part, scale = reduced(big, 64 ** 3)
+    assert part.input_shape[:2] == (1, 32) and np.prod(part.input_shape[2:]) <= 64 ** 3
+    assert scale * np.prod(part.input_shape[2:]) == np.prod(big.input_shape[2:]) and scale == 8
+    assert part.key() != big.key() and part.c_in == big.c_in and part.kernel_size == big.kernel_size
+    strided = ConvOp("conv", 32, 64, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), (0, 0, 0), True, (1, 32, 6, 6, 6))
+    assert reduced(strided, 8) == (strided, 1.0)  # halving 6 would leave half a stride: kept whole
+    small = ConvOp("conv", 8, 8, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (0, 0, 0), True, (1, 8, 16, 16, 16))
+    assert reduced(small) == (small, 1.0)
