@@ -122,11 +122,15 @@ class TaskSegmenter:
                        warnings=[*fine.warnings, f"segmented inside {box.describe(factors)} of the CT, where a coarse "
                                  f"pass found {', '.join(subset)}"])
 
+    def _empty_labels(self, volume: Volume) -> np.ndarray:
+        """A label map of zeros on ``volume``'s grid, wide enough for the task's largest label value."""
+        largest = max((s.value for s in self.segments), default=0)
+        return np.zeros(volume.array.shape, dtype=np.uint8 if largest < 256 else np.uint16)
+
     def _segment_nothing(self, volume: Volume, subset: list[str], start: float, tiles: int) -> SegmentationResult:
         """An empty label map of ``subset`` on ``volume``'s grid."""
         segments = [s for s in self.segments if s.name in subset]
-        largest = max((s.value for s in self.segments), default=0)
-        labels = np.zeros(volume.array.shape, dtype=np.uint8 if largest < 256 else np.uint16)
+        labels = self._empty_labels(volume)
         return SegmentationResult(volume.with_array(labels), segments, self.name, "none", time.perf_counter() - start,
                                   tiles)
 
@@ -136,8 +140,7 @@ class TaskSegmenter:
         wanted = set(subset) if subset else None
         members = [m for m in self._members if wanted is None or wanted & {s.name for s in m.segments}]
         report = progress or (lambda fraction, message: None)
-        largest = max((s.value for s in self.segments), default=0)
-        labels = np.zeros(volume.array.shape, dtype=np.uint8 if largest < 256 else np.uint16)
+        labels = self._empty_labels(volume)
         results = []
         for index, member in enumerate(members):
             def part(fraction: float, message: str, index: int = index) -> None:
