@@ -19,10 +19,10 @@ from ..runtime.inference import OpenVINONetwork, choose_runtime
 from ..runtime.latency import LatencyTable
 from ..tucker.calibration import (
     CalibrationInput,
-    CalibrationPatch,
     LayerStatistics,
     collect_statistics,
     cropped,
+    image_and_mask,
     label_agreement,
     output_sensitivity,
     predicted_labels,
@@ -179,7 +179,7 @@ def compress_network(network: nn.Module, policy: RankPolicy, example_input: torc
 def _sensitivity_inputs(network: nn.Module, inputs: list[CalibrationInput]) -> list[CalibrationInput]:
     """The first ``SENSITIVITY_INPUTS`` calibration inputs, each cropped to ``SENSITIVITY_VOXELS`` (``crop_edges``)."""
     chosen = inputs[:SENSITIVITY_INPUTS]
-    image = chosen[0].image if isinstance(chosen[0], CalibrationPatch) else chosen[0]
+    image, _ = image_and_mask(chosen[0])
     edges = crop_edges(network, tuple(image.shape[2:]), SENSITIVITY_VOXELS)
     return [cropped(item, edges) for item in chosen]
 
@@ -245,7 +245,7 @@ def _trial_agreement(original: nn.Module, policy: RankPolicy, stats: Mapping[str
 
 def _fast_runner(network: nn.Module, inputs: list[CalibrationInput]) -> nn.Module:
     """``network`` in OpenVINO f32 when it and ``inputs`` (all of one shape) are on a CPU with OpenVINO; else itself."""
-    images = [item.image if isinstance(item, CalibrationPatch) else item for item in inputs]
+    images = [image_and_mask(item)[0] for item in inputs]
     shapes = {tuple(image.shape) for image in images}
     on_cpu = all(image.device.type == "cpu" for image in images) and \
         all(p.device.type == "cpu" for p in network.parameters())

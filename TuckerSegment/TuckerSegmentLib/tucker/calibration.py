@@ -52,7 +52,8 @@ class CalibrationPatch:
 CalibrationInput = torch.Tensor | CalibrationPatch
 
 
-def _parts(item: CalibrationInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+def image_and_mask(item: CalibrationInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A calibration input's image and its mask (None: every voxel counts)."""
     return (item.image, item.mask) if isinstance(item, CalibrationPatch) else (item, None)
 
 
@@ -128,7 +129,7 @@ def collect_statistics(network: nn.Module, layers: Sequence[tuple[str, nn.Module
         with torch.no_grad(), stage("calibration statistics", len(calibration) if isinstance(calibration, Sized)
                                     else 0) as step:
             for item in calibration:
-                image, current[0] = _parts(item)
+                image, current[0] = image_and_mask(item)
                 output = network(image)
                 if labels is not None:
                     labels.append(_masked_voxels(output.argmax(1, keepdim=True), current[0])[0])
@@ -155,7 +156,7 @@ def _masked_voxels(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 def cropped(item: CalibrationInput, edges: Sequence[int]) -> CalibrationInput:
     """A window of ``edges`` voxels of ``item`` (whole where it is not larger), centred on its mask's voxels (on
     the image without one), holding at least one of them."""
-    image, mask = _parts(item)
+    image, mask = image_and_mask(item)
     spatial = image.shape[2:]
     if all(size <= edge for size, edge in zip(spatial, edges, strict=True)):
         return item
@@ -202,7 +203,7 @@ def output_sensitivity(network: nn.Module, layers: Sequence[tuple[str, nn.Module
 def _input_sensitivity(network: nn.Module, layers: Sequence[tuple[str, nn.Module]], item: CalibrationInput,
                        generator: torch.Generator) -> dict[str, float]:
     """Each layer's σ²‖Jᵀv‖² / ‖y‖² on one input (see ``output_sensitivity``), from one forward and backward pass."""
-    x, mask = _parts(item)
+    x, mask = image_and_mask(item)
     energy: dict[str, float] = {}
 
     def hook_for(name: str):
@@ -233,7 +234,7 @@ def predicted_labels(network: Callable[[torch.Tensor], torch.Tensor],
                      inputs: Sequence[CalibrationInput]) -> list[torch.Tensor]:
     """``network``'s arg-max label map of each input (of its masked voxels for a masked input), flattened."""
     with torch.no_grad():
-        return [_masked_voxels(network(x).argmax(1, keepdim=True), mask)[0] for x, mask in map(_parts, inputs)]
+        return [_masked_voxels(network(x).argmax(1, keepdim=True), mask)[0] for x, mask in map(image_and_mask, inputs)]
 
 
 def label_agreement(labels: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
