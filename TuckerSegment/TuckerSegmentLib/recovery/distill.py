@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from ..atomic import check_output_dir, path_inputs, refuse_overlap
 from ..compress.calibration_data import CalibrationVolume, network_ready_volume
 from ..compress.calibration_source import calibration_name
 from ..compress.folder import write_retrained_model
+from ..defaults import DISTILL_ITERATIONS, DISTILL_LR, DISTILL_TRAINED
 from ..errors import Cancelled, Interrupted, ModelFolderError
 from ..image.volume import Volume
 from ..checksums import sha256_file
@@ -76,13 +77,11 @@ from ..progress import Cancel, LayerProgress, check_cancel
 from ..runtime.devices import resolve_device
 from ..tucker.calibration import CalibrationPatch, prediction_agreement
 from ..tucker.decomposition import TuckerConv
-from .resume import RecoveryError, load_state, remove_state, save_state, state_folder
+from ..paths import state_folder
+from .resume import RecoveryError, load_state, remove_state, save_state
 
 METHOD = "distill"
-TRAINED = ("auto", "factorised", "all")
 DEFAULT_TRAINED = "all"  # decided on the demo model: see the module docstring and docs/recovery.md
-DEFAULT_ITERATIONS = 200
-DEFAULT_LR = 1e-4
 MIN_USABLE = 0.25  # the least share of a training patch's voxels that must be scored
 VALIDATION_GRID = (4, 4, 4)  # blocks per axis on the model grid; (k + j + i) % 4 == 0 are held out
 VALIDATION_PATCHES = 4  # per volume, on nnU-Net's sliding-window grid
@@ -241,8 +240,8 @@ def _check_settings(iterations: int, lr: float, temperature: float, batch_size: 
             raise RecoveryError(f"the {name} must be a positive number, not {value!r}")
     if batch_size is not None and (not whole(batch_size) or batch_size < 1):
         raise RecoveryError(f"the batch size must be a whole number of at least 1, not {batch_size!r}")
-    if trained not in TRAINED:
-        raise RecoveryError(f"trained must be one of {', '.join(TRAINED)}, not {trained!r}")
+    if trained not in DISTILL_TRAINED:
+        raise RecoveryError(f"trained must be one of {', '.join(DISTILL_TRAINED)}, not {trained!r}")
 
 
 def _open_pair(compressed: str | Path, teacher: str | Path, fold: Fold | None,
@@ -297,7 +296,7 @@ def _restore_rng(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> No
 
 def distill_model_folder(compressed: str | Path, teacher: str | Path,
                          calibration: Sequence[CalibrationVolume | Volume | str | Path], output: str | Path,
-                         iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR, temperature: float = 1.0,
+                         iterations: int = DISTILL_ITERATIONS, lr: float = DISTILL_LR, temperature: float = 1.0,
                          batch_size: int | None = None, trained: str = "auto", device: str = "auto",
                          fold: Fold | None = None, overwrite: bool = False, trust: bool = False, seed: int = 0,
                          log_every: int | None = None, progress: LayerProgress | None = None,
@@ -322,7 +321,6 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
     names = [calibration_name(item, n) for n, item in enumerate(calibration, start=1)]
     volumes = _prepare(student_model, calibration)
     patch = tuple(student_model.patch_size)
-    corners = training_corners(volumes, patch)
     held_out = validation_patches(volumes, patch)
     torch_device = resolve_device(device)
     batch = batch_size or (int(student_model.configuration_manager.batch_size) if torch_device.type == "cuda" else 1)
@@ -332,99 +330,26 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
         raise RecoveryError(f"{student_model.path} is pruned and has no factorised layers; train all parameters "
                             "(trained='all')")
     every = log_every or max(1, iterations // 20)
-    mirror_axes = [int(a) for a in (record.get("inference_allowed_mirroring_axes") or [])]
 
-    teacher_net = teacher_model.load_original(fold_name, trust)[0].to(torch_device).eval()
-    for p in teacher_net.parameters():
-        p.requires_grad_(False)
-    student_net = student_model.load_network(fold_name).to(torch_device)
-    params = trainable_parameters(student_net, mode)
-    if not params:
-        raise RecoveryError(f"{student_model.path} has no factorised layer to train; train all parameters "
-                            "(trained='all')")
-    train_ids = {id(p) for p in params}
-    for p in student_net.parameters():
-        p.requires_grad_(id(p) in train_ids)
+    teacher_net = _frozen(teacher_model.load_original(fold_name, trust)[0].to(torch_device).eval())
+    student_net, params = _student(student_model, fold_name, mode, torch_device)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
     fingerprint = {
         "method": "distillation", "student": {"folder": str(student_model.path), "fold": fold_name,
                                               "weights_sha256": record.get("weights_sha256")},
         "teacher_sha256": teacher_sha, "calibration": _volume_digest(volumes), "iterations": iterations,
         "lr": lr, "temperature": temperature, "batch_size": batch, "trained": mode, "seed": seed, "log_every": every,
     }
-    folder = state_folder(target, METHOD)
-    found = load_state(folder, fingerprint, student_net, optimizer)
-    state: dict[str, Any]
+    run = _Run(student_net, teacher_net, optimizer, volumes, training_corners(volumes, patch), patch, batch,
+               [int(a) for a in (record.get("inference_allowed_mirroring_axes") or [])], torch_device, temperature,
+               state_folder(target, METHOD), fingerprint)
+    found = load_state(run.folder, fingerprint, student_net, optimizer)
     if found is None:
-        before = _held_out(student_net, teacher_net, held_out, torch_device)
-        state = {"iteration": 0, "log": [], "seconds": 0.0, "before": before, "resumed": 0}
+        run.state = {"iteration": 0, "log": [], "seconds": 0.0, "resumed": 0,
+                     "before": _held_out(student_net, teacher_net, held_out, torch_device)}
     else:
-        state = dict(found.record)
-        state["resumed"] = int(state.get("resumed", 0)) + 1
-
-    augment = nnunet_intensity_transforms()
-    numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        if found is None:
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-        else:
-            _restore_rng(found.tensors, state["rng"])
-
-        def save() -> None:
-            tensors, rng = _rng_tensors()
-            state["rng"] = rng
-            state["pending"] = [round(v, 6) for v in losses]  # losses since the last log entry
-            state["seconds"] = round(state["seconds"] + time.perf_counter() - clock[0], 3)
-            clock[0] = time.perf_counter()
-            save_state(folder, fingerprint, state, student_net, optimizer, tensors)
-
-        def sample() -> tuple[torch.Tensor, torch.Tensor]:
-            images, weights = [], []
-            for _ in range(batch):
-                index, a, b, c = corners[np.random.randint(len(corners))]
-                window = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-                volume = volumes[index]
-                image = augment(image=torch.from_numpy(volume.image[window].copy())[None])["image"]
-                weight = torch.from_numpy(volume.train[window].astype(np.float32))[None]
-                for axis in mirror_axes:
-                    if np.random.uniform() < 0.5:
-                        image, weight = image.flip(axis + 1), weight.flip(axis + 1)
-                images.append(image)
-                weights.append(weight[0])
-            return torch.stack(images).to(torch_device), torch.stack(weights).to(torch_device)
-
-        clock = [time.perf_counter()]
-        consistent, saved_at, losses = True, state["iteration"], list(state.get("pending", []))
-        try:
-            while state["iteration"] < iterations:
-                check_cancel(cancelled, "distillation")
-                consistent = False
-                x, weight = sample()
-                with torch.no_grad():
-                    target_logits = teacher_net(x)
-                loss = distillation_loss(student_net(x), target_logits, weight, temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                state["iteration"] += 1
-                consistent = True
-                if state["iteration"] % every == 0 or state["iteration"] == iterations:
-                    state["log"].append({"iteration": state["iteration"], "loss": round(float(np.mean(losses)), 6)})
-                    losses = []
-                    save()
-                    saved_at = state["iteration"]
-                    if progress is not None:
-                        progress(state["iteration"], iterations, f"loss {state['log'][-1]['loss']:.4f}")
-        except (Interrupted, Cancelled, KeyboardInterrupt):
-            if consistent and state["iteration"] > saved_at:
-                save()
-            raise
-        finally:
-            np.random.set_state(numpy_state)
-    state["seconds"] = round(state["seconds"] + time.perf_counter() - clock[0], 3)
+        run.state = {**found.record, "resumed": int(found.record.get("resumed", 0)) + 1}
+    _train(run, found, seed, iterations, every, progress, cancelled)
     after = _held_out(student_net, teacher_net, held_out, torch_device)
     recovery = {
         "method": "distillation",
@@ -436,18 +361,135 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
         "lr": lr, "optimizer": "AdamW (weight decay 0, constant learning rate)", "temperature": temperature,
         "loss": "KL(teacher || student) of the softmax at the temperature, times its square, mean over scored voxels",
         "trained": mode, "trained_params": int(sum(p.numel() for p in params)), "augmentation": list(AUGMENTATION),
-        "seconds": state["seconds"], "device": str(torch_device), "seed": seed, "resumed": state["resumed"],
-        "log": state["log"],
-        "agreement": {"before": state["before"]["agreement"], "after": after["agreement"],
+        "seconds": run.state["seconds"], "device": str(torch_device), "seed": seed, "resumed": run.state["resumed"],
+        "log": run.state["log"],
+        "agreement": {"before": run.state["before"]["agreement"], "after": after["agreement"],
                       "held_out": f"{len(held_out)} patches, the voxels of the held-out quarter (4×4×4 blocks) of "
                                   "each calibration volume's usable part, never scored in training"},
-        "kl": {"before": state["before"]["kl"], "after": after["kl"]},
+        "kl": {"before": run.state["before"]["kl"], "after": after["kl"]},
     }
     if "recovery" in record:
         recovery["previous"] = record["recovery"]
     _write(student_model, fold_name, record, student_net.cpu().eval(), recovery, target, overwrite)
-    remove_state(folder)
+    remove_state(run.folder)
     return recovery
+
+
+def _frozen(network: nn.Module) -> nn.Module:
+    for p in network.parameters():
+        p.requires_grad_(False)
+    return network
+
+
+def _student(model: ModelFolder, fold: str, mode: str, device: torch.device) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The student network on ``device`` with only the parameters ``mode`` trains requiring gradients."""
+    network = model.load_network(fold).to(device)
+    params = trainable_parameters(network, mode)
+    if not params:
+        raise RecoveryError(f"{model.path} has no factorised layer to train; train all parameters (trained='all')")
+    train_ids = {id(p) for p in params}
+    for p in network.parameters():
+        p.requires_grad_(id(p) in train_ids)
+    return network, params
+
+
+@dataclass
+class _Run:
+    """A distillation in progress: the two networks, the data it samples, and its state (saved to ``folder``)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    volumes: list[Any]
+    corners: list[tuple[int, int, int, int]]
+    patch: tuple[int, ...]
+    batch: int
+    mirror_axes: list[int]
+    device: torch.device
+    temperature: float
+    folder: Path
+    fingerprint: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # since the last log entry
+    clock: float = field(default_factory=time.perf_counter)
+    augment: Any = field(default_factory=nnunet_intensity_transforms)
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of augmented, randomly mirrored patches and their training weights."""
+        images, weights = [], []
+        for _ in range(self.batch):
+            index, a, b, c = self.corners[np.random.randint(len(self.corners))]
+            window = (slice(a, a + self.patch[0]), slice(b, b + self.patch[1]), slice(c, c + self.patch[2]))
+            volume = self.volumes[index]
+            image = self.augment(image=torch.from_numpy(volume.image[window].copy())[None])["image"]
+            weight = torch.from_numpy(volume.train[window].astype(np.float32))[None]
+            for axis in self.mirror_axes:
+                if np.random.uniform() < 0.5:
+                    image, weight = image.flip(axis + 1), weight.flip(axis + 1)
+            images.append(image)
+            weights.append(weight[0])
+        return torch.stack(images).to(self.device), torch.stack(weights).to(self.device)
+
+    def step(self) -> None:
+        """One iteration: the student moves towards the teacher's softmax on one batch."""
+        x, weight = self.sample()
+        with torch.no_grad():
+            target_logits = self.teacher(x)
+        loss = distillation_loss(self.student(x), target_logits, weight, self.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(float(loss.detach()))
+        self.state["iteration"] += 1
+
+    def save(self) -> None:
+        tensors, rng = _rng_tensors()
+        self.state["rng"] = rng
+        self.state["pending"] = [round(v, 6) for v in self.losses]
+        self.tick()
+        save_state(self.folder, self.fingerprint, self.state, self.student, self.optimizer, tensors)
+
+    def tick(self) -> None:
+        """Add the time since the last tick to the run's seconds."""
+        now = time.perf_counter()
+        self.state["seconds"] = round(self.state["seconds"] + now - self.clock, 3)
+        self.clock = now
+
+
+def _train(run: _Run, found: Any, seed: int, iterations: int, every: int, progress: LayerProgress | None,
+           cancelled: Cancel | None) -> None:
+    """Run the remaining iterations, saving every ``every`` (and on a cancel between iterations); NumPy's global
+    random state is left as it was."""
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        if found is None:
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        else:
+            _restore_rng(found.tensors, run.state["rng"])
+        run.clock, run.losses = time.perf_counter(), list(run.state.get("pending", []))
+        consistent, saved_at = True, run.state["iteration"]
+        try:
+            while run.state["iteration"] < iterations:
+                check_cancel(cancelled, "distillation")
+                consistent = False
+                run.step()
+                consistent = True
+                if run.state["iteration"] % every == 0 or run.state["iteration"] == iterations:
+                    run.state["log"].append({"iteration": run.state["iteration"],
+                                             "loss": round(float(np.mean(run.losses)), 6)})
+                    run.losses = []
+                    run.save()
+                    saved_at = run.state["iteration"]
+                    if progress is not None:
+                        progress(run.state["iteration"], iterations, f"loss {run.state['log'][-1]['loss']:.4f}")
+        except (Interrupted, Cancelled, KeyboardInterrupt):
+            if consistent and run.state["iteration"] > saved_at:
+                run.save()
+            raise
+        finally:
+            np.random.set_state(numpy_state)
+    run.tick()
 
 
 def _write(student: ModelFolder, fold: str, record: dict[str, Any], network: nn.Module, recovery: dict[str, Any],

@@ -38,17 +38,16 @@ from torch import nn
 
 from ..atomic import check_output_dir, refuse_overlap
 from ..compress.folder import write_retrained_model
+from ..defaults import FINETUNE_EPOCHS, FINETUNE_ITERATIONS_PER_EPOCH, FINETUNE_LR
 from ..errors import ModelFolderError, TuckerSegmentError
 from ..nnunet.layout import model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Progress
 from ..runtime.devices import resolve_device
 from .dataset import DatasetError, check_dataset, find_dataset, prepare_dataset
-from .resume import load_state, remove_state, save_state, state_folder
+from ..paths import state_folder
+from .resume import load_state, remove_state, save_state
 
-DEFAULT_LR = 1e-5
-DEFAULT_EPOCHS = 50  # the paper: 50 epochs of nnU-Net's 250 iterations
-DEFAULT_ITERATIONS = 250
 METHOD = "finetune"
 RESUME = "resume"  # inside the state folder: resume.save_state's folder (replaced whole after every epoch)
 TRAINING_DIR = "training"  # inside the output's fold folder: nnU-Net's log, progress.png, validation summaries
@@ -266,8 +265,8 @@ def _write_output(model: ModelFolder, fold: str, target: Path, overwrite: bool, 
     write_retrained_model(model, fold, network, {**record, "recovery": recovery}, target, overwrite, training_log)
 
 
-def finetune_model_folder(source: str | Path, dataset: str | Path, output: str | Path, epochs: int = DEFAULT_EPOCHS,
-                          iterations_per_epoch: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LR,
+def finetune_model_folder(source: str | Path, dataset: str | Path, output: str | Path, epochs: int = FINETUNE_EPOCHS,
+                          iterations_per_epoch: int = FINETUNE_ITERATIONS_PER_EPOCH, lr: float = FINETUNE_LR,
                           device: str = "auto", original: str | Path | None = None, overwrite: bool = False,
                           progress: Progress | None = None, data_workers: int | None = None,
                           verbose: bool = False) -> FinetuneReport:
@@ -280,31 +279,14 @@ def finetune_model_folder(source: str | Path, dataset: str | Path, output: str |
     ``data_workers``: nnU-Net's data-augmentation processes (default: nnU-Net's choice; 0 runs in this process)."""
     _check_settings(epochs, iterations_per_epoch, lr)
     say = progress or (lambda fraction, message: None)
-    model = ModelFolder.open(source)
-    fold = "0"
-    if not model.compressed or not model.is_compressed_fold(fold):
-        raise ModelFolderError(f"{model.path} has no compressed or pruned fold 0; fine-tuning starts from the output "
-                               "of tuckersegment compress (fold 0)")
+    model, fold, found, target, training_json = _inputs(source, dataset, output, original, overwrite)
     record = model.tucker_record(fold)
-    found = find_dataset(dataset)
-    inputs = [*model_inputs("compressed model folder", source), ("data set", found.path),
-              *([] if original is None else model_inputs("original model folder", original))]
-    target = check_output_dir(Path(output), overwrite, inputs)
-    refuse_overlap(state_dir(target), inputs)
-    training_json = check_dataset(found, model)
     teacher = _teacher(original, model) if original is not None else None
     torch_device = resolve_device(device)
     network = model.load_network(fold)
 
     state = state_dir(target)
-    created = not state.exists()
-    state.mkdir(exist_ok=True)
-    try:
-        base = prepare_dataset(found, model, state / "preprocessed", training_json, lambda m: say(0.0, m))
-    except BaseException:
-        if created:
-            shutil.rmtree(state, ignore_errors=True)
-        raise
+    base = _preprocessed(found, model, state, training_json, say)
     settings = {"source_weights_sha256": record.get("weights_sha256"), "dataset": str(found.path), "lr": float(lr),
                 "iterations_per_epoch": iterations_per_epoch, "fold": 0}
     resume_folder = state / RESUME
@@ -340,12 +322,7 @@ def finetune_model_folder(source: str | Path, dataset: str | Path, output: str |
                          "seconds": float(found_state.record.get("seconds", 0.0))}
                 resumed_from = trainer.current_epoch
                 say(trainer.current_epoch / epochs, f"resuming after epoch {trainer.current_epoch} from {state}")
-            if teacher is not None and "original" not in extra["validation_dice"]:
-                say(0.0, "validating the original (nnU-Net's validation of fold 0)")
-                extra["validation_dice"]["original"] = _validate(trainer, "original", class_names, teacher)
-            if "compressed" not in extra["validation_dice"]:
-                say(0.0, "validating the compressed network before fine-tuning")
-                extra["validation_dice"]["compressed"] = _validate(trainer, "compressed", class_names)
+            _validate_before(trainer, extra["validation_dice"], class_names, teacher, say)
             say(trainer.current_epoch / epochs, f"fine-tuning on {torch_device}: {epochs} epoch(s) of "
                                                 f"{iterations_per_epoch} iteration(s), AdamW, lr {lr:g}")
             trainer.run_training()
@@ -360,14 +337,61 @@ def finetune_model_folder(source: str | Path, dataset: str | Path, output: str |
                             train_losses=_jsonable(log["train_losses"]), val_losses=_jsonable(log["val_losses"]),
                             validation_dice=extra["validation_dice"],
                             resumed_from_epoch=resumed_from)
-    folder = Path(trainer.output_folder)
-    training_files = [(p, p.name) for p in sorted(folder.glob("training_log_*.txt"))]
-    training_files += [(folder / "progress.png", "progress.png")]
-    training_files += [(folder / f"validation_{n}" / "summary.json", f"validation_{n}.json")
-                       for n in ("original", "compressed", "finetuned")]
-    _write_output(model, fold, target, overwrite, trainer.network.cpu(), report, training_files)
+    _write_output(model, fold, target, overwrite, trainer.network.cpu(), report, _training_files(trainer))
     remove_state(state)
     return report
+
+
+def _preprocessed(found: Any, model: ModelFolder, state: Path, training_json: dict[str, Any],
+                  say: Progress) -> Path:
+    """The data set preprocessed with the model's plans into the state folder (kept for a resumed run; a state
+    folder this call created goes again when preprocessing fails)."""
+    created = not state.exists()
+    state.mkdir(exist_ok=True)
+    try:
+        return prepare_dataset(found, model, state / "preprocessed", training_json, lambda m: say(0.0, m))
+    except BaseException:
+        if created:
+            shutil.rmtree(state, ignore_errors=True)
+        raise
+
+
+def _validate_before(trainer: CompressedNetworkTrainer, dice: dict[str, Any], class_names: dict[int, str],
+                     teacher: Any, say: Progress) -> None:
+    """nnU-Net's validation of the original (when given) and of the compressed network, unless a resumed run has
+    them already."""
+    if teacher is not None and "original" not in dice:
+        say(0.0, "validating the original (nnU-Net's validation of fold 0)")
+        dice["original"] = _validate(trainer, "original", class_names, teacher)
+    if "compressed" not in dice:
+        say(0.0, "validating the compressed network before fine-tuning")
+        dice["compressed"] = _validate(trainer, "compressed", class_names)
+
+
+def _inputs(source: str | Path, dataset: str | Path, output: str | Path, original: str | Path | None,
+            overwrite: bool) -> tuple[ModelFolder, str, Any, Path, dict[str, Any]]:
+    """The compressed model, its fold, the data set found, the checked output folder and nnU-Net's dataset.json
+    for training: everything refused before any work."""
+    model = ModelFolder.open(source)
+    fold = "0"
+    if not model.compressed or not model.is_compressed_fold(fold):
+        raise ModelFolderError(f"{model.path} has no compressed or pruned fold 0; fine-tuning starts from the output "
+                               "of tuckersegment compress (fold 0)")
+    found = find_dataset(dataset)
+    inputs = [*model_inputs("compressed model folder", source), ("data set", found.path),
+              *([] if original is None else model_inputs("original model folder", original))]
+    target = check_output_dir(Path(output), overwrite, inputs)
+    refuse_overlap(state_dir(target), inputs)
+    return model, fold, found, target, check_dataset(found, model)
+
+
+def _training_files(trainer: CompressedNetworkTrainer) -> list[tuple[Path, str]]:
+    """nnU-Net's log, progress plot and validation summaries, with their names in the output's training/."""
+    folder = Path(trainer.output_folder)
+    files = [(p, p.name) for p in sorted(folder.glob("training_log_*.txt"))]
+    files += [(folder / "progress.png", "progress.png")]
+    return files + [(folder / f"validation_{n}" / "summary.json", f"validation_{n}.json")
+                    for n in ("original", "compressed", "finetuned")]
 
 
 def _stop_loaders(trainer: CompressedNetworkTrainer) -> None:
@@ -380,5 +404,5 @@ def _stop_loaders(trainer: CompressedNetworkTrainer) -> None:
     trainer.dataloader_train = trainer.dataloader_val = None
 
 
-__all__ = ["DEFAULT_LR", "CompressedNetworkTrainer", "DatasetError", "FinetuneError", "FinetuneReport",
+__all__ = ["CompressedNetworkTrainer", "DatasetError", "FinetuneError", "FinetuneReport",
            "finetune_model_folder", "state_dir"]
