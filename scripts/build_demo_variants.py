@@ -45,7 +45,7 @@ from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.demo_data import ChestSample, chest_sample, holdout_mask, training_half_ct
 from TuckerSegmentLib.tucker.network_stats import FLOP_CONVENTION
 from TuckerSegmentLib.variants.choice import BUNDLED_CATALOGUE
-from TuckerSegmentLib.variants.hardware import cpu_device
+from TuckerSegmentLib.runtime.hardware import cpu_device
 from TuckerSegmentLib.variants.measure import ScoredVolume, measure_variant
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,18 @@ class ModelFolderError(TuckerSegmentError):
     """The folder is not a usable nnU-Net v2 trained model folder."""
 
 
+class DeviceError(TuckerSegmentError):
+    """A device name that is not one, or a device this machine does not have."""
+
+
+class RecoveryError(TuckerSegmentError):
+    """A recovery run (distillation, fine-tuning) cannot run as asked."""
+
+
+class ProtocolError(TuckerSegmentError):
+    """What a worker or its client read is not part of the protocol (a message, a transfer file)."""
+
+
 class CheckpointError(TuckerSegmentError):
     """A checkpoint or weights file cannot be read or does not fit the architecture."""
 

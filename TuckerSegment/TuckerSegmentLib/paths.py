@@ -55,3 +55,16 @@ def cache_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "TuckerSegment"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tuckersegment"
+
+
+def state_folder(output: str | Path, method: str) -> Path:
+    """Where a training run (``distill``, ``finetune``) writing ``output`` keeps its state: ``<output>.<method>-state``
+    beside it."""
+    output = Path(output).expanduser().resolve()
+    return output.with_name(f"{output.name}.{method}-state")
+
+
+def distill_source_folder(output: str | Path) -> Path:
+    """Where a compressed model waits for its distillation: ``<output>.distill-source`` beside ``output``."""
+    output = Path(output).expanduser().resolve()
+    return output.with_name(f"{output.name}.distill-source")

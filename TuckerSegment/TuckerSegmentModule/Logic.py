@@ -71,11 +71,30 @@ def _removeUnresumable(output: Path) -> None:
     ``<output>.distill-source`` (the compressed model waiting for its distillation, see ``recovery.compress_distill``)
     and ``<output>.distill-state`` go, and so does the source folder unless a saved state can resume from it."""
     from TuckerSegmentLib.atomic import remove_stale
-    source, state = (output.with_name(f"{output.name}.distill-{part}") for part in ("source", "state"))
+    from TuckerSegmentLib.paths import distill_source_folder, state_folder
+    source, state = distill_source_folder(output), state_folder(output, "distill")
     for folder in (source, state):
         remove_stale(folder)
     if not state.exists():
         shutil.rmtree(source, ignore_errors=True)
+
+
+def segmentRequest(parameterNode, subset=None):
+    """The ``SegmentRequest`` the panel's parameters make (task and variant keys, device, tile step, runtime,
+    precision) for the structures ``subset`` (None: all)."""
+    from TuckerSegmentLib.variants.panel import model_and_task
+    model, task = model_and_task(parameterNode.task, parameterNode.variant)
+    return _segmentRequest(model, parameterNode.device, subset, task, parameterNode.tileStep, parameterNode.runtime,
+                           parameterNode.precision)
+
+
+def _segmentRequest(model, device, subset, task, tileStep, runtime, precision):
+    """A ``SegmentRequest`` from the Logic's arguments; ``None`` leaves a field at the request's default."""
+    from TuckerSegmentLib.usecases.requests import SegmentRequest
+    given = {"model": tuple(str(m) for m in model) if isinstance(model, (list, tuple)) else model, "device": device,
+             "subset": tuple(subset) if subset else None, "task": task, "tile_step": tileStep, "runtime": runtime,
+             "precision": precision}
+    return SegmentRequest(**{key: value for key, value in given.items() if value is not None})
 
 
 def _processEvents() -> None:
@@ -138,7 +157,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
     def variantChoices(self, task: str = "auto", device: str = "auto") -> list:
         """Variant combo entries for ``task``: "Auto: <its pick>" (reason as tooltip) first."""
         from TuckerSegmentLib.variants.catalogue import catalogue
-        from TuckerSegmentLib.variants.hardware import detect_devices
+        from TuckerSegmentLib.runtime.hardware import detect_devices
         from TuckerSegmentLib.variants.panel import variant_choices
         from TuckerSegmentLib.variants.user_variants import user_variants
         return variant_choices(task, catalogue(), detect_devices(), device, user_variants())
@@ -162,22 +181,22 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         return structure_names(task, variant, device)
 
     # --- segmentation ------------------------------------------------------------------------------
-    def startSegmentation(self, volumeNode, model="auto", device: str = "auto", subset=None, task: str = "auto",
-                          tileStep: float = 0.8, runtime: str = "auto", precision: str = "auto",
-                          segmentationNode=None):
-        """Start segmenting ``volumeNode`` in the worker and return its ``WorkerJob`` at once. The job keeps
-        the volume and segmentation node it started with; poll it, then call ``finishSegmentation``.
-        ``job.cancel()`` stops the worker at once; the temporary folder goes when the job ends."""
+    def startSegmentation(self, volumeNode, model=None, device=None, subset=None, task=None, tileStep=None,
+                          runtime=None, precision=None, segmentationNode=None, request=None):
+        """Start segmenting ``volumeNode`` in the worker and return its ``WorkerJob`` at once: as ``request`` (a
+        ``SegmentRequest``, e.g. ``segmentRequest(parameterNode)``) says, or as the arguments say (``None``: the
+        request's default: auto model, task and device, TotalSegmentator's tile step). The job keeps the volume and
+        segmentation node it started with; poll it, then call ``finishSegmentation``. ``job.cancel()`` stops the
+        worker at once; the temporary folder goes when the job ends."""
         from TuckerSegmentLib.worker.protocol import load_labels, save_volume
+        if request is None:  # checked here, before anything is written or started
+            request = _segmentRequest(model, device, subset, task, tileStep, runtime, precision)
         volume = readVolume(volumeNode)
         folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
         try:
             save_volume(folder / "volume.npz", volume.array, volume.ijk_to_ras)
-            models = [str(m) for m in model] if isinstance(model, (list, tuple)) else str(model)
-            job = self.worker().submit("segment", {
-                "volume": folder / "volume.npz", "labels": folder / "labels.npy", "model": models, "task": task,
-                "device": device, "subset": list(subset) if subset else None, "tile_step": float(tileStep),
-                "runtime": str(runtime), "precision": str(precision)}, name="segmentation")
+            job = self.worker().submit("segment", {"volume": folder / "volume.npz", "labels": folder / "labels.npy",
+                                                   **request.to_json()}, name="segmentation")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -223,15 +242,14 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
                                     outcome["policy"], list(outcome["warnings"]), outcome["runtime"])
         return writeSegmentation(result, volumeNode, segmentationNode)
 
-    def segment(self, volumeNode, model="auto", device: str = "auto", subset=None, segmentationNode=None,
-                progress=None, cancel=None, task: str = "auto", tileStep: float = 0.8, runtime: str = "auto",
-                precision: str = "auto"):
+    def segment(self, volumeNode, model=None, device=None, subset=None, segmentationNode=None,
+                progress=None, cancel=None, task=None, tileStep=None, runtime=None, precision=None):
         """Segment ``volumeNode`` where it is shown (parent linear transform included) and return the
         segmentation node: ``segmentationNode`` with its segments replaced, or a new node. Waits for the
         worker (the console's way). ``progress`` gets (fraction, message); ``cancel()`` returning True stops
         the worker at once. On any error the scene is left as it was."""
         job = self.startSegmentation(volumeNode, model, device, subset, task, tileStep, runtime, precision,
-                                     segmentationNode)
+                                     segmentationNode=segmentationNode)
         job.follow(progress, cancel, _processEvents)
         return self.finishSegmentation(job)
 
@@ -350,19 +368,19 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         cancel, error or crash what the worker left is removed, except a distillation's saved state (and the
         compressed model it trains), from which the same compression into the same folder resumes."""
         from TuckerSegmentLib.atomic import check_output_dir, remove_stale
-        from TuckerSegmentLib.errors import ModelFolderError, OutputPathError, PolicyError
+        from TuckerSegmentLib.errors import ModelFolderError, OutputPathError
         from TuckerSegmentLib.nnunet.layout import locate_model, model_inputs
-        from TuckerSegmentLib.policies.methods import method
+        from TuckerSegmentLib.usecases.requests import CompressRequest
         from TuckerSegmentLib.worker.protocol import save_volume
         if not str(modelFolder or "").strip():
             raise ModelFolderError("choose the nnU-Net model folder to compress")
         if not str(outputFolder or "").strip():
             raise OutputPathError("choose where the compressed model goes (a parent folder and a new name)")
-        if method(policy).needs_labels:  # an unknown method is named before anything starts
-            raise PolicyError(f"{policy} needs labelled CTs, which the panel does not take; run tuckersegment compress "
-                              f"--method {policy} --calibration CT... --labels LABELMAP...")
         source = locate_model(Path(modelFolder).expanduser())  # the worker checks the folder's contents
         output = check_output_dir(Path(outputFolder).expanduser(), inputs=model_inputs("model folder", modelFolder))
+        # checked before anything starts (an unknown method, labels it would need, a distillation count)
+        request = CompressRequest(str(source), str(output), policy=policy, target=float(target), device=device,
+                                  measure=bool(measure), runtime=runtime, distill=distill, review=True)
         volumes = [readVolume(node) for node in calibrationNodes]
         folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
         try:
@@ -370,11 +388,8 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             for index, volume in enumerate(volumes):
                 calibration.append(folder / f"calibration{index}.npz")
                 save_volume(calibration[-1], volume.array, volume.ijk_to_ras)
-            job = self.worker().submit("compress", {
-                "source": source, "output": output, "policy": policy,
-                "target": float(target), "calibration": calibration, "device": device, "measure": bool(measure),
-                "runtime": runtime, "distill": distill},
-                name="compression")
+            request = request.replace(calibration=tuple(str(path) for path in calibration))
+            job = self.worker().submit("compress", request.to_json(), name="compression")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -400,6 +415,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         original on ``holdoutNodes`` (default: held-out blocks of the calibration volumes); returns the
         ``WorkerJob`` (result: ``{"built": {id: folder}}``). A build cut short resumes next time."""
         from TuckerSegmentLib.errors import TuckerSegmentError
+        from TuckerSegmentLib.usecases.requests import BuildRequest
         from TuckerSegmentLib.worker.protocol import save_volume
         ids = [str(v) for v in variantIds]
         if not ids:
@@ -414,15 +430,18 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         volumes = {role: [(label[node.GetID()], readVolume(node)) for node in nodes] for role, nodes in roles.items()}
         folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
         try:
-            saved = {}
+            saved, names = {}, []
             for role, named in volumes.items():
                 saved[role] = []
                 for index, (name, volume) in enumerate(named):
                     path = folder / f"{role}{index}.npz"
                     save_volume(path, volume.array, volume.ijk_to_ras)
-                    saved[role].append([name, path])
-            job = self.worker().submit("build", {"variants": ids, "weights": str(weightsFolder) if weightsFolder else None,
-                                                 **saved}, name="variant build")
+                    saved[role].append(str(path))
+                    names.append(name)
+            request = BuildRequest(tuple(ids), weights=str(weightsFolder) if weightsFolder else None,
+                                   calibration=tuple(saved["calibration"]), holdout=tuple(saved["holdout"]),
+                                   names=tuple(names))
+            job = self.worker().submit("build", request.to_json(), name="variant build")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from slicer import vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from TuckerSegmentLib.defaults import MAX_DISTILL_ITERATIONS, TILE_STEP
 
 
 @parameterNodeWrapper
@@ -19,7 +20,7 @@ class TuckerSegmentParameterNode:
     variant: str = "auto"
     device: str = "auto"
     structures: list[str]
-    tileStep: Annotated[float, WithinRange(0.25, 1.0)] = 0.8
+    tileStep: Annotated[float, WithinRange(0.25, 1.0)] = TILE_STEP
     runtime: str = "auto"
     precision: str = "auto"
     modelFolder: str = ""
@@ -28,6 +29,6 @@ class TuckerSegmentParameterNode:
     outputParent: str = ""
     outputName: str = ""
     measureSpeed: bool = True
-    distillIterations: Annotated[int, WithinRange(0, 100000)] = 0
+    distillIterations: Annotated[int, WithinRange(0, MAX_DISTILL_ITERATIONS)] = 0
     reportTable: vtkMRMLTableNode
     paretoChart: vtkMRMLPlotChartNode

@@ -12,7 +12,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from .InstallLogic import TuckerSegmentInstallLogic
-from .Logic import TuckerSegmentLogic, compressionOutput, platformProblem, suggestedOutputName
+from .Logic import TuckerSegmentLogic, compressionOutput, platformProblem, segmentRequest, suggestedOutputName
 from .Parameters import TuckerSegmentParameterNode
 
 POLL_MS = 200
@@ -332,10 +332,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApply(self) -> None:
         node = self._parameterNode
         try:
-            model, task = self.logic.modelAndTask(node.task, node.variant)
-            job = self.logic.startSegmentation(node.inputVolume, model=model, device=node.device,
-                                               subset=self._subset(), task=task, tileStep=node.tileStep,
-                                               runtime=node.runtime, precision=node.precision,
+            job = self.logic.startSegmentation(node.inputVolume, request=segmentRequest(node, self._subset()),
                                                segmentationNode=node.outputSegmentation)
         except Exception as error:
             self._showError(_("Segmentation could not start."), error)

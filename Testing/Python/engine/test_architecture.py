@@ -15,11 +15,12 @@ LIB = ROOT / "TuckerSegment" / "TuckerSegmentLib"
 PACKAGE = "TuckerSegmentLib"
 # Each unit may import units of its own layer and of layers above it, never below.
 LAYERS = (
-    {PACKAGE, "paths", "errors", "progress", "atomic", "dependencies", "checksums"},
+    {PACKAGE, "paths", "errors", "progress", "atomic", "dependencies", "checksums", "defaults"},
     {"image"}, {"tucker"}, {"runtime"}, {"policies"}, {"nnunet"}, {"segment"}, {"compress"},
     {"recovery"},  # training a compressed network back towards its original (distillation, fine-tuning)
     {"variants"},
     {"evaluation"},  # evaluate models side by side: Dice, paired tests, costs, plots
+    {"usecases"},  # one typed request per use case and the one function that runs it
     {"worker"},  # the worker process and its client (Slicer's Logic drives it)
     {"cli"},
     {"testing"},  # example models, demo data: scripts and tests only
@@ -116,7 +117,7 @@ WITHOUT_TORCH = textwrap.dedent(f"""
     from TuckerSegmentLib import dependencies, errors, paths
     from TuckerSegmentLib.policies.methods import METHODS
     from TuckerSegmentLib.variants.catalogue import catalogue
-    from TuckerSegmentLib.variants.hardware import detect_devices
+    from TuckerSegmentLib.runtime.hardware import detect_devices
     from TuckerSegmentLib.variants.panel import structure_names, task_choices, variant_choices
     # what Slicer's Logic uses to drive the worker and read its answers back into MRML
     from TuckerSegmentLib.worker import client, process, protocol
@@ -169,3 +170,42 @@ def test_the_public_api_names_resolve_lazily():
     assert TuckerSegmentLib.Segmenter.__module__ == "TuckerSegmentLib.segment.predictor"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         TuckerSegmentLib.nope  # noqa: B018
+
+
+SEGMENT_PATH = textwrap.dedent(f"""
+    import json, sys
+    sys.path.insert(0, {str(LIB.parent)!r})
+    from TuckerSegmentLib.usecases.requests import SegmentRequest
+    from TuckerSegmentLib.usecases.segmenting import plan_segmenter, segment_with
+    from TuckerSegmentLib.worker import server
+    from TuckerSegmentLib.cli import parser
+    plan_segmenter(SegmentRequest(task="demo"))
+    print(json.dumps(sorted(m for m in sys.modules if m.startswith(("TuckerSegmentLib.compress",
+        "TuckerSegmentLib.recovery", "torch_pruning")))))
+""")
+
+
+def test_segmenting_imports_no_compression_distillation_or_pruning_module():
+    import json
+    run = subprocess.run([sys.executable, "-c", SEGMENT_PATH], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == []
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def function_lengths() -> list[tuple[int, str]]:
+    """Every product function and method (the Slicer module included), longest first: (lines, where)."""
+    found = []
+    for path in sorted((ROOT / "TuckerSegment").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"))
+    return sorted(found, reverse=True)
+
+
+def test_no_product_function_is_longer_than_the_limit():
+    lengths = function_lengths()
+    top = "\n".join(f"{lines:4} lines  {where}" for lines, where in lengths[:5])
+    assert lengths[0][0] <= MAX_FUNCTION_LINES, f"functions over {MAX_FUNCTION_LINES} lines; the longest:\n{top}"

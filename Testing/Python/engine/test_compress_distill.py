@@ -18,12 +18,12 @@ from TuckerSegmentLib.image.volume import volume_to_image
 from TuckerSegmentLib.nnunet.layout import TUCKER_JSON
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.recovery import compress_distill
-from TuckerSegmentLib.recovery.compress_distill import source_folder
-from TuckerSegmentLib.recovery.resume import state_folder
+from TuckerSegmentLib.paths import distill_source_folder
+from TuckerSegmentLib.paths import state_folder
 from TuckerSegmentLib.testing.example_models import write_totalsegmentator_task
 from TuckerSegmentLib.variants.build import build_variant
 from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_variant, variant_dir
-from TuckerSegmentLib.variants.hardware import cpu_device
+from TuckerSegmentLib.runtime.hardware import cpu_device
 from TuckerSegmentLib.variants.panel import variant_choices
 from TuckerSegmentLib.worker import protocol
 from TuckerSegmentLib.worker.client import WorkerClient, worker_command
@@ -121,7 +121,7 @@ def test_an_interrupted_compress_distill_resumes_and_other_settings_start_over(t
     other = tmp_path / "other"
     interrupt_first_run(monkeypatch)
     assert cli.main([*argv[:2], str(other), *argv[3:]]) == 128 + signal.SIGINT
-    assert (state_folder(other, "distill") / "state.json").is_file() and source_folder(other).is_dir()
+    assert (state_folder(other, "distill") / "state.json").is_file() and distill_source_folder(other).is_dir()
     capsys.readouterr()
     assert cli.main([*argv[:2], str(other), "--factor", "0.7", *argv[5:]]) == 0  # another compression: fresh
     assert record(other)["recovery"]["resumed"] == 0 and record(other)["policy"]["params"]["factor"] == 0.7
@@ -142,7 +142,7 @@ def test_distill_options_that_cannot_work_are_refused_in_one_line_with_nothing_w
                                                                                       capsys):
     source_before = tree_digest(tiny_model)
     base = ["compress", str(tiny_model), str(tmp_path / "out"), "--distill", "2"]
-    for extra, words in ((["--weight-only"], "--weight-only uses none"),
+    for extra, words in ((["--weight-only"], "weight-only compression uses none"),
                          (["--fold", "0", "1"], "--distill trains one fold"),
                          (["--distill", "100001"], "from 0 (none) to 100000, not 100001"),
                          (["--method", "prune-l1", "--runtime", "torch"], "with --distill, --device is where"),

@@ -16,7 +16,7 @@ from TuckerSegmentLib.testing.example_models import write_example_model, write_t
 from TuckerSegmentLib.variants.catalogue import catalogue
 from TuckerSegmentLib.variants.choice import bundled_models, choose_model
 from TuckerSegmentLib.variants.guard import SafeTask
-from TuckerSegmentLib.variants.hardware import GB, DeviceInfo
+from TuckerSegmentLib.runtime.hardware import GB, DeviceInfo
 
 CPU = DeviceInfo("cpu", "CPU", 32 * GB, 16 * GB, cores=8)
 

@@ -21,7 +21,8 @@ from TuckerSegmentLib.image.volume import Volume, volume_to_image
 from TuckerSegmentLib.nnunet.layout import TUCKER_JSON
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
 from TuckerSegmentLib.recovery.distill import distill_model_folder, distillation_loss
-from TuckerSegmentLib.recovery.resume import NETWORK_FILE, ResumeStateError, state_folder
+from TuckerSegmentLib.paths import state_folder
+from TuckerSegmentLib.recovery.resume import NETWORK_FILE, ResumeStateError
 from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.example_models import write_example_model
 

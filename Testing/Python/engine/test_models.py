@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-from TuckerSegmentLib.errors import ModelFolderError
+from TuckerSegmentLib.errors import DeviceError, ModelFolderError
 from TuckerSegmentLib.variants.catalogue import catalogue
 from TuckerSegmentLib.variants.choice import bundled_models, choose_model, usable_devices
-from TuckerSegmentLib.variants.hardware import GB, DeviceInfo
+from TuckerSegmentLib.runtime.hardware import GB, DeviceInfo
 
 CPU = DeviceInfo("cpu", "CPU", 16 * GB, 8 * GB, cores=4)
 
@@ -47,12 +47,12 @@ def test_named_folder_and_unknown_names(tmp_path):
 
 def test_device_requests_that_cannot_be_met_are_errors():
     assert usable_devices("cpu", [CPU]) == [CPU]
-    with pytest.raises(ModelFolderError, match="device cuda requested but not found"):
+    with pytest.raises(DeviceError, match="device cuda requested but not found"):
         usable_devices("cuda", [CPU])
     gpu = DeviceInfo("cuda", "GPU", 8 * GB, 7 * GB, (8, 6), index=1)
     assert usable_devices("cuda:1", [gpu, CPU]) == [gpu]
     for bad in ("gpu", "cuda:x", "mps:0"):
-        with pytest.raises(ModelFolderError, match="unknown device"):
+        with pytest.raises(DeviceError, match="unknown device"):
             usable_devices(bad, [gpu, CPU])
     with pytest.raises(ModelFolderError, match="not ready|not found"):
         choose_model("chest-demo", device="mps", devices=[CPU], variants=catalogue())

@@ -12,7 +12,7 @@ from TuckerSegmentLib.testing.demo_data import chest_sample
 from TuckerSegmentLib.variants.catalogue import Variant, catalogue, load_catalogue
 from TuckerSegmentLib.variants.choice import choose_model
 from TuckerSegmentLib.variants.guard import SafeTask, cpu_slab_voxels
-from TuckerSegmentLib.variants.hardware import GB, DeviceInfo, detect_devices
+from TuckerSegmentLib.runtime.hardware import GB, DeviceInfo, detect_devices
 from TuckerSegmentLib.variants.measured import measurement_context
 from TuckerSegmentLib.variants.selection import MEMORY_MARGIN, fallback_chain, select_variant
 

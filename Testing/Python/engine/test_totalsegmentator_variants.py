@@ -22,10 +22,10 @@ from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.example_models import EXAMPLE_SPECS, example_model, write_totalsegmentator_task
 from TuckerSegmentLib.tucker.network_stats import network_stats
 from TuckerSegmentLib.variants import build as variant_build
-from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_variant, load_catalogue, variant_dir
+from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_variant, load_catalogue, variant_dir, verify_built
 from TuckerSegmentLib.variants.choice import choose_model
 from TuckerSegmentLib.variants.guard import SafeTask
-from TuckerSegmentLib.variants.hardware import GB, DeviceInfo
+from TuckerSegmentLib.runtime.hardware import GB, DeviceInfo
 from TuckerSegmentLib.variants.task_weights import check_task_weights, weights_record
 from TuckerSegmentLib.variants.totalsegmentator import find_task, tasks, weights_dirs
 
@@ -93,7 +93,7 @@ def test_full_size_297_builds_verifies_and_segments(ts_home, fast_297, capsys):
     manifest = json.loads((variant_dir(variant) / MANIFEST).read_text())
     assert {Path(f).name for f in manifest["models"][0]["files"]} >= {"tucker.json", "weights.safetensors", "plans.json"}
     assert (manifest["models"][0]["params"], manifest["models"][0]["flops"]) == (variant.params, variant.flops)
-    variant_build.verify_built(variant)
+    verify_built(variant)
     choice = choose_model("fast-tucker-0.3", variants=catalogue(), devices=[CPU])
     segmenter = Segmenter(choice.folders[0], device="cpu")
     assert len(segmenter.segments) == 117 and segmenter.policy == "UniformPolicy(factor=0.3, rank_min=8)"
@@ -161,14 +161,14 @@ def test_interrupted_build_is_not_used_and_resumes(ts_home, monkeypatch):
     assert find_variant(catalogue(), "total-tucker-0.5").availability == "buildable"  # half-built: never used
     assert not (variant_dir(variant) / MANIFEST).exists()
     with pytest.raises(ModelFolderError, match="not .completely. built"):
-        variant_build.verify_built(variant)
+        verify_built(variant)
     messages = []
     variant_build.build_variant(variant, report=messages.append, measure=False)
     assert sum("kept from an earlier" in m for m in messages) == 2  # the two finished models were reused
     assert calls[3:] == [m.dataset for m in tasks()["total"].models[2:]]
     built = find_variant(catalogue(), "total-tucker-0.5")
     assert built.availability == "built" and len(built.folders) == 5
-    variant_build.verify_built(built)
+    verify_built(built)
 
 
 def test_wrong_source_weights_are_refused_and_nothing_is_built(ts_home, tmp_path):
@@ -345,4 +345,4 @@ def test_a_build_interrupted_in_any_stage_is_not_used_and_resumes(ts_home, stage
     assert any(r.name.endswith("measuring") for r in log.records)
     built = find_variant(catalogue(), variant.id)
     assert built.availability == "built" and built.measured is not None
-    variant_build.verify_built(built)
+    verify_built(built)

@@ -20,7 +20,7 @@ from TuckerSegmentLib.variants import measured as measured_module
 from TuckerSegmentLib.variants.agreement import Overlap, ground_truth_verdict, verdict
 from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_variant, load_catalogue, variant_dir
 from TuckerSegmentLib.variants.choice import choose_model
-from TuckerSegmentLib.variants.hardware import GB, DeviceInfo, cpu_device
+from TuckerSegmentLib.runtime.hardware import GB, DeviceInfo, cpu_device
 from TuckerSegmentLib.variants.measure import plan_measurement
 from TuckerSegmentLib.variants.measured import measurement_context
 from TuckerSegmentLib.variants.selection import qualifies, select_variant

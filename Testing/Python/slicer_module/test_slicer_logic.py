@@ -26,8 +26,9 @@ RIGHT_LUNG_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SC
 
 def engine_task(model="auto", task: str = "auto"):
     """The engine's segmenter for what the Logic's worker picks, run in this process to compare with."""
+    from TuckerSegmentLib.usecases.requests import SegmentRequest
     from TuckerSegmentLib.worker.server import LoadedModel
-    return LoadedModel().get(model, "auto", task)
+    return LoadedModel().get(SegmentRequest(model=tuple(model) if isinstance(model, list) else model, task=task))
 
 
 def matrix_of(node) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 from ..atomic import Input, atomic_output_file, check_output_dir, path_inputs
 from ..compress.calibration_data import CalibrationVolume
 from ..compress.calibration_source import CT_NORMALIZATION, sample_ct
+from ..defaults import distill_iterations
 from ..errors import PolicyError
 from ..image.volume import Volume
 from ..checksums import sha256_file
@@ -33,26 +34,12 @@ from ..nnunet.layout import Fold, model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import LayerProgress
 from .distill import distill_model_folder
-from .resume import RecoveryError, remove_state, state_folder
+from ..paths import distill_source_folder, state_folder
+from .resume import RecoveryError, remove_state
 
-MAX_ITERATIONS = 100_000  # the most distillation iterations a compression asks for (the panel's spin box too)
 REQUEST = "request.json"
 Calibration = Sequence[CalibrationVolume | Volume | str | Path]
 Result = TypeVar("Result")
-
-
-def distill_iterations(value: Any) -> int:
-    """``value`` as a number of distillation iterations after compression (0: none), or a one-line refusal."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_ITERATIONS:
-        raise RecoveryError(f"distillation takes a whole number of iterations from 0 (none) to {MAX_ITERATIONS}, "
-                            f"not {value!r}")
-    return int(value)
-
-
-def source_folder(output: str | Path) -> Path:
-    """Where the compressed model waits for its distillation: ``<output>.distill-source`` beside ``output``."""
-    output = Path(output).expanduser().resolve()
-    return output.with_name(f"{output.name}.distill-source")
 
 
 def content_digest(item: CalibrationVolume | Volume | str | Path) -> str:
@@ -120,7 +107,7 @@ def compress_and_distill(compress: Callable[[Path], Result], teacher: str | Path
     request = json.loads(json.dumps({
         "settings": settings, "teacher_sha256": sha256_file(original.checkpoint_path(fold)), "fold": str(fold),
         "calibration": [content_digest(item) for item in volumes], "iterations": iterations, "device": device}))
-    source = source_folder(target)
+    source = distill_source_folder(target)
     check_output_dir(source, overwrite=True, inputs=inputs)
     report = say or (lambda message: None)
     result = None

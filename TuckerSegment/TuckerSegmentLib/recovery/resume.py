@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_output_dir
-from ..errors import CheckpointError, RankMismatchError, TuckerSegmentError
+from ..errors import CheckpointError, RankMismatchError, RecoveryError
 from ..checksums import sha256_file
 from ..nnunet.checkpoint import non_finite
 from ..nnunet.tucker_format import canonical_tensors, load_weights
@@ -45,10 +45,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 EXTRA_FILE = "extra.safetensors"
 
 
-class RecoveryError(TuckerSegmentError):
-    """A recovery run (distillation, fine-tuning) cannot run as asked."""
-
-
 class ResumeStateError(RecoveryError):
     """A saved training state cannot be resumed: unreadable, altered, or made for other inputs."""
 
@@ -59,12 +55,6 @@ class SavedState:
 
     record: dict[str, Any]
     tensors: dict[str, torch.Tensor]
-
-
-def state_folder(output: str | Path, method: str) -> Path:
-    """Where a run writing ``output`` keeps its state: ``<output>.<method>-state`` beside it."""
-    output = Path(output).expanduser().resolve()
-    return output.with_name(f"{output.name}.{method}-state")
 
 
 def _json_roundtrip(value: Any) -> Any:

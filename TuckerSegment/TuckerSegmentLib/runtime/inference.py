@@ -24,10 +24,9 @@ from ..checksums import sha256_file
 from ..paths import cache_dir
 from ..progress import stage
 from ..tucker.layers import smallest_same_input
+from .devices import PRECISIONS, RUNTIMES
 from .openvino_cache import NetworkCache, blob_name, remove_old_layout
 
-RUNTIMES = ("auto", "torch", "openvino")
-PRECISIONS = ("auto", "f32", "bf16", "fp16")
 # f32: bf16 moved the held-out Dice of two of the four bundled demo variants by more than 0.001 (-0.0013,
 # -0.0015; scripts/bench_precision.py, docs/precision.md), so bf16 stays a choice, never the default
 CPU_DEFAULT_PRECISION = "f32"

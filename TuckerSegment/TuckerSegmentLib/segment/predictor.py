@@ -19,7 +19,8 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-from ..errors import SegmentationCancelled, TaskError, TuckerSegmentError
+from ..defaults import TILE_STEP, check_tile_step
+from ..errors import SegmentationCancelled, TuckerSegmentError
 from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
 from ..image.volume import Volume, checked_volume
 from ..nnunet.layout import Fold
@@ -106,14 +107,6 @@ def _slabs(length: int, parts: int, overlap: int) -> list[tuple[int, int, int, i
     return [(max(0, a - overlap), min(length, b + overlap), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def check_tile_step(tile_step: float) -> float:
-    """``tile_step`` as nnU-Net's sliding window takes it: a fraction of the patch in (0, 1]."""
-    if isinstance(tile_step, bool) or not isinstance(tile_step, (int, float)) or not 0 < tile_step <= 1:
-        raise TaskError(f"tile step {tile_step!r} is outside (0, 1]: it is the sliding-window step as a fraction of "
-                        "the patch (0.5 is nnU-Net's default, 0.8 TotalSegmentator's)")
-    return float(tile_step)
-
-
 class Segmenter:
     """A model loaded once, ready to segment many volumes.
 
@@ -121,7 +114,7 @@ class Segmenter:
     with mirroring: slightly more accurate, several times slower)."""
 
     def __init__(self, model: str | Path | ModelFolder, fold: Fold | None = None, device: str = "auto",
-                 tile_step: float = 0.8, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
+                 tile_step: float = TILE_STEP, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
                  trust_checkpoint: bool = False, name: str | None = None, network: torch.nn.Module | None = None,
                  policy: str = "original", execution: str = "fastest", runtime: str = "auto",
                  precision: str = "auto") -> None:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import TILE_STEP, check_tile_step
 from ..errors import TaskError
 from ..image.volume import Volume, checked_volume
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Cancel, Progress
 from .crop import bounding_box, decimated
 from .labels import SegmentLabel, label_values, segment_labels
-from .predictor import TOTALSEGMENTATOR_MAX_VOXELS, SegmentationResult, Segmenter, check_tile_step
+from .predictor import TOTALSEGMENTATOR_MAX_VOXELS, SegmentationResult, Segmenter
 
 
 @dataclass
@@ -42,7 +43,7 @@ class TaskSegmenter:
         task that finds a structure subset's region before this one segments it (see ``segment``)."""
         if not models:
             raise TaskError("a segmentation task needs at least one model folder")
-        check_tile_step(segmenter_options.get("tile_step", 0.8))  # before any model is opened
+        check_tile_step(segmenter_options.get("tile_step", TILE_STEP))  # before any model is opened
         folders = [m if isinstance(m, ModelFolder) else ModelFolder.open(m) for m in models]
         if segmenter_options.get("fold") is not None:
             for folder in folders:

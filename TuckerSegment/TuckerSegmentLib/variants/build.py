@@ -29,17 +29,18 @@ from typing import Any
 from .. import __version__
 from ..atomic import atomic_output_file
 from ..compress.folder import compress_model_folder, describe_model
-from ..errors import CheckpointError, ModelFolderError
+from ..errors import ModelFolderError
 from ..checksums import sealed, sha256_file
 from ..nnunet.layout import TUCKER_JSON
 from ..paths import is_plain_name
 from ..policies.base import RankPolicy
 from ..progress import listener, listening, stage
 from ..policies.methods import policy_from_dict
-from ..recovery.compress_distill import compress_and_distill, distill_iterations
+from ..defaults import distill_iterations
+from ..recovery.compress_distill import compress_and_distill
 from ..runtime.stage_log import StageLog
 from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
-from .hardware import DeviceInfo, detect_devices
+from ..runtime.hardware import DeviceInfo, detect_devices
 from .measure import MeasurementPlan, measure_variant, plan_measurement, replan
 from .measured import changed
 from .task_weights import check_task_model
@@ -227,19 +228,3 @@ def _measure(variant: Variant, sources: list[Path], manifest: dict[str, Any], pl
 def _write_manifest(variant: Variant, cache: Path | None, manifest: dict[str, Any]) -> None:
     with atomic_output_file(variant_dir(variant, cache) / MANIFEST) as staging:
         staging.write_text(json.dumps(sealed(manifest), indent=1))
-
-
-def verify_built(variant: Variant, cache: Path | None = None) -> None:
-    """Recompute every built file's sha256 against the manifest; name the corrupt file and the fix."""
-    manifest = read_manifest(variant, cache)
-    folder = variant_dir(variant, cache)
-    if manifest is None:
-        raise ModelFolderError(f"{variant.id} is not (completely) built in {folder}; run: tuckersegment build-variants "
-                               f"--variant {variant.id}")
-    for model in manifest["models"]:
-        for name, record in model["files"].items():
-            path = folder / model["folder"] / name
-            if sha256_file(path) != record["sha256"]:
-                (folder / MANIFEST).unlink(missing_ok=True)  # no longer counts as built; the next build redoes it
-                raise CheckpointError(f"{path} changed since it was built (sha256 mismatch): it is corrupt; run "
-                                      f"tuckersegment build-variants --variant {variant.id} to rebuild it")

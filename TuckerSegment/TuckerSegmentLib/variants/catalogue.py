@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..checksums import unsealed
-from ..errors import ModelFolderError
+from ..checksums import sha256_file, unsealed
+from ..errors import CheckpointError, ModelFolderError
 from ..paths import BUNDLED_MODELS, CATALOGUE_JSON, cache_dir, is_plain_name, plain_relative
 from .totalsegmentator import Task, find_task, tasks, totalsegmentator_installed
 
@@ -143,6 +143,22 @@ def read_manifest(variant: Variant, cache: Path | None = None) -> dict[str, Any]
             if not path.is_file() or path.stat().st_size != record["bytes"]:
                 return None
     return manifest
+
+
+def verify_built(variant: Variant, cache: Path | None = None) -> None:
+    """Recompute every built file's sha256 against the manifest; name the corrupt file and the fix."""
+    manifest = read_manifest(variant, cache)
+    folder = variant_dir(variant, cache)
+    if manifest is None:
+        raise ModelFolderError(f"{variant.id} is not (completely) built in {folder}; run: tuckersegment build-variants "
+                               f"--variant {variant.id}")
+    for model in manifest["models"]:
+        for name, record in model["files"].items():
+            path = folder / model["folder"] / name
+            if sha256_file(path) != record["sha256"]:
+                (folder / MANIFEST).unlink(missing_ok=True)  # no longer counts as built; the next build redoes it
+                raise CheckpointError(f"{path} changed since it was built (sha256 mismatch): it is corrupt; run "
+                                      f"tuckersegment build-variants --variant {variant.id} to rebuild it")
 
 
 def with_availability(variant: Variant, weights_roots: list[Path] | None = None, cache: Path | None = None) -> Variant:

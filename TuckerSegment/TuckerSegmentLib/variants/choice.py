@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFolderError
+from ..errors import DeviceError, ModelFolderError
 from ..paths import BUNDLED_MODELS
-from ..runtime.devices import DEVICE_CHOICES
+from ..runtime.devices import parse_device
 from .catalogue import READY, Variant, catalogue, task_of
-from .hardware import DeviceInfo, detect_devices
+from ..runtime.hardware import DeviceInfo, detect_devices
 from .selection import Selection, select_variant
 
 BUNDLED_CATALOGUE = BUNDLED_MODELS / "models.json"
@@ -49,16 +49,13 @@ def bundled_models(record: Path = BUNDLED_CATALOGUE) -> list[dict[str, Any]]:
 
 def usable_devices(device: str, devices: Sequence[DeviceInfo]) -> list[DeviceInfo]:
     """The described devices that ``--device`` allows, preferred first."""
-    name = device.lower()
-    if name == "auto":
+    kind, index = parse_device(device)
+    if kind == "auto":
         return list(devices)
-    kind, _, index = name.partition(":")
-    if kind not in DEVICE_CHOICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise ModelFolderError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
-    chosen = [d for d in devices if d.kind == kind and (not index or d.index == int(index))]
+    chosen = [d for d in devices if d.kind == kind and (index is None or d.index == index)]
     if not chosen:
         found = ", ".join(d.name for d in devices)
-        raise ModelFolderError(f"device {device} requested but not found (found: {found}); use --device auto or cpu, "
+        raise DeviceError(f"device {device} requested but not found (found: {found}); use --device auto or cpu, "
                                "or install a PyTorch build that sees the GPU")
     return chosen
 

@@ -20,10 +20,9 @@ from ..image.volume import Volume, checked_volume
 from ..progress import Cancel, Progress
 from ..segment.result import SegmentationResult
 from ..segment.task import TaskSegmenter
-from .build import verify_built
-from .catalogue import Variant, task_of
+from .catalogue import Variant, task_of, verify_built
 from .choice import ModelChoice, from_selection
-from .hardware import GB, DeviceInfo, system_memory
+from ..runtime.hardware import GB, DeviceInfo, system_memory
 from .selection import MEMORY_MARGIN, fallback_chain
 from .task_weights import check_task_model
 from .totalsegmentator import find_task, tasks

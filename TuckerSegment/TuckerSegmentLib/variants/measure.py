@@ -32,7 +32,7 @@ from ..progress import stage
 from ..runtime.memory import PeakMemory
 from ..segment.task import TaskSegmenter
 from .agreement import Overlap, mean_agreement
-from .hardware import DeviceInfo
+from ..runtime.hardware import DeviceInfo
 from .measured import measurement_context
 
 ROUNDS = 3

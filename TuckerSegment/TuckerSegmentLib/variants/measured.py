@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..dependencies import openvino_missing
-from .hardware import DeviceInfo
+from ..runtime.hardware import DeviceInfo
 
 CONTEXT_KEYS = ("runtime", "device", "engine")
 

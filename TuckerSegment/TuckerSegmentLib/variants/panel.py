@@ -17,7 +17,7 @@ from ..nnunet.plans_check import check_dataset_json
 from ..segment.labels import segment_labels
 from .catalogue import READY, Variant
 from .choice import choose_model
-from .hardware import DeviceInfo
+from ..runtime.hardware import DeviceInfo
 from .totalsegmentator import tasks
 from .user_variants import UserVariant
 

@@ -22,7 +22,7 @@ from ..dependencies import openvino_missing
 from ..errors import ModelFolderError
 from .agreement import ground_truth_verdict, verdict
 from .catalogue import READY, Variant
-from .hardware import GB, DeviceInfo
+from ..runtime.hardware import GB, DeviceInfo
 from .measured import changed
 
 DICE_LIMIT = 0.01

@@ -16,15 +16,12 @@ from typing import Any
 import numpy as np
 
 from .. import errors
-from ..errors import TuckerSegmentError
+from ..errors import ProtocolError, TuckerSegmentError
+from ..image.transfer import load_volume, save_volume
 from ..segment.labels import SegmentLabel, Terminology
 
 READY = "ready"
 MAX_LINE = 1 << 20  # a protocol line longer than this is not ours
-
-
-class ProtocolError(TuckerSegmentError):
-    """The worker wrote something that is not part of the protocol."""
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -52,20 +49,6 @@ def decode(line: bytes | str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return message if isinstance(message, dict) else None
-
-
-def save_volume(path: Path, voxels: np.ndarray, ijk_to_ras: np.ndarray) -> None:
-    """Voxels (k, j, i) and their IJK-to-RAS matrix, as the worker reads them (``load_volume``)."""
-    np.savez(path, voxels=np.ascontiguousarray(voxels), ijk_to_ras=np.asarray(ijk_to_ras, dtype=np.float64))
-
-
-def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(voxels, ijk_to_ras) from ``save_volume``'s file; no pickled objects are read."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        voxels, matrix = data["voxels"], data["ijk_to_ras"]
-    if voxels.ndim != 3 or matrix.shape != (4, 4):
-        raise ProtocolError(f"{path} does not hold a 3D volume and a 4x4 matrix")
-    return voxels, matrix
 
 
 def save_labels(path: Path, labels: np.ndarray) -> None:
@@ -117,3 +100,7 @@ def error_from_json(data: dict[str, Any]) -> TuckerSegmentError:
     if not (isinstance(kind, type) and issubclass(kind, TuckerSegmentError)):
         kind = TuckerSegmentError
     return kind(str(data.get("message", "the worker failed without a message")))
+
+
+__all__ = ["ProtocolError", "decode", "encode", "error_from_json", "error_to_json", "load_labels", "load_volume",
+           "save_labels", "save_volume", "segments_from_json", "segments_to_json"]

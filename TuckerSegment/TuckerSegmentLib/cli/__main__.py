@@ -1,0 +1,6 @@
+"""``python -m TuckerSegmentLib.cli``."""
+import sys
+
+from .commands import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""Defaults and limits that the requests, the entry points and the engine share, each defined here once
+(importable without torch, so Slicer's panel shows the same numbers the worker uses)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import RecoveryError, TaskError
+
+TILE_STEP = 0.8  # sliding-window step as a fraction of the patch, as TotalSegmentator runs nnU-Net
+RANK_MIN = 8  # the uniform rule's smallest rank of any factor
+
+DISTILL_ITERATIONS = 200  # distil: training iterations (decided on the demo model, docs/recovery.md)
+DISTILL_LR = 1e-4
+DISTILL_TRAINED = ("auto", "factorised", "all")  # which parameters distillation trains
+MAX_DISTILL_ITERATIONS = 100_000  # the most distillation iterations a compression asks for (the panel's spin box too)
+
+FINETUNE_EPOCHS = 50  # as the Tucker paper
+FINETUNE_ITERATIONS_PER_EPOCH = 250  # nnU-Net's
+FINETUNE_LR = 1e-5
+
+
+def check_tile_step(tile_step: Any) -> float:
+    """``tile_step`` as nnU-Net's sliding window takes it: a fraction of the patch in (0, 1]."""
+    if isinstance(tile_step, bool) or not isinstance(tile_step, (int, float)) or not 0 < tile_step <= 1:
+        raise TaskError(f"tile step {tile_step!r} is outside (0, 1]: it is the sliding-window step as a fraction of "
+                        "the patch (0.5 is nnU-Net's default, 0.8 TotalSegmentator's)")
+    return float(tile_step)
+
+
+def distill_iterations(value: Any) -> int:
+    """``value`` as a number of distillation iterations after compression (0: none), or a one-line refusal."""
+    import numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_DISTILL_ITERATIONS:
+        raise RecoveryError(f"distillation takes a whole number of iterations from 0 (none) to {MAX_DISTILL_ITERATIONS}, "
+                            f"not {value!r}")
+    return int(value)

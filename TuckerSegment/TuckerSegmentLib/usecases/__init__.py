@@ -1,0 +1,1 @@
+"""Use cases: one typed request each (``requests``, importable without torch) and the one function that runs it."""
