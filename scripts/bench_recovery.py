@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy recovered after compression on the bundled demo model: before, after distillation, after fine-tuning.
 
-``table`` (the README's table, ``docs/recovery.md``): for each compressed point (default: the budget policy,
+``table`` (the table in ``docs/guide/recovering.md``, ``docs/recovery.md``): for each compressed point (default: the budget policy,
 activation-aware, at 0.3 and 0.2 of the FLOPs, cached by ``scripts/bench_compression.py``; the uniform rule at
 factor 0.5 and at the smallest factor ``--rank-min`` 8 allows, compressed here with ``tuckersegment compress``),
 runs the user's commands one after the other, alone, and times each:
