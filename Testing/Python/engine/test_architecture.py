@@ -178,7 +178,6 @@ SEGMENT_PATH = textwrap.dedent(f"""
     from TuckerSegmentLib.usecases.requests import SegmentRequest
     from TuckerSegmentLib.usecases.segmenting import plan_segmenter, segment_with
     from TuckerSegmentLib.worker import server
-    from TuckerSegmentLib.cli import parser
     plan_segmenter(SegmentRequest(task="demo"))
     print(json.dumps(sorted(m for m in sys.modules if m.startswith(("TuckerSegmentLib.compress",
         "TuckerSegmentLib.recovery", "torch_pruning")))))

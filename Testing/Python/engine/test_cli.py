@@ -141,3 +141,38 @@ def test_segment_refuses_bad_arguments_before_loading_a_model(tmp_path):
         result = run(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+def run_on_a_terminal(*args: str) -> tuple[int, str]:
+    """Run the command with a pseudo-terminal as its stderr (as in a shell); its exit status and what it showed."""
+    import os
+    import pty
+    main, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "TuckerSegmentLib.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal closed with the process (EIO on Linux)
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    return process.wait(timeout=600), shown.decode(errors="replace")
+
+
+def test_progress_is_a_bar_with_eta_on_a_terminal_and_plain_lines_otherwise(tiny_model, tmp_path):
+    command = ("compress", str(tiny_model), "--factor", "0.5", "--rank-min", "2", "--weight-only")
+    code, shown = run_on_a_terminal(command[0], command[1], str(tmp_path / "on_terminal"), *command[2:])
+    assert code == 0, shown
+    assert "decomposing: 100%|" in shown and "elapsed, ETA" in shown and "\r" in shown  # one bar, redrawn
+    plain = run(command[0], command[1], str(tmp_path / "in_a_log"), *command[2:])
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stderr.splitlines()
+    assert "ETA" not in plain.stderr and "\r" not in plain.stderr
+    assert lines[0].startswith("decomposing [  1/") and all(line.startswith("decomposing [") for line in lines)
+    quiet = run(command[0], command[1], str(tmp_path / "quiet"), *command[2:], "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""

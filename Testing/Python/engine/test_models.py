@@ -54,5 +54,5 @@ def test_device_requests_that_cannot_be_met_are_errors():
     for bad in ("gpu", "cuda:x", "mps:0"):
         with pytest.raises(DeviceError, match="unknown device"):
             usable_devices(bad, [gpu, CPU])
-    with pytest.raises(ModelFolderError, match="not ready|not found"):
+    with pytest.raises(DeviceError, match="not ready|not found"):
         choose_model("chest-demo", device="mps", devices=[CPU], variants=catalogue())

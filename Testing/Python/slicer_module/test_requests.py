@@ -121,7 +121,7 @@ def test_every_request_round_trips_through_json(request_type):
     (SegmentRequest, {"crop": "yes"}, "crop must be true or false, not 'yes'"),
     (SegmentRequest, {"device": "gpu"}, "unknown device 'gpu'; choose auto, cpu, cuda, cuda:N or mps"),
     (SegmentRequest, {"device": ["cpu"]}, "unknown device ['cpu']"),
-    (SegmentRequest, {"runtime": "tensorrt"}, "runtime must be one of auto, torch, openvino, not 'tensorrt'"),
+    (SegmentRequest, {"runtime": "tensorrt"}, "unknown runtime 'tensorrt'; choose one of auto, torch, openvino"),
     (SegmentRequest, {"subset": "ribs"}, "subset must be a list of names or paths, not 'ribs'"),
     (SegmentRequest, {"model": []}, "model must name a model"),
     (SegmentRequest, {"model": "x\0y"}, "model must be a non-empty name or path"),

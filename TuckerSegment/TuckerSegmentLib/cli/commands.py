@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from ..nnunet.model_folder import ModelFolder
 from ..policies.methods import DEFAULT_METHOD, method, policy_for
 from ..progress import Progress, listening
 from ..runtime.hardware import GB, DeviceInfo, detect_devices
-from ..runtime.stage_log import StageLog
 from ..segment.batch import BatchItem, segment_batch
 from ..segment.output import plan_outputs, write_result
 from ..tucker.network_stats import FLOP_CONVENTION, NetworkStats
@@ -39,6 +38,7 @@ from ..variants.catalogue import READY, STANDARD_VOLUME_MM, Variant, catalogue, 
 from ..variants.choice import choose_model, usable_devices
 from ..variants.selection import expected_time, measurement, qualifies
 from .parser import TARGET_SHORTCUTS, build_parser, given
+from .terminal import Terminal, terminal
 
 
 def _millions(n: int) -> str:
@@ -137,12 +137,6 @@ def _calibration_text(record: dict[str, Any]) -> str:
     return "none (--weight-only: ranks and factors from the weights alone)"
 
 
-def _progress(fold_label: str):
-    def report(done: int, total: int, name: str) -> None:
-        print(f"{fold_label}[{done:>3}/{total}] {name}", file=sys.stderr, flush=True)
-    return report
-
-
 def _print_pruning_report(fold: str, report: PruningReport) -> None:
     kept = sum(after for _, after in report.groups.values()) / max(1, sum(before for before, _ in report.groups.values()))
     source = (f"Taylor importance from {report.calibration_inputs} labelled patches" if report.calibration_inputs
@@ -224,29 +218,6 @@ def _variants(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_log(quiet: bool) -> StageLog:
-    """Stages of a long command on stderr (announced ones and those that take more than a few seconds)."""
-    return StageLog(None if quiet else lambda message: print(f"tuckersegment: {message}", file=sys.stderr, flush=True))
-
-
-def _segment_progress() -> Progress:
-    """Progress on stderr, once per tenth of the batch."""
-    last = [-1]
-
-    def report(fraction: float, message: str) -> None:
-        decile = int(fraction * 10)
-        if decile != last[0]:
-            last[0] = decile
-            print(f"{fraction:4.0%} {message}", file=sys.stderr, flush=True)
-    return report
-
-
-
-
-def _say(quiet: bool) -> Callable[[str], None] | None:
-    return None if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-
-
 def compress_request(args: argparse.Namespace) -> CompressRequest:
     """The compress options as a request: ``--method tucker --policy M --target T`` or one shortcut such as
     ``--target-flops T`` names the rank method; ``--method prune-*`` takes its budget from ``--target-flops``."""
@@ -278,10 +249,9 @@ def _compress_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def _compress(args: argparse.Namespace) -> int:
     request = compress_request(args)
-    progress = None if args.quiet else _progress("pruning " if request.prunes else "decomposing ")
-    with listening(_stage_log(args.quiet)):  # long stages say how far they are
-        outcome = run_compress(request, layers=progress, distilling=None if args.quiet else _progress("distilling "),
-                               say=_say(args.quiet))
+    with terminal(args.quiet) as out, listening(out.stages()):  # long stages say how far they are
+        outcome = run_compress(request, layers=out.counted("pruning" if request.prunes else "decomposing"),
+                               distilling=out.counted("distilling"), say=out.say)
     _print_reports(args, request, outcome)
     return 0
 
@@ -301,7 +271,8 @@ def distill_request(args: argparse.Namespace) -> DistillRequest:
 def _distill(args: argparse.Namespace) -> int:
     """``distill``: train a compressed folder to reproduce its original on unlabeled CTs (no labels)."""
     request = distill_request(args)
-    record = run_distill(request, progress=None if args.quiet else _progress("distilling "))
+    with terminal(args.quiet) as out:
+        record = run_distill(request, progress=out.counted("distilling"))
     if args.json:
         print(json.dumps(record, indent=1))
     else:
@@ -320,6 +291,13 @@ def _segment(args: argparse.Namespace) -> int:
                                  "(.seg.nrrd, .nii.gz, or a folder for several inputs)")
     request = segment_request(args)
     jobs = plan_outputs(args.paths[:-1], args.paths[-1], args.format)
+    with terminal(args.quiet) as out:
+        return _segment_all(args, request, jobs, out)
+
+
+def _segment_all(args: argparse.Namespace, request: SegmentRequest, jobs: list[tuple[Path, Path]],
+                 out: Terminal) -> int:
+    """Segment each (input, output) job with one model load; 2 when any failed."""
     plan = plan_segmenter(request, notify=lambda message: print(f"tuckersegment: {message}", file=sys.stderr))
     print(f"model: {plan.reason}", file=sys.stderr)
     segmenter = plan.open()
@@ -331,7 +309,7 @@ def _segment(args: argparse.Namespace) -> int:
         refuse_existing(target, overwrite)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IntensityWarning)
-            result = segment_with(segmenter, request, source, None if args.quiet else progress)
+            result = segment_with(segmenter, request, source, progress)
         for warning in caught:
             print(f"tuckersegment: warning: {warning.message}", file=sys.stderr)
         for note in result.warnings:
@@ -339,8 +317,8 @@ def _segment(args: argparse.Namespace) -> int:
         write_result(result, target)
         return target, (f"{len(result.found())}/{len(result.segments)} structures, {result.seconds:.1f} s "
                         f"on {result.device} ({plan.label}; {result.runtime})")
-    with listening(_stage_log(args.quiet)):  # e.g. a model's first conversion for OpenVINO is announced
-        items = segment_batch(jobs, work, name=lambda job: job[0].name, progress=_segment_progress(),
+    with listening(out.stages()):  # e.g. a model's first conversion for OpenVINO is announced
+        items = segment_batch(jobs, work, name=lambda job: job[0].name, progress=out.fraction("segmenting"),
                               done=_batch_line)
     failures = sum(not item.ok for item in items)
     if failures and len(jobs) > 1:
@@ -362,12 +340,17 @@ def build_request(args: argparse.Namespace) -> BuildRequest:
 
 def _build_variants(args: argparse.Namespace) -> int:
     request = build_request(args)
-    say = (lambda message: None) if args.quiet else _say(False)
+    with terminal(args.quiet) as out, listening(out.stages()):
+        return _build_all(request, out)
+
+
+def _build_all(request: BuildRequest, out: Terminal) -> int:
+    """Build what ``request`` names, then a line per variant: built (with its quality and speed), skipped or failed."""
 
     def starting(index: int, count: int, variant: Variant) -> None:
         if variant.original or variant.bundled:
             print(f"{variant.id}: {variant.availability} (nothing to build)")
-    outcome = run_build(request, say=say, starting=starting)
+    outcome = run_build(request, say=out.say, starting=starting)
     for variant_id, reason in outcome.skipped.items():
         print(f"{variant_id}: skipped, {reason}")
     for variant_id, reason in outcome.failed.items():
@@ -393,7 +376,8 @@ def evaluate_request(args: argparse.Namespace) -> EvaluateRequest:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    folder = run_evaluate(evaluate_request(args), progress=None if args.quiet else _segment_progress())
+    with terminal(args.quiet) as out:
+        folder = run_evaluate(evaluate_request(args), progress=out.fraction("evaluating"))
     print((folder / MARKDOWN_NAME).read_text())
     print(f"wrote {folder}")
     return 0
@@ -404,9 +388,8 @@ def finetune_request(args: argparse.Namespace) -> FinetuneRequest:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    say = None if args.quiet else (lambda fraction, message: print(f"{fraction:4.0%} {message}", file=sys.stderr,
-                                                                   flush=True))
-    report = run_finetune(finetune_request(args), progress=say)
+    with terminal(args.quiet) as out:
+        report = run_finetune(finetune_request(args), progress=out.fraction("fine-tuning", every_message=True))
     dice = report.validation_dice
     columns = [c for c in ("original", "compressed", "finetuned") if c in dice]
     print("| class | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))

@@ -6,7 +6,7 @@ Here, without importing anything: the architecture must be one of dynamic-networ
 U-Nets, every imported building block a ``torch.nn`` convolution, normalisation, dropout or
 nonlinearity, every other name nnU-Net looks up (normalisation scheme, resampling function, label
 manager, image reader, preprocessor) one that nnU-Net ships, and every number within the limits
-below (README, "Safety"). The first problem found is named, with its field, in a ``ModelFolderError``.
+below (docs/guide/safety.md). The first problem found is named, with its field, in a ``ModelFolderError``.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ READERS = ("SimpleITKIO", "SimpleITKIOWithReorient", "NibabelIO", "NibabelIOWith
            "NaturalImage2DIO")
 PREPROCESSORS = ("DefaultPreprocessor",)
 CT_PROPERTIES = ("mean", "std", "percentile_00_5", "percentile_99_5")
-# Limits (README "Safety"): wide enough for any nnU-Net plan seen in practice, narrow enough that no
+# Limits (docs/guide/safety.md): wide enough for any nnU-Net plan seen in practice, narrow enough that no
 # value makes the engine allocate absurd memory or loop.
 PATCH = (8, 512)  # voxels per axis
 STAGES = (1, 10)

@@ -38,7 +38,7 @@ def _refuse(name: str, value: Any, expected: str) -> RequestError:
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise _refuse(name, value, f"one of {', '.join(choices)}")
+        raise RequestError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
     return value
 
 

@@ -5,7 +5,7 @@ Agreement is Dice between the variant's and the original's label maps for each s
 the scored region of every scored volume (sums of overlaps and sizes, so a small volume does not weigh
 as much as a large one). A structure counts towards the per-structure floor when the original labels
 at least ``MIN_VOXELS`` voxels of it in the scored region (fewer: a handful of voxels decide its Dice).
-Thresholds and the evidence for them: README, "Which variant runs".
+Thresholds: docs/guide/variants.md; the evidence for them: docs/guide/demo-model.md ("Evidence for the agreement thresholds").
 """
 from __future__ import annotations
 
