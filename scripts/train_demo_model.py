@@ -34,7 +34,8 @@ from torch.nn import functional
 from TuckerSegmentLib.image.geometry import to_canonical
 from TuckerSegmentLib.nnunet.layout import CHECKPOINT_NAME
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
-from TuckerSegmentLib.segment.labels import TERMINOLOGY_COLUMNS, TERMINOLOGY_CSV, terminology_row
+from TuckerSegmentLib.nnunet.layout import TERMINOLOGY_CSV
+from TuckerSegmentLib.segment.labels import TERMINOLOGY_COLUMNS, terminology_row
 from TuckerSegmentLib.testing.demo_data import chest_sample, holdout_mask
 from TuckerSegmentLib.testing.example_models import CONFIGURATION, NNUNET_RESAMPLING, PLANS_NAME, TRAINER
 

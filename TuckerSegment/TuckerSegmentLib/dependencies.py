@@ -58,7 +58,6 @@ REQUIREMENTS = (
     Requirement("scipy", "scipy", "1.11", "2"),  # evaluation statistics (Wilcoxon)
     Requirement("matplotlib", "matplotlib", "3.7", "4"),  # evaluation plots
     Requirement("torch-pruning", "torch_pruning", "1.6", "1.7"),  # the filter-pruning methods
-    Requirement("tqdm", "tqdm", "4.60", "5"),  # progress bars on a terminal (nnU-Net installs it too)
     # the CPU runtime; without it PyTorch runs the network (runtime.inference says so)
     Requirement("openvino", "openvino", "2026.0", "2027", recommended=True),
 )

@@ -12,7 +12,7 @@ from TuckerSegmentLib import ModelFolder, UniformPolicy, compress_model_folder
 from TuckerSegmentLib.cli import main
 from TuckerSegmentLib.compress.calibration_data import calibration_patches
 from TuckerSegmentLib.compress.calibration_source import SAMPLE_CT, sample_ct
-from TuckerSegmentLib.errors import PolicyError
+from TuckerSegmentLib.errors import PolicyError, TuckerSegmentError
 from TuckerSegmentLib.checksums import sha256_file
 from TuckerSegmentLib.tucker.calibration import prediction_agreement
 from TuckerSegmentLib.worker.server import Worker
@@ -113,6 +113,6 @@ def test_the_worker_calibrates_on_the_sample_ct_by_default_and_passes_weight_onl
     assert record(tmp_path / "default")["calibration"]["source"] == "sample"
     worker.compress(request | {"output": str(tmp_path / "weights"), "weight_only": True}, lambda fraction, message: None)
     assert record(tmp_path / "weights")["calibration"]["source"] == "none"
-    with pytest.raises(PolicyError, match="^weight_only is true or false, not 1$"):
+    with pytest.raises(TuckerSegmentError, match="^weight_only must be true or false, not 1$"):  # the request's check
         worker.compress(request | {"output": str(tmp_path / "bad"), "weight_only": 1}, lambda fraction, message: None)
     assert not (tmp_path / "bad").exists()

@@ -21,6 +21,7 @@ from TuckerSegmentLib.segment.labels import TOTALSEGMENTATOR_CSV, segment_labels
 from TuckerSegmentLib.segment.predictor import Segmenter
 from TuckerSegmentLib.testing.example_models import EXAMPLE_SPECS, example_model, write_totalsegmentator_task
 from TuckerSegmentLib.tucker.network_stats import network_stats
+from TuckerSegmentLib.compress import folder as compress_folder
 from TuckerSegmentLib.variants import build as variant_build
 from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_variant, load_catalogue, variant_dir, verify_built
 from TuckerSegmentLib.variants.choice import choose_model
@@ -146,7 +147,7 @@ def test_total_merges_five_parts_into_117_global_labels(ts_home):
 def test_interrupted_build_is_not_used_and_resumes(ts_home, monkeypatch):
     write_totalsegmentator_task(ts_home, "total", divisor=8)
     variant = find_variant(catalogue(), "total-tucker-0.5")
-    real = variant_build.compress_model_folder
+    real = compress_folder.compress_model_folder  # what every build's model writer calls
     calls = []
 
     def flaky(source, target, *args, **kwargs):
@@ -155,7 +156,7 @@ def test_interrupted_build_is_not_used_and_resumes(ts_home, monkeypatch):
             raise KeyboardInterrupt  # the user stops the build midway
         return real(source, target, *args, **kwargs)
 
-    monkeypatch.setattr(variant_build, "compress_model_folder", flaky)
+    monkeypatch.setattr(compress_folder, "compress_model_folder", flaky)
     with pytest.raises(KeyboardInterrupt):
         variant_build.build_variant(variant, measure=False)
     assert find_variant(catalogue(), "total-tucker-0.5").availability == "buildable"  # half-built: never used

@@ -264,8 +264,8 @@ def distill_request(args: argparse.Namespace) -> DistillRequest:
     if len(paths) != 2 or not calibration:
         raise TuckerSegmentError("distill needs COMPRESSED_DIR, OUT_DIR and --calibration CT...: tuckersegment "
                                  "distill COMPRESSED_DIR --teacher ORIGINAL_DIR --calibration CT... OUT_DIR")
-    return DistillRequest(**given(args, DistillRequest), compressed=paths[0], output=paths[1],
-                          calibration=tuple(calibration))
+    fields = {name: value for name, value in given(args, DistillRequest).items() if name != "calibration"}
+    return DistillRequest(**fields, compressed=paths[0], output=paths[1], calibration=tuple(calibration))
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -298,7 +298,7 @@ def _segment(args: argparse.Namespace) -> int:
 def _segment_all(args: argparse.Namespace, request: SegmentRequest, jobs: list[tuple[Path, Path]],
                  out: Terminal) -> int:
     """Segment each (input, output) job with one model load; 2 when any failed."""
-    plan = plan_segmenter(request, notify=lambda message: print(f"tuckersegment: {message}", file=sys.stderr))
+    plan = plan_segmenter(request, notify=lambda message: out.say(f"tuckersegment: {message}", always=True))
     print(f"model: {plan.reason}", file=sys.stderr)
     segmenter = plan.open()
     segmenter.check_subset(request.subset)  # unknown names fail before any volume is read
@@ -311,9 +311,9 @@ def _segment_all(args: argparse.Namespace, request: SegmentRequest, jobs: list[t
             warnings.simplefilter("always", IntensityWarning)
             result = segment_with(segmenter, request, source, progress)
         for warning in caught:
-            print(f"tuckersegment: warning: {warning.message}", file=sys.stderr)
+            out.say(f"tuckersegment: warning: {warning.message}", always=True)
         for note in result.warnings:
-            print(f"tuckersegment: {note}", file=sys.stderr)
+            out.say(f"tuckersegment: {note}", always=True)
         write_result(result, target)
         return target, (f"{len(result.found())}/{len(result.segments)} structures, {result.seconds:.1f} s "
                         f"on {result.device} ({plan.label}; {result.runtime})")

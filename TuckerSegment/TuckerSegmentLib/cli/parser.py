@@ -11,9 +11,9 @@ from typing import Any, NoReturn
 from .. import __version__
 from ..defaults import MAX_DISTILL_ITERATIONS
 from ..policies.methods import DEFAULT_METHOD, PRUNING_METHODS, RANK_METHODS
-from ..runtime.devices import PRECISIONS, RUNTIMES
-from ..usecases.requests import (COMPRESS_METHODS, EXECUTIONS, OUTPUT_FORMATS, CompressRequest, DistillRequest,
-                                 FinetuneRequest, Request, SegmentRequest)
+from ..runtime.devices import EXECUTIONS, PRECISIONS, RUNTIMES
+from ..usecases.requests import (COMPRESS_METHODS, OUTPUT_FORMATS, CompressRequest, DistillRequest,
+                                 FinetuneRequest, Request, SegmentRequest, segment_tasks)
 from ..variants.totalsegmentator import tasks
 
 UNSET = argparse.SUPPRESS  # an option not given stays out of the namespace: the request's default applies
@@ -102,7 +102,7 @@ def add_segment(commands: Commands, run: Callable[[argparse.Namespace], int]) ->
                          help="variant id (tuckersegment variants), nnU-Net model folder, or auto (default): the "
                               "fastest variant that fits this machine's GPU or CPU among those whose measured "
                               "agreement with the original passes (tuckersegment variants shows them)")
-    segment.add_argument("--task", default=UNSET, choices=("auto", *tasks(), "demo"),
+    segment.add_argument("--task", default=UNSET, choices=segment_tasks(),
                          help="task for --model auto (default: total on a GPU, fast on a CPU, when ready; else demo)")
     segment.add_argument("--subset", nargs="+", metavar="NAME", default=UNSET, help="keep only these structures")
     segment.add_argument("--no-crop", dest="crop", action="store_false", default=UNSET,

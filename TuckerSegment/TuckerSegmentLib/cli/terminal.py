@@ -1,7 +1,8 @@
 """Progress of a long command on stderr, as people expect it: on a terminal a progress bar with elapsed time and
-ETA (tqdm); otherwise (logs, CI, a pipe) plain lines, a few per stage."""
+ETA (tqdm, which nnU-Net installs); otherwise (logs, CI, a pipe, no tqdm) plain lines, a few per stage."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -22,11 +23,12 @@ class Terminal:
     def __init__(self, quiet: bool = False, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.quiet = quiet
-        self.bars = not quiet and _is_terminal(self.stream)
+        self.bars = not quiet and _is_terminal(self.stream) and importlib.util.find_spec("tqdm") is not None
         self._open: list[Any] = []
 
-    def say(self, message: str) -> None:
-        if self.quiet:
+    def say(self, message: str, always: bool = False) -> None:
+        """``message`` on its own line (above a bar that is showing); ``always``: even when quiet (a warning)."""
+        if self.quiet and not always:
             return
         if self._open:
             self._open[-1].write(message, file=self.stream)  # above the bar, which stays

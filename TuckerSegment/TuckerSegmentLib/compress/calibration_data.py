@@ -20,7 +20,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 from nnunetv2.preprocessing.normalization import default_normalization_schemes
 
 from ..errors import ModelFolderError, VolumeError
-from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
+from ..image.geometry import resample_labels_nearest, to_canonical
 from ..image.volume import Volume, checked_volume, read_volume
 from ..nnunet.model_folder import ModelFolder
 from ..tucker.calibration import CalibrationPatch
@@ -75,11 +75,8 @@ def _padded(array: np.ndarray, patch: tuple[int, ...], value: float | bool) -> n
 def _on_model_grid(model: ModelFolder, source: CalibrationVolume) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
     """The volume as inference sees it (canonical RAS, trilinear at the model spacing, normalised), its shape,
     and the model spacing in array order."""
-    spacing = np.asarray(model.configuration_manager.spacing, dtype=float)
-    target = spacing[list(model.plans_manager.transpose_backward)]
-    canonical, _ = to_canonical(source.volume)
-    shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
-    return _normalised(model, resample_image(canonical.array, shape)), shape, target
+    grid = model.onto_grid(source.volume)
+    return _normalised(model, grid.image), grid.shape, grid.spacing
 
 
 def _mask_on_model_grid(source: CalibrationVolume, shape: tuple[int, ...]) -> np.ndarray:

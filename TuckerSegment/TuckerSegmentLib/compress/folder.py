@@ -1,7 +1,6 @@
 """Compress (Tucker) or prune (filters) an nnU-Net v2 model folder into a new folder; describe any model folder."""
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,17 +16,14 @@ from ..checksums import sha256_file
 from ..nnunet.layout import TUCKER_JSON, WEIGHTS_FILE, Fold, fold_dir_name, model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..nnunet.tucker_format import save_weights, write_tucker_json
+from ..nnunet.writing import copy_model_files
 from ..policies.base import RankPolicy
 from ..progress import LayerProgress
-from ..segment.labels import TERMINOLOGY_CSV
 from ..tucker.network_stats import FLOP_CONVENTION, network_stats
 from .calibration_data import CalibrationVolume, calibration_patches, checked_calibration, labelled_patches
 from .calibration_source import calibration_name, resolve_calibration
 from .network import CompressionReport, compress_network
 from .pruning import CRITERIA, LabelledPatch, PruningReport, prune_network, trace_input
-
-COPIED_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", TERMINOLOGY_CSV)
-
 
 def _open_source(source: str | Path, configuration: str | None, folds: Sequence[Fold], output: str | Path,
                  overwrite: bool, calibration: Sequence[object] | None = None,
@@ -53,29 +49,6 @@ def _open_source(source: str | Path, configuration: str | None, folds: Sequence[
 Report = TypeVar("Report", CompressionReport, PruningReport)
 
 
-def _copy_model_files(model: ModelFolder, staging: Path) -> None:
-    """The model's plans, labels and terminology, copied into a new model folder."""
-    for name in COPIED_FILES:
-        if (model.path / name).is_file():
-            shutil.copy2(model.path / name, staging / name)
-
-
-def write_retrained_model(model: ModelFolder, fold: str, network: nn.Module, record: dict[str, Any], target: Path,
-                          overwrite: bool, extra: Callable[[Path], None] | None = None) -> None:
-    """A retrained fold of ``model`` (distilled, fine-tuned) as a new model folder, whole or not at all: the model's
-    plans and labels, ``record`` (the fold's ``tucker.json`` entries) stamped with this version and the new weights'
-    sha256, the weights; ``extra(fold_dir)`` adds files to the fold before the folder appears."""
-    with atomic_output_dir(target, overwrite) as staging:
-        _copy_model_files(model, staging)
-        fold_dir = staging / fold_dir_name(fold)
-        fold_dir.mkdir()
-        weights_sha256 = save_weights(network, fold_dir / WEIGHTS_FILE)
-        write_tucker_json(fold_dir / TUCKER_JSON, {**record, "tuckersegment_version": __version__,
-                                                   "weights_sha256": weights_sha256})
-        if extra is not None:
-            extra(fold_dir)
-
-
 def _write_model_folder(model: ModelFolder, fold_names: Sequence[str], output: str | Path, trust: bool,
                         overwrite: bool, transform: Callable[[nn.Module], Report]) -> dict[str, Report]:
     """Write ``output`` all or nothing: the source's plans and labels, and per fold the network that
@@ -83,7 +56,7 @@ def _write_model_folder(model: ModelFolder, fold_names: Sequence[str], output: s
     from) + ``weights.safetensors``."""
     reports: dict[str, Report] = {}
     with atomic_output_dir(Path(output), overwrite) as staging:
-        _copy_model_files(model, staging)
+        copy_model_files(model, staging)
         for fold in fold_names:
             network, checkpoint = model.load_original(fold, trust)
             report = transform(network)
@@ -170,6 +143,21 @@ def prune_model_folder(source: str | Path, output: str | Path, criterion: str, t
         report.calibration = record
         return report
     return _write_model_folder(model, fold_names, output, trust, overwrite, prune)
+
+
+def model_writer(source: str | Path, how: RankPolicy | str,
+                 calibration: Sequence[CalibrationVolume | Volume | str | Path] | None = None,
+                 target_flops: float | None = None, labels: Sequence[Volume | np.ndarray | str | Path] | None = None,
+                 weight_only: bool = False, **common: Any) -> Callable[[Path], dict[str, Any]]:
+    """``write(folder)``: ``source`` compressed with the rank policy ``how``, or pruned with the criterion ``how``
+    (``l1``, ``fpgm``, ``taylor``) to ``target_flops`` (default 0.5), into ``folder``; its reports per fold.
+    ``common``: ``folds``, ``configuration``, ``trust``, ``overwrite``, ``progress``, as both take them."""
+    if isinstance(how, str):
+        budget = {} if target_flops is None else {"target_flops": target_flops}
+        return lambda folder: prune_model_folder(source, folder, how, calibration=calibration, labels=labels,
+                                                 **budget, **common)
+    return lambda folder: compress_model_folder(source, folder, how, calibration=calibration,
+                                                weight_only=weight_only, **common)
 
 
 def describe_model(folder: str | Path, fold: Fold | None = None, configuration: str | None = None) -> dict[str, Any]:

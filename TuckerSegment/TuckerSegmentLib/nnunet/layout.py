@@ -15,6 +15,7 @@ from ..paths import checked_path
 
 TUCKER_JSON = "tucker.json"
 WEIGHTS_FILE = "weights.safetensors"
+TERMINOLOGY_CSV = "terminology.csv"  # a model's own structure names, colours and SNOMED CT codes
 CHECKPOINT_NAME = "checkpoint_final.pth"
 LAYOUT_HINT = ("an nnU-Net v2 trained model folder (Trainer__Plans__Configuration) holds plans.json, dataset.json "
                f"and fold_N/{CHECKPOINT_NAME}")

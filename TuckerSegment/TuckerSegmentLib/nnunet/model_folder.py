@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -15,6 +16,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from ..errors import CheckpointError, ModelFolderError
+from ..image.geometry import Reorientation, resample_image, resampled_shape, to_canonical
+from ..image.volume import Volume
 from ..tucker.layers import apply_plans
 from .checkpoint import load_checkpoint, non_finite, state_mismatch
 from .plans_check import check_plans
@@ -104,6 +107,19 @@ class ModelFolder:
     def num_outputs(self) -> int:
         return self.plans_manager.get_label_manager(self.dataset_json).num_segmentation_heads
 
+    @property
+    def target_spacing(self) -> np.ndarray:
+        """The model spacing along the (k, j, i) axes of a canonical array (nnU-Net's original axis order)."""
+        spacing = np.asarray(self.configuration_manager.spacing, dtype=float)
+        return spacing[list(self.plans_manager.transpose_backward)]
+
+    def onto_grid(self, volume: Volume) -> ModelGrid:
+        """``volume`` as the network sees it before normalisation: canonical RAS, trilinear at the model spacing
+        (the one place inference and calibration put a CT on a model's grid)."""
+        canonical, reorientation = to_canonical(volume)
+        shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], self.target_spacing)
+        return ModelGrid(canonical, resample_image(canonical.array, shape), reorientation, self.target_spacing)
+
     def fold_path(self, fold: Fold) -> Path:
         return self.path / fold_dir_name(fold)
 
@@ -181,6 +197,21 @@ class ModelFolder:
         network, record = self.fold_structure(fold)
         load_weights(network, self.fold_path(fold) / WEIGHTS_FILE, record.get("weights_sha256"))
         return network.eval()
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """A CT on a model's grid: the canonical volume it came from, the resampled image, how to restore the input's
+    orientation, and the spacing (mm, array order)."""
+
+    canonical: Volume
+    image: np.ndarray
+    reorientation: Reorientation
+    spacing: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape)
 
 
 def load_original_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

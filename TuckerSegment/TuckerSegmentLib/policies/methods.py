@@ -104,6 +104,25 @@ def describe_policy(data: Mapping[str, Any]) -> str:
     return repr(policy_from_dict(data))
 
 
+def policy_in_words(data: Mapping[str, Any]) -> str:
+    """A recorded policy (``RankPolicy.to_dict``, or a pruning record) as a user would say it, e.g. "ranks for 70 %
+    of the original's time per patch (measured on this machine)"."""
+    name = data.get("name")
+    params = data.get("params") if isinstance(data.get("params"), dict) else {}
+    if isinstance(name, str) and name.startswith(PRUNE_PREFIX):
+        return f"filters pruned by {name.removeprefix(PRUNE_PREFIX)} to {params.get('target_flops', 0.5):.0%} of the FLOPs"
+    if name == "budget":
+        for key, what in (("target_latency", "the original's time per patch (measured on this machine)"),
+                          ("target_flops", "the original's FLOPs"), ("target_params", "the original's parameters")):
+            if params.get(key) is not None:
+                return f"ranks for {params[key]:.0%} of {what}"
+    if name == "uniform":
+        return f"every rank {params.get('factor')} of the original's (the paper's uniform rule)"
+    if name == "energy":
+        return f"ranks keeping {params.get('keep'):.0%} of each layer's energy"
+    return describe_policy(data)
+
+
 def policy_from_dict(data: Mapping[str, Any]) -> RankPolicy:
     """Rebuild a policy recorded by ``RankPolicy.to_dict`` (as in ``tucker.json``)."""
     from .budget import BudgetPolicy

@@ -35,7 +35,7 @@ from ..nnunet.model_folder import ModelFolder
 from ..progress import LayerProgress
 from .distill import distill_model_folder
 from ..paths import distill_source_folder, state_folder
-from .resume import RecoveryError, remove_state
+from .resume import remove_state
 
 REQUEST = "request.json"
 Calibration = Sequence[CalibrationVolume | Volume | str | Path]
@@ -90,15 +90,16 @@ def compress_and_distill(compress: Callable[[Path], Result], teacher: str | Path
                          device: str = "auto", fold: Fold = 0, configuration: str | None = None,
                          overwrite: bool = False, trust: bool = False, progress: LayerProgress | None = None,
                          say: Callable[[str], None] | None = None,
-                         inputs: Sequence[Input] = ()) -> tuple[Result | None, dict[str, Any]]:
+                         inputs: Sequence[Input] = ()) -> tuple[Result | None, dict[str, Any] | None]:
     """Write ``output``: the model ``compress(folder)`` writes (compressed from ``teacher``, one ``fold``), distilled
-    ``iterations`` times from ``teacher`` on ``calibration`` (default: the sample CT) on ``device``. ``settings``
-    (JSON) is whatever else decides the compressed model; ``inputs``, whatever else ``compress`` reads (kept clear
-    of the outputs like the teacher and the CTs). Returns ``compress``'s result (``None`` when an
-    interrupted run's compressed model was reused) and the ``recovery`` record. See the module docstring."""
+    ``iterations`` times from ``teacher`` on ``calibration`` (default: the sample CT) on ``device``; with 0
+    iterations, that model as it is. ``settings`` (JSON) is whatever else decides the compressed model; ``inputs``,
+    whatever else ``compress`` reads (kept clear of the outputs like the teacher and the CTs). Returns
+    ``compress``'s result (``None`` when an interrupted run's compressed model was reused) and the ``recovery``
+    record (``None`` without distillation). See the module docstring."""
     iterations = distill_iterations(iterations)
-    if iterations < 1:
-        raise RecoveryError("compress_and_distill needs at least 1 iteration; compress without distillation instead")
+    if not iterations:
+        return compress(Path(output)), None
     original = ModelFolder.open(teacher, configuration)
     original.require_fold(fold)
     inputs = [*model_inputs("original model folder", teacher), *path_inputs("calibration CT", calibration), *inputs]

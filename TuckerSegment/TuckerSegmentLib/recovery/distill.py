@@ -66,7 +66,7 @@ from torch.nn import functional
 from ..atomic import check_output_dir, path_inputs, refuse_overlap
 from ..compress.calibration_data import CalibrationVolume, network_ready_volume
 from ..compress.calibration_source import calibration_name
-from ..compress.folder import write_retrained_model
+from ..nnunet.writing import write_retrained_model
 from ..defaults import DISTILL_ITERATIONS, DISTILL_LR, DISTILL_TRAINED
 from ..errors import Cancelled, Interrupted, ModelFolderError
 from ..image.volume import Volume

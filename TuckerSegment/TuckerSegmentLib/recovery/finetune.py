@@ -37,7 +37,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoM
 from torch import nn
 
 from ..atomic import check_output_dir, refuse_overlap
-from ..compress.folder import write_retrained_model
+from ..nnunet.writing import write_retrained_model
 from ..defaults import FINETUNE_EPOCHS, FINETUNE_ITERATIONS_PER_EPOCH, FINETUNE_LR
 from ..errors import ModelFolderError, TuckerSegmentError
 from ..nnunet.layout import model_inputs

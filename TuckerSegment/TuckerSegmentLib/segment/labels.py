@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFolderError, TaskError
+from ..nnunet.layout import TERMINOLOGY_CSV
 from ..paths import TERMINOLOGY_DIR
 
-TERMINOLOGY_CSV = "terminology.csv"
 TOTALSEGMENTATOR_CSV = TERMINOLOGY_DIR / "totalsegmentator_snomed_mapping.csv"
 TOTALSEGMENTATOR_TERM_JSON = TERMINOLOGY_DIR / "SegmentationCategoryTypeModifier-TotalSegmentator.term.json"
 PARTS = ("Category", "Type", "TypeModifier", "Region", "RegionModifier")

@@ -21,13 +21,13 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from ..defaults import TILE_STEP, check_tile_step
 from ..errors import SegmentationCancelled, TuckerSegmentError
-from ..image.geometry import resample_image, resample_labels_nearest, resampled_shape, to_canonical
+from ..image.geometry import resample_labels_nearest
 from ..image.volume import Volume, checked_volume
 from ..nnunet.layout import Fold
 from ..nnunet.model_folder import ModelFolder
 from ..policies.methods import describe_policy
 from ..progress import Cancel, Progress
-from ..runtime.devices import resolve_device
+from ..runtime.devices import EXECUTIONS, resolve_device
 from ..runtime.execution import ExecutionReport, optimise_execution
 from ..runtime.inference import OpenVINONetwork, choose_runtime, folder_key
 from ..runtime.latency import LatencyTable
@@ -36,7 +36,6 @@ from .labels import label_values, segment_labels
 from .result import SegmentationResult
 
 TOTALSEGMENTATOR_MAX_VOXELS = 512 * 512 * 900  # TotalSegmentator splits larger volumes in three along z
-EXECUTIONS = ("fastest", "reference")
 SLAB_OVERLAP = 20  # voxels of context on each side of a slab (TotalSegmentator's margin)
 
 
@@ -169,12 +168,6 @@ class Segmenter:
         fold = self.model.fold_path(self.fold)
         return [f for f in fold.iterdir() if f.is_file()] + [self.model.path / "plans.json"]
 
-    @property
-    def target_spacing(self) -> np.ndarray:
-        """The model spacing along the (k, j, i) axes of a canonical array (nnU-Net's original axis order)."""
-        spacing = np.asarray(self.model.configuration_manager.spacing, dtype=float)
-        return spacing[list(self.model.plans_manager.transpose_backward)]
-
     def label_value(self, names: Sequence[str]) -> list[int]:
         return label_values(self.segments, names)
 
@@ -192,10 +185,8 @@ class Segmenter:
         report = progress or (lambda fraction, message: None)
         keep = self.label_value(subset) if subset else None
         report(0.0, "reorienting and resampling")
-        canonical, reorientation = to_canonical(volume)
-        target = self.target_spacing
-        shape = resampled_shape(canonical.array.shape, canonical.spacing[::-1], target)
-        image = resample_image(canonical.array, shape)
+        grid = self.model.onto_grid(volume)
+        image, shape, target = grid.image, grid.shape, grid.spacing
         box = model_grid_box(region, shape, tuple(self.model.patch_size)) if region is not None else None
         if box is None:
             labels, tiles = self._predict(image, target, report, cancel)
@@ -204,8 +195,8 @@ class Segmenter:
             labels = np.zeros(shape, dtype=inside.dtype)
             labels[box] = inside
         report(0.97, "mapping labels to the input grid")
-        labels = resample_labels_nearest(labels, canonical.array.shape)
-        labels = reorientation.restore(labels)
+        labels = resample_labels_nearest(labels, grid.canonical.array.shape)
+        labels = grid.reorientation.restore(labels)
         if keep is not None:
             labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
         segments = [s for s in self.segments if keep is None or s.value in keep]

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..atomic import check_output_dir, path_inputs
 from ..compress.figures import CompressionReview
-from ..compress.folder import compress_model_folder, prune_model_folder
+from ..compress.folder import model_writer
 from ..compress.review import review_compression
 from ..image.transfer import read_ct
 from ..image.volume import Volume
@@ -55,15 +55,10 @@ def run_compress(request: CompressRequest, layers: LayerProgress | None = None,
                                *path_inputs("label map", request.labels)])
     cts = [read_ct(path) for path in request.calibration]
     write = _writer(request, rank_policy(request), cts, layers)
-    if request.distill:
-        reports, recovery = compress_and_distill(
-            write, request.source, output, cts or None, request.distill, _settings(request), device=request.device,
-            fold=request.folds[0], configuration=request.configuration, overwrite=request.overwrite,
-            trust=request.trust_checkpoint, progress=distilling, say=say,
-            inputs=path_inputs("label map", request.labels))
-    else:
-        reports, recovery = write(output), None
-    outcome = CompressOutcome(reports, recovery)
+    outcome = CompressOutcome(*compress_and_distill(
+        write, request.source, output, cts or None, request.distill, _settings(request), device=request.device,
+        fold=request.folds[0], configuration=request.configuration, overwrite=request.overwrite,
+        trust=request.trust_checkpoint, progress=distilling, say=say, inputs=path_inputs("label map", request.labels)))
     if request.review:
         volumes = [ct for ct in cts if isinstance(ct, Volume)]
         outcome.review = review_compression(request.source, output, volumes, request.device, request.measure,
@@ -75,18 +70,12 @@ def _writer(request: CompressRequest, policy: RankPolicy | None, cts: list[Volum
             layers: LayerProgress | None) -> Callable[[Path], dict[str, Any]]:
     """``write(folder)``: the compressed or pruned model of ``request`` into ``folder``."""
     chosen = method(request.policy)
-    common = {"folds": request.folds, "configuration": request.configuration, "trust": request.trust_checkpoint,
-              "overwrite": request.overwrite, "progress": layers}
-    if chosen.prunes:
-        # prune-l1/fpgm rank filters by their weights alone: the CTs then are for distillation and the review only
-        data = cts if chosen.needs_labels or not (request.distill or request.review) else None
-        target = chosen.default if request.target is None else request.target
-        return lambda folder: prune_model_folder(request.source, folder, chosen.criterion, target_flops=target,
-                                                 calibration=data or None, labels=list(request.labels) or None,
-                                                 **common)
-    assert policy is not None
-    return lambda folder: compress_model_folder(request.source, folder, policy, calibration=cts or None,
-                                                weight_only=request.weight_only, **common)
+    # prune-l1/fpgm rank filters by their weights alone: the CTs then are for distillation and the review only
+    data = cts if not chosen.prunes or chosen.needs_labels or not (request.distill or request.review) else []
+    return model_writer(request.source, policy or chosen.criterion, data or None, request.target,
+                        labels=list(request.labels) or None, weight_only=request.weight_only, folds=request.folds,
+                        configuration=request.configuration, trust=request.trust_checkpoint,
+                        overwrite=request.overwrite, progress=layers)
 
 
 def _settings(request: CompressRequest) -> dict[str, Any]:

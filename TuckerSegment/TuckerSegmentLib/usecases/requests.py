@@ -18,14 +18,18 @@ from ..defaults import (DISTILL_ITERATIONS, DISTILL_LR, DISTILL_TRAINED, FINETUN
                         distill_iterations)
 from ..errors import PolicyError, TuckerSegmentError
 from ..policies.methods import DEFAULT_METHOD, PRUNING_METHODS, method
-from ..runtime.devices import PRECISIONS, RUNTIMES, parse_device
+from ..runtime.devices import EXECUTIONS, PRECISIONS, RUNTIMES, parse_device
 from ..variants.totalsegmentator import tasks
 
-EXECUTIONS = ("fastest", "reference")  # for the torch runtime: each layer's fastest exact form, or as stored
 COMPRESS_METHODS = ("tucker", *(m.key for m in PRUNING_METHODS))
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz")
 Fold = int | str  # a fold number, or "all"
 R = TypeVar("R", bound="Request")
+
+
+def segment_tasks() -> tuple[str, ...]:
+    """What ``SegmentRequest.task`` may name: auto, TotalSegmentator's tasks, the bundled demo."""
+    return ("auto", *tasks(), "demo")
 
 
 class RequestError(TuckerSegmentError):
@@ -149,7 +153,7 @@ class SegmentRequest(Request):
         model = _texts("model", self.model) if isinstance(self.model, (list, tuple)) else _text("model", self.model)
         if isinstance(model, tuple) and not model:
             raise RequestError("model must name a model, a variant or auto, not an empty list")
-        return {"model": model, "task": _choice("task", self.task, ("auto", *tasks(), "demo")),
+        return {"model": model, "task": _choice("task", self.task, segment_tasks()),
                 "device": _device(self.device), "subset": _texts("subset", self.subset, optional=True) or None,
                 "crop": _flag("crop", self.crop), "fold": _fold("fold", self.fold),
                 "tile_step": check_tile_step(self.tile_step), "mirroring": _flag("mirroring", self.mirroring),

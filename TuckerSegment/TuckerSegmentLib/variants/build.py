@@ -28,14 +28,14 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import atomic_output_file
-from ..compress.folder import compress_model_folder, describe_model
+from ..compress.folder import describe_model, model_writer
 from ..errors import ModelFolderError
 from ..checksums import sealed, sha256_file
 from ..nnunet.layout import TUCKER_JSON
 from ..paths import is_plain_name
 from ..policies.base import RankPolicy
 from ..progress import listener, listening, stage
-from ..policies.methods import policy_from_dict
+from ..policies.methods import policy_from_dict, policy_in_words
 from ..defaults import distill_iterations
 from ..recovery.compress_distill import compress_and_distill
 from ..runtime.stage_log import StageLog
@@ -116,32 +116,37 @@ def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cac
 
 def _build(variant: Variant, weights_roots: list[Path] | None, cache: Path | None, say: Report, download: bool,
            plan: MeasurementPlan | None, device: DeviceInfo | None, measure: bool, distill: int | None) -> Path:
-    """``build_variant``, its stages heard by the listener in place."""
+    """``build_variant``, its stages heard by the listener in place: kept as built, measured again, or built."""
     if variant.original:
         raise ModelFolderError(f"{variant.id} is an original model: nothing to compress (its weights are used as "
                                "TotalSegmentator installed them)")
-    distill = None if distill is None else distill_iterations(distill)
     device = device or detect_devices()[0]
     manifest = read_manifest(variant, cache)
     recorded = (manifest or {}).get("calibration") or {}
-    if distill is None:
-        distill = _distilled(manifest)
-    same_plan = plan is None or _calibration_record(variant, plan) == recorded
-    if manifest is not None and same_plan and _distilled(manifest) == distill:
-        measurement = manifest.get("measurement")
-        if not measure or measurement is not None and changed(measurement, device) is None:
-            say(f"{variant.id}: already built" + (" and measured" if measurement else ""))
-            return variant_dir(variant, cache)
+    distill = _distilled(manifest) if distill is None else distill_iterations(distill)
+    built = (manifest is not None and (plan is None or _calibration_record(variant, plan) == recorded)
+             and _distilled(manifest) == distill)
+    measurement = (manifest or {}).get("measurement")
+    if built and (not measure or measurement is not None and changed(measurement, device) is None):
+        say(f"{variant.id}: already built" + (" and measured" if measurement else ""))
+    elif built:
         say(f"{variant.id}: built; measuring " + (f"again ({changed(measurement, device)})" if measurement else "it"))
         sources = source_folders(variant, weights_roots, download)
-        _write_manifest(variant, cache, {**manifest, "measurement": _measure(variant, sources, manifest,
-                                                                             plan or replan(recorded), device, cache,
-                                                                             say)})
-        return variant_dir(variant, cache)
-    plan = plan or (replan(recorded) if manifest is not None else plan_measurement())
+        _write_manifest(variant, cache, {**manifest, "measurement": _measure(
+            variant, sources, manifest, plan or replan(recorded), device, cache, say)})
+    else:
+        plan = plan or (replan(recorded) if manifest is not None else plan_measurement())
+        _build_models(variant, source_folders(variant, weights_roots, download), cache, say, plan, device, measure,
+                      distill)
+    return variant_dir(variant, cache)
+
+
+def _build_models(variant: Variant, sources: list[Path], cache: Path | None, say: Report, plan: MeasurementPlan,
+                  device: DeviceInfo, measure: bool, distill: int) -> None:
+    """Compress (and distil) every model of ``variant`` into its folder (a model an interrupted build finished is
+    kept), measure the variant, and write its manifest last."""
     task = task_of(variant)
     assert task is not None
-    sources = source_folders(variant, weights_roots, download)
     known = variant.source.get("sha256") or {}
     folder = variant_dir(variant, cache)
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,17 +167,13 @@ def _build(variant: Variant, weights_roots: list[Path] | None, cache: Path | Non
         if _reusable(target, digest, built_with):
             say(f"{prefix}: kept from an earlier, interrupted build")
         else:
-            say(f"{prefix}: compressing ({policy!r}, " + ("weight-only, as the paper" if weight_only(variant)
-                                                          else f"calibrated on {plan.calibrated_on}") + ")")
+            say(f"{prefix}: compressing ({policy_in_words(variant.policy)}, "
+                + ("weight-only, as the paper" if weight_only(variant) else f"calibrated on {plan.calibrated_on}") + ")")
             with stage(model.dataset), stage("compressing"):
                 _compress(source, target, policy, model.fold, variant, plan, distill, device, prefix, say)
             with atomic_output_file(target / BUILD_RECORD) as staging:
                 staging.write_text(json.dumps(built_with))
-        built = describe_model(target)  # the real figures of these weights' plans (the catalogue's may be assumed)
-        models.append({"dataset": model.dataset, "folder": model.dataset, "source": str(source),
-                       "source_sha256": digest, "params": built["params"], "flops": built["flops"],
-                       "weights_bytes": built["weights_bytes"], "files": _files(target),
-                       **({"distillation": _recovery(target)} if distill else {})})
+        models.append(_model_entry(model.dataset, source, digest, target, distill))
     manifest = {"id": variant.id, "task": variant.task, "policy": variant.policy, "tuckersegment_version": __version__,
                 "calibration": calibration_record, "models": models}
     if distill:
@@ -183,24 +184,27 @@ def _build(variant: Variant, weights_roots: list[Path] | None, cache: Path | Non
             manifest["measurement"] = _measure(variant, sources, manifest, plan, device, cache, say)
     _write_manifest(variant, cache, manifest)
     say(f"{variant.id}: built in {folder}")
-    return folder
+
+
+def _model_entry(dataset: str, source: Path, digest: str, target: Path, distill: int) -> dict[str, Any]:
+    """A built model as the manifest records it: where it came from, its real costs, every file's sha256."""
+    built = describe_model(target)  # the real figures of these weights' plans (the catalogue's may be assumed)
+    return {"dataset": dataset, "folder": dataset, "source": str(source), "source_sha256": digest,
+            "params": built["params"], "flops": built["flops"], "weights_bytes": built["weights_bytes"],
+            "files": _files(target), **({"distillation": _recovery(target)} if distill else {})}
 
 
 def _compress(source: Path, target: Path, policy: RankPolicy, fold: int, variant: Variant, plan: MeasurementPlan,
               distill: int, device: DeviceInfo, prefix: str, say: Report) -> None:
     """One model of a variant into ``target``: compressed, and distilled ``distill`` iterations when asked (on the
     plan's calibration inputs, whatever the compression used)."""
-    def compress(folder: Path) -> None:
-        compress_model_folder(source, folder, policy, folds=(fold,), overwrite=True,
-                              calibration=None if weight_only(variant) else plan.calibration,
-                              weight_only=weight_only(variant))
-    if not distill:
-        compress(target)
-        return
+    compress = model_writer(source, policy, None if weight_only(variant) else plan.calibration,
+                            weight_only=weight_only(variant), folds=(fold,), overwrite=True)
 
     def progress(done: int, total: int, message: str) -> None:
         say(f"{prefix}: distilling, iteration {done}/{total} ({message})")
-    say(f"{prefix}: then distilling {distill} iterations on {plan.calibrated_on} ({device.torch_device})")
+    if distill:
+        say(f"{prefix}: then distilling {distill} iterations on {plan.calibrated_on} ({device.torch_device})")
     compress_and_distill(compress, source, target, plan.calibration, distill,
                          {"policy": policy.to_dict(), "weight_only": weight_only(variant)},
                          device=device.torch_device, fold=fold, overwrite=True, progress=progress,
