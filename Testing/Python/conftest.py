@@ -16,7 +16,8 @@ import torch
 from TuckerSegmentLib.testing.example_models import write_example_model
 from TuckerSegmentLib.variants.choice import bundled_models
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# one thread per test process when pytest-xdist runs two of them on this project's two cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 _ISOLATED = Path(tempfile.mkdtemp(prefix="tuckersegment-tests-"))
 os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
 os.environ["TOTALSEG_HOME_DIR"] = str(_ISOLATED / "totalsegmentator")  # empty: no TotalSegmentator weights

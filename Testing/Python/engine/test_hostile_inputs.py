@@ -223,9 +223,10 @@ def test_a_full_disk_while_writing_a_segmentation_fails_cleanly(tiny_model, tmp_
     ct = write_ct(tmp_path / "ct.nrrd")
     out = tmp_path / "out"
     out.mkdir()
+    empty_cache = {**NO_BYTECODE, "TUCKERSEGMENT_CACHE": str(tmp_path / "cache")}  # the OpenVINO cache's writes fail too
     run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", "segment", str(ct), str(out / name),
                           "--model", str(tiny_model), "--quiet", "--execution", "reference"],
-                         capture_output=True, text=True, timeout=300, preexec_fn=limited(300), env=NO_BYTECODE)
+                         capture_output=True, text=True, timeout=300, preexec_fn=limited(300), env=empty_cache)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert f"{out / name}" in run.stderr and "disk space" in run.stderr
     assert list(out.iterdir()) == []  # neither a truncated file nor a partial one

@@ -82,7 +82,7 @@ class NetworkCache:
                 digest = sha256_file(part)
                 os.replace(part, self.folder / name)
                 self._remember(name, digest)
-        except OSError:
+        except (OSError, RuntimeError):  # OpenVINO reports a failed write (e.g. a full disk) as a RuntimeError
             pass  # the cache is an optimisation: converted again next time
         finally:
             for part in (staging, staging.with_suffix(".bin")):
