@@ -190,12 +190,12 @@ def test_a_failed_write_leaves_no_file(segmenter, tmp_path, monkeypatch):
 
 
 def test_precision_switch_sets_the_autocast_of_the_torch_runtime():
-    segmenter = Segmenter(DEMO_SOURCE, device="cpu", runtime="torch", precision="f32")
+    segmenter = Segmenter(DEMO_SOURCE, device="cpu", runtime="torch", precision="f32", execution="reference")
     predictor = segmenter._predictor
     dtypes = []
     first_conv = next(m for m in predictor.network.modules() if isinstance(m, torch.nn.Conv3d))
     first_conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
-    x = torch.randn(1, 1, *segmenter.model.patch_size)
+    x = torch.randn(1, 1, 16, 32, 32)  # a small input: fp16 convolutions on a CPU are slow (40 s for a whole patch)
     for precision in ("f32", "fp16", "bf16"):
         predictor.precision = precision
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):  # as nnU-Net's CUDA autocast
