@@ -97,6 +97,17 @@ def _segmentRequest(model, device, subset, task, tileStep, runtime, precision):
     return SegmentRequest(**{key: value for key, value in given.items() if value is not None})
 
 
+def compressRequest(source, output, policy="flops", target=0.5, device="auto", measure=True, runtime="auto",
+                    distill=0):
+    """The ``CompressRequest`` the panel's compression makes: reviewed against the original, with the target only
+    for a method that takes one (the panel's spin box always holds a number)."""
+    from TuckerSegmentLib.policies.methods import method
+    from TuckerSegmentLib.usecases.requests import CompressRequest
+    takes_target = method(policy).target  # an unknown method is named here, before anything starts
+    return CompressRequest(str(source), str(output), policy=policy, target=float(target) if takes_target else None,
+                           device=device, measure=bool(measure), runtime=runtime, distill=distill, review=True)
+
+
 def _processEvents() -> None:
     """Keep Slicer's window responsive while a console call waits for the worker."""
     if hasattr(slicer, "app"):
@@ -370,7 +381,6 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         from TuckerSegmentLib.atomic import check_output_dir, remove_stale
         from TuckerSegmentLib.errors import ModelFolderError, OutputPathError
         from TuckerSegmentLib.nnunet.layout import locate_model, model_inputs
-        from TuckerSegmentLib.usecases.requests import CompressRequest
         from TuckerSegmentLib.worker.protocol import save_volume
         if not str(modelFolder or "").strip():
             raise ModelFolderError("choose the nnU-Net model folder to compress")
@@ -379,8 +389,7 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         source = locate_model(Path(modelFolder).expanduser())  # the worker checks the folder's contents
         output = check_output_dir(Path(outputFolder).expanduser(), inputs=model_inputs("model folder", modelFolder))
         # checked before anything starts (an unknown method, labels it would need, a distillation count)
-        request = CompressRequest(str(source), str(output), policy=policy, target=float(target), device=device,
-                                  measure=bool(measure), runtime=runtime, distill=distill, review=True)
+        request = compressRequest(source, output, policy, target, device, measure, runtime, distill)
         volumes = [readVolume(node) for node in calibrationNodes]
         folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX))
         try:

@@ -18,7 +18,7 @@ from TuckerSegmentLib.usecases.requests import (REQUESTS, BuildRequest, Compress
 from TuckerSegmentLib.worker.protocol import decode, encode
 
 headless_slicer.setup()
-from TuckerSegmentModule.Logic import segmentRequest  # noqa: E402
+from TuckerSegmentModule.Logic import compressRequest, segmentRequest  # noqa: E402
 from TuckerSegmentModule.Parameters import TuckerSegmentParameterNode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -64,6 +64,11 @@ def test_the_cli_and_the_logic_make_the_same_compress_and_build_requests(tmp_pat
     expected = CompressRequest("model", "out", policy="flops", target=0.3, distill=5, device="cpu",
                                calibration=("a.npz", "b.npz"))
     assert from_cli == expected == CompressRequest.from_json(over_the_wire(expected))
+    panel = compressRequest("model", "out", "flops", 0.3, device="cpu", distill=5).replace(calibration=("a.npz", "b.npz"))
+    assert panel == expected.replace(review=True)  # the panel's compression is reviewed against the original
+    no_target = compress_request(cli("compress", "model", "out", "--policy", "vbmf"))
+    assert compressRequest("model", "out", "vbmf", 0.5) == no_target.replace(review=True)  # the spin box's number
+    assert no_target.target is None  # is not vbmf's: it takes none
     pruning = compress_request(cli("compress", "model", "out", "--method", "prune-l1", "--target-flops", "0.4"))
     assert (pruning.policy, pruning.target) == ("prune-l1", 0.4)
     built = build_request(cli("build-variants", "--variant", "fast-tucker-balanced", "--calibration", "a.nii.gz",
@@ -133,6 +138,7 @@ def test_every_request_round_trips_through_json(request_type):
     (CompressRequest, {"source": "m", "output": "o", "target": "half"}, "target must be a number, not 'half'"),
     (CompressRequest, {"source": "m", "output": "o", "policy": "prune-taylor"}, "prune-taylor needs labelled CTs"),
     (CompressRequest, {"source": "m"}, "a compress request needs output"),
+    (CompressRequest, {"source": "m", "output": "o", "policy": "vbmf", "target": 0.5}, "vbmf method chooses its ranks"),
     (BuildRequest, {"holdout": ["a"]}, "--holdout needs --calibration"),
     (BuildRequest, {"calibration": ["a"], "names": ["x", "y"]}, "names must name each calibration and held-out CT"),
     (EvaluateRequest, {"models": [], "images": "i", "out": "o"}, "models must be a non-empty list"),

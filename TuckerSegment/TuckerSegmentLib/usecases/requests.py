@@ -239,6 +239,8 @@ def _check_compress(request: dict[str, Any]) -> None:
         raise PolicyError("--distill trains one fold; compress one (--fold N), or distil each compressed fold with "
                           "tuckersegment distill --fold N")
     if not chosen.prunes:
+        if not chosen.target and request["target"] is not None:
+            raise PolicyError(f"the {chosen.key} method chooses its ranks itself; give it no target")
         if request["labels"]:
             raise PolicyError("--labels is for --method prune-taylor; Tucker compression calibrates on unlabeled CTs "
                               "(--calibration CT...)")
