@@ -350,9 +350,8 @@ def _build_all(request: BuildRequest, out: Terminal) -> int:
     def starting(index: int, count: int, variant: Variant) -> None:
         if variant.original or variant.bundled:
             print(f"{variant.id}: {variant.availability} (nothing to build)")
-    outcome = run_build(request, say=out.say, starting=starting)
-    for variant_id, reason in outcome.skipped.items():
-        print(f"{variant_id}: skipped, {reason}")
+    outcome = run_build(request, say=out.say, starting=starting,
+                        skipping=lambda variant_id, reason: print(f"{variant_id}: skipped, {reason}"))
     for variant_id, reason in outcome.failed.items():
         print(f"tuckersegment: error: {variant_id}: not built: {reason}", file=sys.stderr)
     roots = [Path(request.weights)] if request.weights else None

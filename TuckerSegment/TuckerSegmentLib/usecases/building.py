@@ -56,12 +56,16 @@ def _volume(path: str) -> Volume:
 
 
 def run_build(request: BuildRequest, say: Say = lambda message: None,
-              starting: Callable[[int, int, Variant], None] | None = None) -> BuildOutcome:
+              starting: Callable[[int, int, Variant], None] | None = None,
+              skipping: Callable[[str, str], None] | None = None) -> BuildOutcome:
     """Build every variant ``request`` names, one after the other; a variant whose policy cannot be met here (e.g.
-    a latency target) is reported in ``failed`` and the others go on. ``starting(index, count, variant)`` hears
-    each one begin."""
+    a latency target) is reported in ``failed`` and the others go on. ``skipping(id, reason)`` hears, before any
+    build, of each default variant left out; ``starting(index, count, variant)`` of each one as it begins."""
     roots = [Path(request.weights)] if request.weights else None
     chosen, skipped = build_targets(request, catalogue(weights_roots=roots))
+    for variant_id, reason in skipped.items():
+        if skipping is not None:
+            skipping(variant_id, reason)
     plan = measurement_plan(request)
     device = usable_devices(request.device, detect_devices())[0]
     outcome = BuildOutcome(skipped=skipped)
