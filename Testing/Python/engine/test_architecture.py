@@ -124,6 +124,9 @@ WITHOUT_TORCH = textwrap.dedent(f"""
     from TuckerSegmentLib.segment import provenance, result
     from TuckerSegmentLib.compress import figures
     from TuckerSegmentLib.evaluation import saved
+    # the requests the Logic builds from the panel's parameters
+    from TuckerSegmentLib.usecases.requests import BuildRequest, CompressRequest, SegmentRequest
+    SegmentRequest(task="demo", subset=("ribs",)), CompressRequest("m", "o", review=True), BuildRequest(("x",))
     variants, devices = catalogue(), detect_devices()
     print(json.dumps({{
         "tasks": [c.key for c in task_choices(variants, [])],
