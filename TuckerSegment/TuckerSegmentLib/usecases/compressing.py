@@ -54,10 +54,11 @@ def run_compress(request: CompressRequest, layers: LayerProgress | None = None,
                                *path_inputs("calibration CT", request.calibration),
                                *path_inputs("label map", request.labels)])
     cts = [read_ct(path) for path in request.calibration]
-    write = _writer(request, rank_policy(request), cts, layers)
+    policy = rank_policy(request)
+    settings = _settings(request, policy) if request.distill else {}  # what a resumed distillation must match
     outcome = CompressOutcome(*compress_and_distill(
-        write, request.source, output, cts or None, request.distill, _settings(request), device=request.device,
-        fold=request.folds[0], configuration=request.configuration, overwrite=request.overwrite,
+        _writer(request, policy, cts, layers), request.source, output, cts or None, request.distill, settings,
+        device=request.device, fold=request.folds[0], configuration=request.configuration, overwrite=request.overwrite,
         trust=request.trust_checkpoint, progress=distilling, say=say, inputs=path_inputs("label map", request.labels)))
     if request.review:
         volumes = [ct if isinstance(ct, Volume) else read_volume(ct) for ct in cts]
@@ -78,9 +79,8 @@ def _writer(request: CompressRequest, policy: RankPolicy | None, cts: list[Volum
                         overwrite=request.overwrite, progress=layers)
 
 
-def _settings(request: CompressRequest) -> dict[str, Any]:
+def _settings(request: CompressRequest, policy: RankPolicy | None) -> dict[str, Any]:
     """What decides the compressed model a distillation starts from (a rerun with other settings starts over)."""
-    policy = rank_policy(request)
     return {"method": request.policy, "policy": None if policy is None else policy.to_dict(),
             "target": request.target, "weight_only": request.weight_only, "configuration": request.configuration,
             "labels": [content_digest(path) for path in request.labels]}
