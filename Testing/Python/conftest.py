@@ -24,6 +24,16 @@ os.environ["TOTALSEG_HOME_DIR"] = str(_ISOLATED / "totalsegmentator")  # empty: 
 os.environ["TUCKERSEGMENT_CACHE"] = str(_ISOLATED / "cache")
 
 
+def process_ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended: gone, or a zombie nobody has reaped yet (an orphan's parent here may be a
+    container's init that does not reap)."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return True
+
+
 def bundled(model_id: str) -> Path:
     """The folder of a bundled demo model."""
     return next(e["path"] for e in bundled_models() if e["id"] == model_id)

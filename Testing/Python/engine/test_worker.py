@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import process_ended
 from TuckerSegmentLib.errors import ModelFolderError, TuckerSegmentError, VolumeError
 from TuckerSegmentLib.segment.labels import SegmentLabel, Terminology
 from TuckerSegmentLib.worker import protocol
@@ -169,3 +171,45 @@ def test_a_cache_file_changed_in_place_reaches_the_panel_as_a_notice(tmp_path, m
     assert [n for n in rebuilt["notices"] if "OpenVINO cache" in n] == [
         f"the OpenVINO cache's {blob} changed since it was written (sha256 mismatch); it is not used: building it again"]
     assert np.array_equal(rebuilt["labels"], clean["labels"])
+
+
+LAUNCHER = Path(__file__).resolve().parents[1] / "launcher_stand_in.py"
+CLIENT_SCRIPT = """
+import sys, time
+from TuckerSegmentLib.worker.client import WorkerClient, worker_command
+from TuckerSegmentLib.worker.process import SubprocessChild
+program, arguments = worker_command()
+client = WorkerClient(SubprocessChild, sys.executable, [{launcher!r}, program, *arguments])
+print(client.run("status", {{}})["pid"], client._child.pid(), flush=True)
+{then}
+"""
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` ends within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not process_ended(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("then, ends", [
+    ("client.shutdown()", "the client closes it (module exit)"),
+    ("time.sleep(600)", "the client's process is killed with SIGKILL"),
+    ("client.submit('status', {}); client._child.terminate(); time.sleep(600)", "the launcher alone is terminated"),
+])
+def test_a_worker_under_a_launcher_leaves_no_process_behind_when(then, ends, tmp_path):
+    run = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT.format(launcher=str(LAUNCHER), then=then)],
+                           stdout=subprocess.PIPE, text=True, env=worker_environment())
+    worker_pid, launcher_pid = map(int, run.stdout.readline().split())
+    assert worker_pid != launcher_pid  # the worker is the launcher's child, as in an installed Slicer
+    if "SIGKILL" in ends:
+        run.kill()
+    try:
+        assert gone_within(worker_pid, 5.0), f"the worker outlived {ends}"
+        assert gone_within(launcher_pid, 5.0), f"the launcher outlived {ends}"
+    finally:
+        run.kill()
+        run.wait()

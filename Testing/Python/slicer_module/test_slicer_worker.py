@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import headless_slicer
 import pytest
+from conftest import process_ended
 from test_slicer_logic import CT_PATH, node_ids, snapshot
 from TuckerSegmentLib.errors import SegmentationCancelled, TuckerSegmentError
 from TuckerSegmentLib.worker.client import CANCELLED, DONE, FAILED, RUNNING
@@ -20,15 +22,28 @@ headless_slicer.setup()
 import TuckerSegment  # noqa: E402
 from TuckerSegmentModule.Logic import TEMPORARY_PREFIX  # noqa: E402
 
-CHILDREN = ["subprocess", "qprocess"]
+CHILDREN = ["subprocess", "qprocess", "launcher"]
+LAUNCHER = Path(__file__).resolve().parents[1] / "launcher_stand_in.py"
+
+
+def launcher_python(folder: Path) -> str:
+    """A ``python`` for the Logic that runs like an installed Slicer's PythonSlicer: a launcher whose child is the
+    real Python (``launcher_stand_in.py``)."""
+    script = folder / "PythonSlicer"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {LAUNCHER} {sys.executable} \"$@\"\n")
+    script.chmod(0o755)
+    return str(script)
 
 
 @pytest.fixture(params=CHILDREN)
-def worker(request):
+def worker(request, tmp_path):
     """(Logic with its own worker started the given way, the event pump a GUI would run)."""
     from TuckerSegmentLib.worker.process import SubprocessChild, qt_child_factory
     if request.param == "subprocess":
         logic, pump = TuckerSegment.TuckerSegmentLogic(childFactory=SubprocessChild), (lambda: None)
+    elif request.param == "launcher":
+        logic = TuckerSegment.TuckerSegmentLogic(childFactory=SubprocessChild, python=launcher_python(tmp_path))
+        pump = lambda: None  # noqa: E731
     else:
         qtcore = pytest.importorskip("PySide6.QtCore")
         app = qtcore.QCoreApplication.instance() or qtcore.QCoreApplication([])
@@ -54,11 +69,7 @@ def temporary_folders() -> set[str]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return not process_ended(pid)
 
 
 def test_progress_arrives_while_polling_and_a_second_run_reuses_the_live_worker(worker, scene, ct_node):
@@ -101,8 +112,14 @@ def test_cancel_mid_tile_ends_the_worker_within_two_seconds_and_leaves_nothing(w
     assert snapshot(scene) == before and temporary_folders() == folders
 
 
-def test_a_worker_killed_from_outside_is_a_clear_error_and_the_next_run_starts_a_new_one(worker, scene, ct_node):
+KILLED = {"subprocess": r"\(SIGKILL; out of memory is the usual cause\)", "qprocess": r"\(SIGKILL; out of memory is the usual cause\)",
+          "launcher": r"\(by a signal its launcher does not name; out of memory is the usual cause\)"}
+
+
+def test_a_worker_killed_from_outside_is_a_clear_error_and_the_next_run_starts_a_new_one(worker, scene, ct_node,
+                                                                                          request):
     logic, pump = worker
+    killed = KILLED[request.node.callspec.params["worker"]]
     node = logic.segment(ct_node, task="demo", device="cpu", subset=["ribs"])
     folders, before = temporary_folders(), snapshot(scene, node)
     job = logic.startSegmentation(ct_node, task="demo", device="cpu", segmentationNode=node)
@@ -110,8 +127,8 @@ def test_a_worker_killed_from_outside_is_a_clear_error_and_the_next_run_starts_a
     os.kill(logic.worker().worker_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer does
     poll(job, pump, timeout=10)
     assert job.state == FAILED
-    with pytest.raises(TuckerSegmentError, match=r"^the TuckerSegment worker process was killed \(SIGKILL; out of "
-                                                 r"memory is the usual cause\) before it finished"):
+    with pytest.raises(TuckerSegmentError, match=rf"^the TuckerSegment worker process was killed {killed} before it "
+                                                 "finished"):
         logic.finishSegmentation(job)
     assert snapshot(scene, node) == before and temporary_folders() == folders
     again = logic.segment(ct_node, task="demo", device="cpu", segmentationNode=node)

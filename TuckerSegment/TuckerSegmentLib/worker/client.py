@@ -7,6 +7,7 @@ died (crash, kill, idle timeout) is replaced by a new one on the next request.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -43,8 +44,15 @@ def worker_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return environment
 
 
-def _ended_message(code: int | None, errors: str) -> str:
-    if code is not None and code < 0:
+LAUNCHER_CRASH_CODE = 1  # what CTK's AppLauncher (PythonSlicer) exits with when the Python it started was killed
+
+
+def _ended_message(code: int | None, errors: str, launched: bool = False) -> str:
+    """Why the worker ended before it answered; ``launched``: its process was started by a launcher (the child we
+    see), whose exit code is all that is left of a signal."""
+    if launched and code == LAUNCHER_CRASH_CODE and "Traceback" not in errors:
+        how = "was killed (by a signal its launcher does not name; out of memory is the usual cause)"
+    elif code is not None and code < 0:
         try:
             how = f"was killed ({signal.Signals(-code).name}"
         except ValueError:
@@ -197,8 +205,17 @@ class WorkerClient:
         """Terminate the worker now (its job, if any, ends as cancelled once it has gone)."""
         if self._child is not None:
             self._child.terminate()
+            self._signal_worker(signal.SIGTERM)
             if os.name == "nt":  # Windows has no polite stop for a console process
                 self._child.kill()
+
+    def _signal_worker(self, number: int) -> None:
+        """Signal the worker process itself when the child is a launcher that started it (Slicer's PythonSlicer
+        forwards no signal): the pid the worker reported, when it is not the child's."""
+        pid = self.worker_pid
+        if pid is not None and self._child is not None and pid != self._child.pid():
+            with contextlib.suppress(OSError):  # gone already
+                os.kill(pid, number)
 
     def shutdown(self, seconds: float = 2.0) -> None:
         """End the worker: a running job is cancelled; an idle worker is asked to exit (stdin closed), and
@@ -214,6 +231,7 @@ class WorkerClient:
             self._child.wait_for_output(0.05)
         if self._child.running():
             self._child.terminate()
+            self._signal_worker(signal.SIGTERM)
         self._child = None
 
     def pump(self) -> None:
@@ -243,10 +261,13 @@ class WorkerClient:
             if job.cancelling_since is not None:
                 job._end(CANCELLED)
             else:
-                job._end(FAILED, error=TuckerSegmentError(_ended_message(child.exit_code(), "\n".join(self._errors))))
+                launched = self.worker_pid is not None and self.worker_pid != child.pid()
+                job._end(FAILED, error=TuckerSegmentError(_ended_message(child.exit_code(), "\n".join(self._errors),
+                                                                         launched)))
             self._child = None
         elif job.cancelling_since is not None and time.monotonic() - job.cancelling_since > KILL_AFTER:
             child.kill()
+            self._signal_worker(getattr(signal, "SIGKILL", signal.SIGTERM))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("event") == READY:

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import CacheWarning, PolicyError, TuckerSegmentError
 from ..image.volume import IntensityWarning
 from ..progress import Progress
+from .lifeline import die_with_parent, end_now
 from .protocol import READY, encode, error_to_json, save_labels, segments_to_json
 
 IDLE_SECONDS = 600.0
@@ -60,6 +61,7 @@ class Worker:
         self.model = LoadedModel()
         self.handlers: dict[str, Handler] = {"segment": self.segment, "compress": self.compress,
                                              "build": self.build, "status": self.status}
+        self.working = threading.Event()  # set while a request is in hand
 
     def send(self, message: dict[str, Any]) -> None:
         self._output.write(encode(message))
@@ -74,7 +76,11 @@ class Worker:
                 return  # idle: the client starts a new worker when it needs one
             if line is None:
                 return  # the client closed our stdin
-            self.answer(line)
+            self.working.set()
+            try:
+                self.answer(line)
+            finally:
+                self.working.clear()
 
     def answer(self, line: bytes) -> None:
         import json
@@ -178,9 +184,12 @@ class Worker:
         return {"built": {key: str(folder) for key, folder in outcome.built.items()}}
 
 
-def _read_lines(stream: BinaryIO, lines: queue.Queue) -> None:
+def _read_lines(stream: BinaryIO, lines: queue.Queue, working: threading.Event) -> None:
+    """Requests into ``lines``; once stdin closes, None, or the end of this process when a request is in hand."""
     for line in iter(stream.readline, b""):
         lines.put(line)
+    if working.is_set():
+        end_now()
     lines.put(None)
 
 
@@ -194,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # libraries' prints go to stderr, never into the protocol
     sys.stdout = sys.stderr
+    die_with_parent()
     requests: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(sys.stdin.buffer, requests), daemon=True).start()
-    Worker(protocol).serve(requests, args.idle_seconds)
+    worker = Worker(protocol)
+    threading.Thread(target=_read_lines, args=(sys.stdin.buffer, requests, worker.working), daemon=True).start()
+    worker.serve(requests, args.idle_seconds)
+    end_now()  # idle or stdin closed: no thread left blocked in a read at interpreter shutdown
     return 0
