@@ -2,6 +2,7 @@
 values, request lines, voxel files, answers), stdout kept for the protocol, idle exit and restart."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -213,3 +214,19 @@ def test_a_worker_under_a_launcher_leaves_no_process_behind_when(then, ends, tmp
     finally:
         run.kill()
         run.wait()
+
+
+def test_a_variable_set_after_start_reaches_the_next_worker(tmp_path, monkeypatch):
+    from TuckerSegmentLib.image.volume import read_volume
+    from TuckerSegmentLib.paths import BUNDLED_MODELS
+    volume = read_volume(BUNDLED_MODELS.parent / "SampleData" / "CTChest4.nrrd")
+    protocol.save_volume(tmp_path / "v.npz", volume.array, volume.ijk_to_ras)
+    startup = {key: value for key, value in os.environ.items() if key != "TUCKERSEGMENT_CACHE"}  # as Slicer started
+    worker = WorkerClient(SubprocessChild, *worker_command(), startup)
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "set later"))  # e.g. by a script in Slicer's console
+    try:
+        worker.run("segment", {"volume": str(tmp_path / "v.npz"), "labels": str(tmp_path / "l.npy"), "device": "cpu",
+                               "model": [str(BUNDLED_MODELS / "chest-demo")], "runtime": "openvino"})
+    finally:
+        worker.shutdown()
+    assert any((tmp_path / "set later" / "openvino").iterdir())  # the worker used the cache the variable names

@@ -35,9 +35,19 @@ def worker_command(python: str | None = None, idle_seconds: float | None = None)
     return python or sys.executable, arguments
 
 
+# Variables the engine and its dependencies read (the cache, TotalSegmentator's weights, nnU-Net's folders, the GPUs
+# to use): the worker gets their current values, also when the rest of its environment is Slicer's startup one
+# (SlicerTotalSegmentator, a user or a script may set them after Slicer started).
+CURRENT_VARIABLES = ("TUCKERSEGMENT_", "TOTALSEG_", "nnUNet_", "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES")
+
+
 def worker_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The caller's environment with the engine importable and output unbuffered."""
+    """``base`` (default: the caller's environment) with the current values of ``CURRENT_VARIABLES``, the engine
+    importable and output unbuffered."""
     environment = dict(os.environ if base is None else base)
+    for key in [key for key in environment if key.startswith(CURRENT_VARIABLES) and key not in os.environ]:
+        del environment[key]  # unset since
+    environment.update({key: value for key, value in os.environ.items() if key.startswith(CURRENT_VARIABLES)})
     paths = [str(ENGINE_FOLDER)] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
     environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     environment["PYTHONUNBUFFERED"] = "1"
@@ -150,7 +160,7 @@ class WorkerClient:
     def __init__(self, child_factory: Callable[[], ChildProcess], program: str, arguments: Sequence[str],
                  environment: dict[str, str] | None = None, folder: str | None = None) -> None:
         self._factory, self._program, self._arguments = child_factory, program, list(arguments)
-        self._environment = worker_environment(environment)
+        self._environment = environment  # the base; each worker starts with the current values on top
         self._folder = folder or str(Path.home())
         self._child: ChildProcess | None = None
         self._buffer = b""
@@ -198,7 +208,7 @@ class WorkerClient:
         self._buffer = b""
         self._errors.clear()
         self.worker_pid = None
-        self._child.start(self._program, self._arguments, self._environment, self._folder)
+        self._child.start(self._program, self._arguments, worker_environment(self._environment), self._folder)
         self.starts += 1
 
     def stop_worker(self) -> None:
