@@ -22,6 +22,10 @@ _ISOLATED = Path(tempfile.mkdtemp(prefix="tuckersegment-tests-"))
 os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
 os.environ["TOTALSEG_HOME_DIR"] = str(_ISOLATED / "totalsegmentator")  # empty: no TotalSegmentator weights
 os.environ["TUCKERSEGMENT_CACHE"] = str(_ISOLATED / "cache")
+# temporary folders of this test process apart from another's (pytest-xdist): tests that check the Logic leaves
+# none behind look at this process's own
+(_ISOLATED / "tmp").mkdir()
+os.environ["TMPDIR"] = tempfile.tempdir = str(_ISOLATED / "tmp")
 
 
 def process_ended(pid: int) -> bool:
@@ -133,3 +137,8 @@ def ct_node(scene):
     import headless_slicer
     import slicerio
     return headless_slicer.load_volume(slicerio.get_testdata_file("CTChest4.nrrd"), "CT")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """This test process's isolated home, cache and temporary folders go with it."""
+    shutil.rmtree(_ISOLATED, ignore_errors=True)
