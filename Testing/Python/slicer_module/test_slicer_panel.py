@@ -437,3 +437,16 @@ def test_the_self_test_skips_and_says_why_without_its_dependencies(monkeypatch, 
     assert started == []
     assert capsys.readouterr().out.strip() == ("TuckerSegment self-test skipped: missing Python packages (torch is not "
                                                "installed); install them from the panel")
+
+
+def test_the_self_test_is_skipped_not_failed_when_slicer_runs_it_as_runUnitTest_does(monkeypatch):
+    import io
+    import unittest
+
+    from TuckerSegmentLib import dependencies
+    monkeypatch.setattr(dependencies, "problems", lambda *args: [dependencies.Problem(dependencies.TORCH, None)])
+    suite = unittest.TestLoader().loadTestsFromName("TuckerSegment")  # slicer.testing.runUnitTest's loader
+    result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=2).run(suite)
+    assert result.wasSuccessful() and result.testsRun == 2 and not result.failures and not result.errors
+    assert [reason for _, reason in result.skipped] == 2 * [
+        "TuckerSegment self-test skipped: missing Python packages (torch is not installed); install them from the panel"]
