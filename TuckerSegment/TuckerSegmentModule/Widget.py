@@ -377,11 +377,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPoll(self) -> None:
         job = self._job
-        try:
-            state = job.poll()
-        except Exception as error:
-            state = "failed"
-            job.error = error
+        state = job.poll()  # a poll that fails ends the job with its error (shown below) and frees the worker
         if state == "running":
             self._status(job.message, job.fraction)
             return

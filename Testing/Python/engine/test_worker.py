@@ -230,3 +230,20 @@ def test_a_variable_set_after_start_reaches_the_next_worker(tmp_path, monkeypatc
     finally:
         worker.shutdown()
     assert any((tmp_path / "set later" / "openvino").iterdir())  # the worker used the cache the variable names
+
+
+def test_a_poll_that_fails_or_a_wait_that_times_out_ends_the_job_and_leaves_a_usable_worker(monkeypatch):
+    worker = client()
+    try:
+        first_pid = worker.run("status", {})["pid"]
+        job = worker.submit("status", {})
+        monkeypatch.setattr(worker._child, "read_output", lambda: (_ for _ in ()).throw(OSError("pipe broke")))
+        assert job.poll() == FAILED and str(job.error) == "pipe broke"  # the error is the job's, shown by the panel
+        assert not worker.busy
+        assert worker.run("status", {})["pid"] != first_pid  # a new worker answers; nothing is "still busy"
+        slow = worker.submit("status", {})
+        monkeypatch.setattr(worker._child, "read_output", lambda: b"")  # the answer never arrives
+        assert slow.wait(0.5) == FAILED and str(slow.error) == "the status did not finish within 0.5 s; it was stopped"
+        assert worker.run("status", {})["loads"] == 0 and worker.starts == 3
+    finally:
+        worker.shutdown()

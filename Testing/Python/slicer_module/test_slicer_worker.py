@@ -106,7 +106,9 @@ def test_cancel_mid_tile_ends_the_worker_within_two_seconds_and_leaves_nothing(w
     job.cancel()
     poll(job, pump, timeout=10)
     assert job.state == CANCELLED and time.perf_counter() - cancelled < 2.0
-    assert not alive(pid)
+    while alive(pid) and time.perf_counter() - cancelled < 2.0:  # a process of some GB takes a moment to go
+        time.sleep(0.02)
+    assert not alive(pid)  # the worker itself, also when a launcher started it
     with pytest.raises(SegmentationCancelled):
         logic.finishSegmentation(job)
     assert snapshot(scene) == before and temporary_folders() == folders

@@ -96,7 +96,12 @@ class WorkerJob:
         return self.fraction, self.message
 
     def poll(self) -> str:
-        self.client.pump()
+        """Move the job on; a poll that fails ends it with that error, its worker stopped (the next request starts
+        a new one), so nothing stays busy for ever."""
+        try:
+            self.client.pump()
+        except Exception as error:
+            self.client.abandon(self, error)
         return self.state
 
     def wait(self, timeout: float | None = None, between: Callable[[], None] | None = None) -> str:
@@ -108,7 +113,8 @@ class WorkerJob:
                between: Callable[[], None] | None = None, timeout: float | None = None) -> str:
         """Wait for the job to end (the Python console's way): ``progress(fraction, message)`` gets each
         report, ``cancel()`` returning True stops the worker, and so does an error raised by ``progress``
-        (re-raised once the worker has gone). Returns the state (still RUNNING after ``timeout``)."""
+        (re-raised once the worker has gone). After ``timeout`` seconds the job is stopped and fails saying so.
+        Returns the state."""
         if progress is not None:
             self.on_progress = progress
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -124,6 +130,9 @@ class WorkerJob:
             self.cancel()
             self.wait(KILL_AFTER + 5)
             raise
+        if self.state == RUNNING:
+            self.client.abandon(self, TuckerSegmentError(f"the {self.name} did not finish within {timeout:g} s; it "
+                                                         "was stopped"))
         return self.state
 
     def cancel(self) -> None:
@@ -219,6 +228,14 @@ class WorkerClient:
             if os.name == "nt":  # Windows has no polite stop for a console process
                 self._child.kill()
 
+    def abandon(self, job: WorkerJob, error: BaseException) -> None:
+        """End ``job`` with ``error`` now: its worker is stopped and let go, so the next request starts a new one."""
+        if job.state != RUNNING:
+            return
+        self.stop_worker()
+        self._child = None
+        job._end(FAILED, error=error)
+
     def _signal_worker(self, number: int) -> None:
         """Signal the worker process itself when the child is a launcher that started it (Slicer's PythonSlicer
         forwards no signal): the pid the worker reported, when it is not the child's."""
@@ -235,6 +252,8 @@ class WorkerClient:
         if self.busy:
             self._job.cancel()  # type: ignore[union-attr]
             self._job.wait(KILL_AFTER + 5)  # type: ignore[union-attr]
+        if self._child is None:  # the job's worker was let go
+            return
         self._child.close_input()
         deadline = time.monotonic() + seconds
         while self._child.running() and time.monotonic() < deadline:
