@@ -20,6 +20,16 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from .SceneNodes import exportLabels, fillTable, readVolume, removeWithDependents, writeSegmentation
 
 TEMPORARY_PREFIX = "TuckerSegment-"
+PACKAGES = ("TuckerSegmentModule", "TuckerSegmentLib")  # what Slicer's developer Reload must read again
+
+
+def forgetPackages() -> list:
+    """Drop the module's packages from ``sys.modules``, so that the next import reads them from disk again (Slicer's
+    Reload re-executes ``TuckerSegment.py`` only); the names dropped."""
+    names = [name for name in sys.modules if name.split(".")[0] in PACKAGES]
+    for name in names:
+        del sys.modules[name]
+    return names
 
 
 def _defaultChild():
@@ -145,6 +155,13 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
             else:
                 self._client = WorkerClient(self._childFactory, *worker_command(self._python, self._idleSeconds))
         return self._client
+
+    @classmethod
+    def shutdownSharedWorker(cls) -> None:
+        """End the worker the panel and the console share (it runs the engine as it was when it started)."""
+        if cls._sharedClient is not None:
+            cls._sharedClient.shutdown()
+            cls._sharedClient = None
 
     def shutdownWorker(self) -> None:
         """End the worker (a running job is cancelled); the next request starts a new one."""

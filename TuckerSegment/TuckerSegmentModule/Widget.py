@@ -12,7 +12,8 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from .InstallLogic import TuckerSegmentInstallLogic
-from .Logic import TuckerSegmentLogic, compressionOutput, platformProblem, segmentRequest, suggestedOutputName
+from .Logic import (TuckerSegmentLogic, compressionOutput, forgetPackages, platformProblem, segmentRequest,
+                    suggestedOutputName)
 from .Parameters import TuckerSegmentParameterNode
 
 POLL_MS = 200
@@ -89,6 +90,14 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.initializeParameterNode()
         self.checkDependencies()
+
+    def onReload(self) -> None:
+        """The developer Reload: the shared worker ends first (it runs the old engine), then the module's own
+        packages are read again too, not only ``TuckerSegment.py``."""
+        self.cleanup()
+        TuckerSegmentLogic.shutdownSharedWorker()
+        forgetPackages()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
         """The module closes (or Slicer exits): stop a running job and the worker."""

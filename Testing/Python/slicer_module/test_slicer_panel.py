@@ -450,3 +450,32 @@ def test_the_self_test_is_skipped_not_failed_when_slicer_runs_it_as_runUnitTest_
     assert result.wasSuccessful() and result.testsRun == 2 and not result.failures and not result.errors
     assert [reason for _, reason in result.skipped] == 2 * [
         "TuckerSegment self-test skipped: missing Python packages (torch is not installed); install them from the panel"]
+
+
+RELOAD = """
+import json, os, sys
+sys.path[:0] = {paths!r}
+import headless_slicer
+headless_slicer.setup()
+import TuckerSegment
+from TuckerSegmentModule.Logic import TuckerSegmentLogic, forgetPackages
+import TuckerSegmentLib.cli  # an engine module the panel does not load itself
+pid = TuckerSegmentLogic().workerStatus()["pid"]  # the shared worker, running the engine as loaded
+TuckerSegmentLogic.shutdownSharedWorker()
+dropped = forgetPackages()
+import TuckerSegmentModule.Logic as again
+print(json.dumps({{"pid": pid, "dropped": dropped, "fresh": again.TuckerSegmentLogic is not TuckerSegmentLogic}}))
+"""
+
+
+def test_the_developer_reload_ends_the_worker_and_reads_the_module_s_packages_again():
+    from conftest import process_ended
+    root = Path(__file__).resolve().parents[3]
+    script = RELOAD.format(paths=[str(root / "TuckerSegment"), str(root / "Testing" / "Python")])
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert process_ended(seen["pid"])
+    assert {"TuckerSegmentModule.Widget", "TuckerSegmentModule.Logic", "TuckerSegmentLib.cli",
+            "TuckerSegmentLib.worker.client"} <= set(seen["dropped"])
+    assert seen["fresh"]  # the Logic imported after the reload is read again, not the old module
