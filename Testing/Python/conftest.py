@@ -18,7 +18,9 @@ from TuckerSegmentLib.variants.choice import bundled_models
 
 # one thread per test process when pytest-xdist runs two of them on this project's two cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
-_ISOLATED = Path(tempfile.mkdtemp(prefix="tuckersegment-tests-"))
+# beside the system's temporary folder (the same for pytest-xdist's processes, which inherit TMPDIR set below)
+_ISOLATED = Path(tempfile.mkdtemp(prefix="tuckersegment-tests-",
+                                  dir=os.environ.setdefault("TUCKERSEGMENT_TESTS_TMP_ROOT", tempfile.gettempdir())))
 os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
 os.environ["TOTALSEG_HOME_DIR"] = str(_ISOLATED / "totalsegmentator")  # empty: no TotalSegmentator weights
 os.environ["TUCKERSEGMENT_CACHE"] = str(_ISOLATED / "cache")
@@ -140,5 +142,8 @@ def ct_node(scene):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """This test process's isolated home, cache and temporary folders go with it."""
-    shutil.rmtree(_ISOLATED, ignore_errors=True)
+    """This test process's isolated home, cache and temporary folders go with it; multiprocessing's own folders it
+    removes itself as the interpreter exits, after this."""
+    for path in [*(_ISOLATED.iterdir()), *((_ISOLATED / "tmp").iterdir())]:
+        if path.name != "tmp" and not path.name.startswith("pymp-"):
+            shutil.rmtree(path, ignore_errors=True)
