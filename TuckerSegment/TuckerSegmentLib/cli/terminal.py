@@ -24,7 +24,8 @@ class Terminal:
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.bars = not quiet and _is_terminal(self.stream) and importlib.util.find_spec("tqdm") is not None
-        self._open: list[Any] = []
+        self._open: list[Any] = []  # the bars showing, innermost last
+        self._own: dict[str, Any] = {}  # the bar each progress callback draws on, by its label
 
     def say(self, message: str, always: bool = False) -> None:
         """``message`` on its own line (above a bar that is showing); ``always``: even when quiet (a warning)."""
@@ -43,7 +44,7 @@ class Terminal:
             return lambda done, total, name: print(f"{label} [{done:>3}/{total}] {name}", file=self.stream, flush=True)
 
         def report(done: int, total: int, name: str) -> None:
-            bar = self._bar(label, total, BAR_FORMAT)
+            bar = self._reused(label, total, BAR_FORMAT)
             bar.set_postfix_str(name, refresh=False)
             bar.update(done - bar.n)
             if done >= total:
@@ -59,7 +60,7 @@ class Terminal:
             return _deciles(self.stream, every_message)
 
         def report(fraction: float, message: str) -> None:
-            bar = self._bar(label, 100, PERCENT_FORMAT)
+            bar = self._reused(label, 100, PERCENT_FORMAT)
             bar.set_description_str(f"{label}: {message}"[:60], refresh=False)
             bar.update(max(0, round(100 * fraction) - bar.n))
         return report
@@ -76,9 +77,14 @@ class Terminal:
     def _prefixed(self, message: str) -> None:
         self.say(f"tuckersegment: {message}")
 
+    def _reused(self, label: str, total: int, bar_format: str) -> Any:
+        """The bar ``label`` a callback drew last, while it is open; else a new one."""
+        bar = self._own.get(label)
+        if bar is None or bar not in self._open or bar.total != total:
+            bar = self._own[label] = self._bar(label, total, bar_format)
+        return bar
+
     def _bar(self, label: str, total: int, bar_format: str) -> Any:
-        if self._open and self._open[-1].desc.startswith(label) and self._open[-1].total == total:
-            return self._open[-1]
         from tqdm import tqdm
         columns, rows = _screen(self.stream)
         bar = tqdm(total=total, desc=label, file=self.stream, bar_format=bar_format, leave=True, ncols=columns,
@@ -87,8 +93,9 @@ class Terminal:
         return bar
 
     def _close(self, bar: Any) -> None:
-        bar.close()
-        self._open.remove(bar)
+        if bar in self._open:
+            bar.close()
+            self._open.remove(bar)
 
 
 class _BarStages(StageLog):
