@@ -236,13 +236,16 @@ class WorkerClient:
         self._child = None
         job._end(FAILED, error=error)
 
+    def _launched(self) -> bool:
+        """Whether our child is a launcher that started the worker (an installed Slicer's PythonSlicer): the pid the
+        worker reported is not the child's."""
+        return self.worker_pid is not None and self._child is not None and self.worker_pid != self._child.pid()
+
     def _signal_worker(self, number: int) -> None:
-        """Signal the worker process itself when the child is a launcher that started it (Slicer's PythonSlicer
-        forwards no signal): the pid the worker reported, when it is not the child's."""
-        pid = self.worker_pid
-        if pid is not None and self._child is not None and pid != self._child.pid():
+        """Signal the worker process itself when a launcher started it (the launcher forwards no signal)."""
+        if self._launched():
             with contextlib.suppress(OSError):  # gone already
-                os.kill(pid, number)
+                os.kill(self.worker_pid, number)  # type: ignore[arg-type]
 
     def shutdown(self, seconds: float = 2.0) -> None:
         """End the worker: a running job is cancelled; an idle worker is asked to exit (stdin closed), and
@@ -290,9 +293,8 @@ class WorkerClient:
             if job.cancelling_since is not None:
                 job._end(CANCELLED)
             else:
-                launched = self.worker_pid is not None and self.worker_pid != child.pid()
                 job._end(FAILED, error=TuckerSegmentError(_ended_message(child.exit_code(), "\n".join(self._errors),
-                                                                         launched)))
+                                                                         self._launched())))
             self._child = None
         elif job.cancelling_since is not None and time.monotonic() - job.cancelling_since > KILL_AFTER:
             child.kill()
