@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ProtocolError
-from .volume import Volume
+from .volume import Volume, read_volume
 
 TRANSFER_SUFFIX = ".npz"
 
@@ -31,3 +31,8 @@ def read_ct(path: str | Path) -> Volume | Path:
     reads NIfTI/NRRD itself)."""
     path = Path(path).expanduser()
     return Volume(*load_volume(path)) if path.suffix == TRANSFER_SUFFIX else path
+
+
+def as_volume(ct: Volume | Path) -> Volume:
+    """What ``read_ct`` gave, read into a ``Volume`` (a NIfTI/NRRD file is read here)."""
+    return ct if isinstance(ct, Volume) else read_volume(ct)

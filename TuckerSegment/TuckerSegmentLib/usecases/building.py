@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PolicyError, TuckerSegmentError
-from ..image.transfer import read_ct
-from ..image.volume import Volume, read_volume
+from ..image.transfer import as_volume, read_ct
 from ..runtime.hardware import detect_devices
 from ..variants.build import build_variant, weight_only
 from ..variants.catalogue import Variant, catalogue, find_variant
@@ -46,13 +45,9 @@ def measurement_plan(request: BuildRequest) -> MeasurementPlan | None:
     if not request.calibration:
         return None
     paths = [*request.calibration, *request.holdout]
-    cts = [(name, _volume(path)) for name, path in zip(request.names, paths, strict=True)] if request.names else paths
+    cts = ([(name, as_volume(read_ct(path))) for name, path in zip(request.names, paths, strict=True)]
+           if request.names else paths)
     return plan_measurement(cts[:len(request.calibration)], cts[len(request.calibration):])
-
-
-def _volume(path: str) -> Volume:
-    read = read_ct(path)
-    return read if isinstance(read, Volume) else read_volume(read)
 
 
 def run_build(request: BuildRequest, say: Say = lambda message: None,

@@ -11,8 +11,8 @@ from ..atomic import check_output_dir, path_inputs
 from ..compress.figures import CompressionReview
 from ..compress.folder import model_writer
 from ..compress.review import review_compression
-from ..image.transfer import read_ct
-from ..image.volume import Volume, read_volume
+from ..image.transfer import as_volume, read_ct
+from ..image.volume import Volume
 from ..nnunet.layout import model_inputs
 from ..policies.base import RankPolicy
 from ..policies.methods import method, policy_for
@@ -61,7 +61,7 @@ def run_compress(request: CompressRequest, layers: LayerProgress | None = None,
         device=request.device, fold=request.folds[0], configuration=request.configuration, overwrite=request.overwrite,
         trust=request.trust_checkpoint, progress=distilling, say=say, inputs=path_inputs("label map", request.labels)))
     if request.review:
-        volumes = [ct if isinstance(ct, Volume) else read_volume(ct) for ct in cts]
+        volumes = [as_volume(ct) for ct in cts]
         outcome.review = review_compression(request.source, output, volumes, request.device, request.measure,
                                             reviewing, runtime=request.runtime)
     return outcome
