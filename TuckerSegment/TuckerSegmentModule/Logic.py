@@ -172,7 +172,38 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         """The live worker's process id and how many models it has loaded (starts one if none runs)."""
         return self.worker().run("status", {})
 
-    # --- what the panel offers (no torch) -----------------------------------------------------------
+    # --- this computer's devices, as the worker sees them ---------------------------------------------
+    _machine = None  # the last MachineFacts a worker reported, shared by the panel's and the console's Logic
+
+    def startDeviceDetection(self):
+        """Ask the worker which devices this computer has (finding GPUs imports torch, which this process never
+        does) and return the job at once; when it ends well, ``machineFacts()`` has the answer."""
+        from TuckerSegmentLib.runtime.hardware import MachineFacts
+        job = self.worker().submit("status", {"machine": True}, name="device detection")
+
+        def keep(job) -> None:
+            if job.state != "done":
+                return
+            try:
+                TuckerSegmentLogic._machine = MachineFacts.from_json(job.result.get("machine"))
+            except Exception as error:  # a damaged answer is the job's error; the facts known before stay
+                job.state, job.error = "failed", error
+        job.on_end.append(keep)
+        return job
+
+    def detectDevices(self, timeout: float = 300):
+        """Detect this computer's devices in the worker and wait (the Python console's way); the ``MachineFacts``."""
+        job = self.startDeviceDetection()
+        job.wait(timeout, _processEvents)
+        job.outcome()
+        return self.machineFacts()
+
+    @staticmethod
+    def machineFacts():
+        """The devices the worker last reported (``MachineFacts``), or None before it has answered."""
+        return TuckerSegmentLogic._machine
+
+    # --- what the panel offers (no torch here; the devices are the worker's report) ------------------------
     def taskChoices(self, current: str = "auto") -> list:
         """Task combo entries (``TuckerSegmentLib.variants.panel.Choice``): Auto, the catalogue's tasks, your models
         (``current``, a ``folder:<path>`` key the user picked, is kept among them)."""
@@ -185,10 +216,10 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
     def variantChoices(self, task: str = "auto", device: str = "auto") -> list:
         """Variant combo entries for ``task``: "Auto: <its pick>" (reason as tooltip) first."""
         from TuckerSegmentLib.variants.catalogue import catalogue
-        from TuckerSegmentLib.runtime.hardware import detect_devices
         from TuckerSegmentLib.variants.panel import variant_choices
         from TuckerSegmentLib.variants.user_variants import user_variants
-        return variant_choices(task, catalogue(), detect_devices(), device, user_variants())
+        facts = self.machineFacts()
+        return variant_choices(task, catalogue(), facts and facts.devices, device, user_variants())
 
     @staticmethod
     def buildTargets(task: str = "auto", variant: str = "auto") -> list:
@@ -204,9 +235,12 @@ class TuckerSegmentLogic(ScriptedLoadableModuleLogic):
         return model_and_task(task, variant)
 
     def structureNames(self, task: str = "auto", variant: str = "auto", device: str = "auto") -> list:
-        """The structures the panel's choice segments, in label order (nothing is loaded)."""
+        """The structures the panel's choice segments, in label order (nothing is loaded); before the worker has
+        reported the devices, as the CPU would run it."""
+        from TuckerSegmentLib.runtime.hardware import undetected_devices
         from TuckerSegmentLib.variants.panel import structure_names
-        return structure_names(task, variant, device)
+        facts = self.machineFacts()
+        return structure_names(task, variant, device, facts.devices if facts else undetected_devices())
 
     # --- segmentation ------------------------------------------------------------------------------
     def startSegmentation(self, volumeNode, model=None, device=None, subset=None, task=None, tileStep=None,

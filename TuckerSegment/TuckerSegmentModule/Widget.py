@@ -90,6 +90,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.initializeParameterNode()
         self.checkDependencies()
+        self.detectDevices()
 
     def onReload(self) -> None:
         """The developer Reload: the shared worker ends first (it runs the old engine), then the module's own
@@ -113,6 +114,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is not None:
             self.initializeParameterNode()
             self.checkDependencies()
+            self.detectDevices()  # free memory changes: the facts are refreshed each time the module is shown
 
     def exit(self) -> None:
         self.setParameterNode(None)
@@ -337,6 +339,30 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text += "\n\n" + _("Restart Slicer to finish the installation.")
         slicer.util.infoDisplay(text or _("Nothing needed installing."))
 
+    # --- devices (the worker detects them: this process never imports torch) ----------------------------
+    def detectDevices(self) -> None:
+        """Ask the worker for this computer's devices unless a job runs; Auto says "detecting devices…" meanwhile."""
+        if self._job is not None:
+            return
+        try:
+            job = self.logic.startDeviceDetection()
+        except Exception as error:  # no worker can start: Auto goes on assuming the CPU
+            self.ui.statusLabel.text = _("Devices could not be detected: {error}").format(error=error)
+            return
+        self._startJob("devices", job)
+        self._status(_("Detecting devices..."))
+
+    def _finishDeviceDetection(self, job) -> None:
+        try:
+            job.outcome()
+        except Exception as error:
+            self._status(_("Devices could not be detected ({error}); Auto assumes the CPU.").format(error=error), 0)
+            return
+        self.ui.deviceComboBox.toolTip = self.logic.machineFacts().describe()
+        self._shown = {}  # Auto's choice and the structures depend on the devices: refill
+        self.updateGUIFromParameterNode()
+        self._status("", 0)
+
     # --- jobs ----------------------------------------------------------------------------------------
     def onApply(self) -> None:
         node = self._parameterNode
@@ -398,6 +424,8 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._finishSegmentation(job)
             elif self._jobKind == "build":
                 self._finishBuild(job)
+            elif self._jobKind == "devices":
+                self._finishDeviceDetection(job)
             else:
                 self._finishCompression(job)
         except Exception as error:
@@ -407,7 +435,7 @@ class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
 
     def _status(self, text, fraction=None) -> None:
-        label, bar = ((self.ui.statusLabel, self.ui.progressBar) if self._jobKind in ("segment", "build")
+        label, bar = ((self.ui.statusLabel, self.ui.progressBar) if self._jobKind in ("segment", "build", "devices")
                       else (self.ui.compressStatusLabel, self.ui.compressProgressBar))
         label.text = text
         if fraction is not None:

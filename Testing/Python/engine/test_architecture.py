@@ -117,7 +117,7 @@ WITHOUT_TORCH = textwrap.dedent(f"""
     from TuckerSegmentLib import dependencies, errors, paths
     from TuckerSegmentLib.policies.methods import METHODS
     from TuckerSegmentLib.variants.catalogue import catalogue
-    from TuckerSegmentLib.runtime.hardware import detect_devices
+    from TuckerSegmentLib.runtime.hardware import detect_devices, undetected_devices
     from TuckerSegmentLib.variants.panel import structure_names, task_choices, variant_choices
     # what Slicer's Logic uses to drive the worker and read its answers back into MRML
     from TuckerSegmentLib.worker import client, process, protocol
@@ -131,8 +131,9 @@ WITHOUT_TORCH = textwrap.dedent(f"""
     print(json.dumps({{
         "tasks": [c.key for c in task_choices(variants, [])],
         "demo_variants": [c.label for c in variant_choices("demo", variants, devices, "auto", [])],
-        "demo_structures": structure_names("demo", "auto"),
-        "fast_structures": len(structure_names("fast", "auto")),
+        "demo_structures": structure_names("demo", "auto", "auto", undetected_devices()),
+        "fast_structures": len(structure_names("fast", "auto", "auto", undetected_devices())),
+        "undetected": [c.label for c in variant_choices("demo", variants, None, "auto", [])][:2],
         "devices": [d.describe() for d in devices],
         "missing": [str(p) for p in dependencies.problems()],
         "methods": [m.key for m in METHODS],
@@ -149,6 +150,7 @@ def test_what_the_panel_needs_before_installing_works_without_torch_tensorly_and
     assert seen["loaded"] == []
     assert seen["tasks"][0] == "auto" and {"total", "fast", "fastest", "demo"} <= set(seen["tasks"])
     assert seen["demo_variants"][0].startswith("Auto: chest-demo")  # auto still picks, on the CPU
+    assert seen["undetected"] == ["Auto: detecting devices…", "chest-demo (bundled)"]
     assert seen["demo_structures"][:2] == ["ribs", "cervical vertebral column"] and len(seen["demo_structures"]) == 7
     assert seen["fast_structures"] == 117
     assert len(seen["devices"]) == 1 and seen["devices"][0].startswith("CPU")

@@ -19,6 +19,7 @@ from conftest import CONFIG, arch, hostile_copy, hub_payload, tree_digest
 from TuckerSegmentLib import ModelFolder
 from TuckerSegmentLib.errors import CheckpointError, ModelFolderError
 from TuckerSegmentLib.nnunet.checkpoint import load_checkpoint
+from TuckerSegmentLib.runtime.hardware import cpu_device
 from TuckerSegmentLib.variants.panel import structure_names
 
 Edit = Callable[[dict[str, Any], Path], None]
@@ -129,7 +130,7 @@ def test_the_panel_refuses_a_dataset_json_with_impossible_labels(tiny_model, tmp
     dataset["labels"]["structure_1"] = "os.system"
     (folder / "dataset.json").write_text(json.dumps(dataset))
     with pytest.raises(ModelFolderError, match=r"dataset.json: labels\['structure_1'\] is 'os.system'"):
-        structure_names("folder:" + str(folder), "auto")
+        structure_names("folder:" + str(folder), "auto", "auto", [cpu_device()])
     with pytest.raises(ModelFolderError, match=r"dataset.json: labels\['structure_1'\]"):
         ModelFolder.open(folder)
 

@@ -223,3 +223,24 @@ def test_gpu_out_of_memory_falls_back_and_the_cpu_run_is_real(monkeypatch):
     on_cpu = choose_model("auto", task="demo", variants=demo, devices=[CPU])  # the CPU's own pick
     assert attempts[-1] == (on_cpu.id, "cpu")
     assert np.array_equal(result.labels, TaskSegmenter(list(on_cpu.folders), device="cpu").segment(ct).labels)
+
+
+def test_the_workers_device_facts_round_trip_and_a_damaged_answer_is_refused():
+    import json
+
+    from TuckerSegmentLib.errors import TuckerSegmentError
+    from TuckerSegmentLib.runtime.hardware import MachineFacts, cpu_device
+    facts = MachineFacts((gpu("NVIDIA H100", 70), cpu_device()), "2026.4.1", ("FP32", "BF16", "INT8"))
+    sent = json.loads(json.dumps(facts.to_json()))  # as the worker's answer line carries it
+    assert MachineFacts.from_json(sent) == facts
+    assert facts.describe().splitlines() == [facts.devices[0].describe(), facts.devices[1].describe(),
+                                             "OpenVINO 2026.4.1 on the CPU (FP32, BF16, INT8)"]
+    gpu_entry, cpu_entry = sent["devices"]
+    damaged = [None, [], {}, {**sent, "devices": []}, {**sent, "devices": [cpu_entry, gpu_entry]},
+               {**sent, "openvino": 5}, {**sent, "cpu_capabilities": [1]}, {**sent, "cpu_capabilities": "FP32"},
+               *({**sent, "devices": [{**gpu_entry, **change}, cpu_entry]} for change in (
+                   {"free_bytes": -1}, {"index": True}, {"capability": [9, 0, 1]}, {"kind": "tpu"},
+                   {"name": None}, {"total_bytes": 1.5}, {"note": 3}, {"cores": "many"}))]
+    for answer in damaged:
+        with pytest.raises(TuckerSegmentError, match="^the worker's device facts are damaged"):
+            MachineFacts.from_json(answer)

@@ -5,6 +5,7 @@ console; and the module's own self-test (TuckerSegmentTest) run by pytest."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -62,10 +63,21 @@ def test_background_segmentation_equals_the_direct_one_and_cancel_or_removal_cha
         logic.startSegmentation(None)
 
 
-def test_task_variant_and_structure_choices(logic):
+def test_task_variant_and_structure_choices(logic, monkeypatch):
+    from TuckerSegmentLib.dependencies import installed_version
+    from TuckerSegmentModule.Logic import TuckerSegmentLogic
+    monkeypatch.setattr(TuckerSegmentLogic, "_machine", None)  # as when the panel opens
     tasks = {choice.key: choice for choice in logic.taskChoices()}
     assert list(tasks)[:1] == ["auto"] and {"total", "fast", "fastest", "demo"} <= set(tasks)
     assert "not installed" in tasks["total"].label and "ready" in tasks["demo"].label
+    before = logic.variantChoices("demo", "cpu")  # the worker has not said which devices there are
+    assert before[0].label == "Auto: detecting devices…" and before[1].key == "chest-demo"
+    assert logic.structureNames("demo", "auto", "cpu") == DEMO_STRUCTURES  # listed meanwhile
+    facts = logic.detectDevices()
+    assert logic.machineFacts() is facts and [d.kind for d in facts.devices] == ["cpu"]  # no GPU on this machine
+    assert facts.devices[0].cores == len(os.sched_getaffinity(0)) and facts.devices[0].total_bytes > 2 ** 30
+    assert facts.openvino == installed_version("openvino") and "FP32" in facts.cpu_capabilities
+    assert facts.describe().splitlines()[-1].startswith(f"OpenVINO {facts.openvino} on the CPU (")
     variants = logic.variantChoices("demo", "cpu")
     assert variants[0].key == "auto" and variants[0].label == "Auto: chest-demo-tucker-balanced"
     assert "CPU" in variants[0].tooltip and "faster than the original (measured" in variants[0].tooltip
@@ -82,6 +94,44 @@ def test_task_variant_and_structure_choices(logic):
     assert logic.modelAndTask("fast", "auto") == ("auto", "fast")
     assert logic.modelAndTask("folder:/m/original", "auto") == ("/m/original", "auto")
     assert logic.modelAndTask("folder:/m/original", "/m/small") == ("/m/small", "auto")
+
+
+GUI_PROCESS = """
+import json, sys, types
+sys.path[:0] = [{module!r}, {testing!r}]
+import headless_slicer, slicerio
+headless_slicer.setup()
+import TuckerSegment
+from TuckerSegmentModule.Logic import segmentRequest
+logic = TuckerSegment.TuckerSegmentLogic()
+logic.taskChoices(), logic.variantChoices("auto", "auto"), logic.structureNames("auto", "auto", "auto")  # panel opens
+logic.detectDevices()  # its refresh
+choices = [logic.variantChoices(task, "auto") for task in ("auto", "demo")]
+names = logic.structureNames("demo", choices[1][2].key, "auto")  # a variant and structures chosen
+ct = headless_slicer.load_volume(slicerio.get_testdata_file("CTChest4.nrrd"), "CT")
+panel = types.SimpleNamespace(task="demo", variant="auto", device="auto", tileStep=0.8, runtime="auto", precision="auto")
+job = logic.startSegmentation(ct, request=segmentRequest(panel, names[-2:]))  # Apply
+job.wait(600)
+node = logic.finishSegmentation(job)
+table = logic.showStatistics(node, ct)
+logic.shutdownWorker()
+print(json.dumps({{"auto": choices[0][0].label, "segments": node.GetSegmentation().GetNumberOfSegments(),
+                   "rows": table.GetNumberOfRows(), "worker_loads": logic.lastRun["loads"],
+                   "loaded": sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "openvino", "nnunetv2",
+                                                                                "tensorly", "torch_pruning"}})}}))
+"""
+
+
+def test_the_gui_process_never_imports_torch_openvino_or_nnunet_through_a_whole_segmentation():
+    """With every engine package installed, what the panel does (open, device refresh, choices, Apply, statistics)
+    runs them in the worker only: Slicer's own process stays free of them (and of a CUDA context)."""
+    script = GUI_PROCESS.format(module=str(ROOT / "TuckerSegment"), testing=str(ROOT / "Testing" / "Python"))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["loaded"] == []
+    assert seen["auto"].startswith("Auto: chest-demo")  # the worker's devices made Auto's choice
+    assert seen["segments"] == 2 and seen["rows"] == 2 and seen["worker_loads"] == 1
 
 
 def test_statistics_give_each_segments_volume_and_mean_hu(logic, scene, ct_node):
@@ -337,15 +387,18 @@ class StandInInstallers:
         return "torch module"
 
     def nnunet_installer(self, doAskConfirmation=True):
-        def setup(requirement):
+        def setup(requirement):  # returns None, as SlicerNNUnet's declares (some versions return a bool)
             self.calls.append(("nnunet", requirement, doAskConfirmation))
-            self.versions.update({"nnunetv2": requirement.split("==")[1], "acvl-utils": "0.2"})
-            return True
+            if self.nnunet_works:
+                self.versions.update({"nnunetv2": requirement.split("==")[1], "acvl-utils": "0.2"})
         return types.SimpleNamespace(setupPythonRequirements=setup, needsRestart=False)
 
-    def pip(self, requirements):
-        self.calls.append(("pip", list(requirements)))
-        for requirement in requirements:
+    nnunet_works = True
+
+    def pip(self, arguments):
+        assert arguments[0] == "--constraint"  # every pip call pins what pip must not change
+        self.calls.append(("pip", arguments[2:], Path(arguments[1]).read_text().split()))
+        for requirement in arguments[2:]:
             name, low = requirement.split(">=")[0], requirement.split(">=")[1].split(",")[0]
             self.versions[name] = low
 
@@ -359,15 +412,29 @@ def test_install_uses_slicers_installers_then_checks_and_repairs_what_they_left(
     installers = StandInInstallers(versions, monkeypatch)
     logic = TuckerSegmentInstallLogic(versionOf=versions.get)
     outcome = logic.install(logic.problems())
+    pinned = ["SimpleITK==2.4.1", "numpy==1.26.4", "torch==2.13.0+cu128"]  # Slicer's own, and the PyTorch extension's
     assert installers.calls == [
         ("torch", {"askConfirmation": False, "torchVersionRequirement": ">=2.5,!=2.9.*"}),
         ("nnunet", "nnunetv2==2.8.1", False),
-        ("pip", ["openvino>=2026.0,<2027", "tensorly>=0.10,<0.11"]),
-        ("pip", ["acvl-utils>=0.2.6,<0.3"]),  # the NNUNet installer left acvl_utils 0.2: repaired
+        ("pip", ["openvino>=2026.0,<2027", "tensorly>=0.10,<0.11"], pinned),
+        ("pip", ["acvl-utils>=0.2.6,<0.3"], pinned),  # the NNUNet installer left acvl_utils 0.2: repaired
     ]
     assert logic.problems() == [] and not outcome.needsRestart
     assert outcome.messages[-1] == ("repaired with pip, as an installer had left it: acvl-utils 0.2 is installed; "
                                     "TuckerSegment needs acvl-utils>=0.2.6,<0.3")
+
+    versions["nnunetv2"], installers.nnunet_works, installers.calls = None, False, []  # its installer failed quietly
+    with pytest.raises(TuckerSegmentError, match="^still missing after the install: nnunetv2 is not installed"):
+        logic.install(logic.problems())
+    installers.nnunet_works, versions["nnunetv2"] = True, "2.8.1"
+
+    for name, version in (("numpy", "1.24.4"), ("SimpleITK", None)):  # Slicer's own packages: reported, not touched
+        versions[name], installers.calls = version, []
+        with pytest.raises(TuckerSegmentError, match=f"^{name} .*is.* installed.*: it comes with Slicer, and "
+                                                     "TuckerSegment does not change Slicer's own packages with pip"):
+            logic.install(logic.problems())
+        assert installers.calls == [] and versions[name] == version
+        versions[name] = {"numpy": "1.26.4", "SimpleITK": "2.4.1"}[name]
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # PyTorch extension not installed
     versions["torch"] = None

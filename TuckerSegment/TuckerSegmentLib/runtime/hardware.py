@@ -1,6 +1,9 @@
-"""What this machine can run on: CUDA GPUs (name, memory, compute capability), Apple MPS, the CPU.
+"""What this machine can run on: CUDA GPUs (name, memory, compute capability), Apple MPS, the CPU, and
+what OpenVINO offers on the CPU.
 
-Without PyTorch (a fresh Slicer) only the CPU is known; GPUs are found once PyTorch is installed."""
+Without PyTorch (a fresh Slicer) only the CPU is known; GPUs are found once PyTorch is installed. Slicer's
+GUI process never detects (that imports torch and opens a CUDA context): the worker does
+(``detect_machine``) and sends the facts as JSON (``MachineFacts.to_json``/``from_json``)."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +11,9 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+from ..errors import TuckerSegmentError
 
 GB = 1024 ** 3  # memory is reported in GiB
 NO_TORCH_NOTE = "GPU unknown until PyTorch is installed"
@@ -98,3 +104,71 @@ def detect_devices() -> list[DeviceInfo]:
         devices.append(DeviceInfo("mps", "Apple GPU (MPS)", cpu.total_bytes, cpu.free_bytes))
     devices.append(cpu)
     return devices
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin can run natively here (``FP32``, ``BF16``, ``INT8``, ...); empty without
+    OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return ()
+    return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """What the worker found: the devices (preferred first), OpenVINO's version and its CPU capabilities."""
+
+    devices: tuple[DeviceInfo, ...]
+    openvino: str | None = None  # the installed version; None when OpenVINO is missing
+    cpu_capabilities: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line per device, then the CPU runtime."""
+        runtime = (f"OpenVINO {self.openvino} on the CPU ({', '.join(self.cpu_capabilities) or 'capabilities unknown'})"
+                   if self.openvino else "OpenVINO not installed: PyTorch runs the network on the CPU")
+        return "\n".join([*(d.describe() for d in self.devices), runtime])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"devices": [{**d.__dict__, "capability": list(d.capability) if d.capability else None}
+                            for d in self.devices],
+                "openvino": self.openvino, "cpu_capabilities": list(self.cpu_capabilities)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> MachineFacts:
+        """Facts from the worker's answer, every field checked (a damaged answer is refused, not half read)."""
+        try:
+            devices = tuple(_device_from_json(item) for item in data["devices"])
+            openvino, capabilities = data["openvino"], data["cpu_capabilities"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise TuckerSegmentError(f"the worker's device facts are damaged ({error}); restart Slicer") from error
+        if not devices or devices[-1].kind != "cpu" or not (openvino is None or isinstance(openvino, str)) \
+                or not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
+            raise TuckerSegmentError("the worker's device facts are damaged (no CPU, or a field of the wrong type); "
+                                     "restart Slicer")
+        return cls(devices, openvino, tuple(capabilities))
+
+
+def _device_from_json(item: dict[str, Any]) -> DeviceInfo:
+    kind, name, note = item["kind"], item["name"], item["note"]
+    total, free, index, cores = item["total_bytes"], item["free_bytes"], item["index"], item["cores"]
+    capability = item["capability"]
+    numbers = [total, free, index] + ([cores] if cores is not None else []) + list(capability or [])
+    if kind not in ("cuda", "mps", "cpu") or not isinstance(name, str) or not isinstance(note, str) \
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers) \
+            or (capability is not None and len(capability) != 2):
+        raise ValueError(f"not a device: {item!r:.200}")
+    return DeviceInfo(kind, name, total, free, tuple(capability) if capability else None, cores, index, note)
+
+
+def detect_machine() -> MachineFacts:
+    """Detect everything (imports torch and OpenVINO: the worker's job, never Slicer's GUI process)."""
+    from ..dependencies import installed_version
+    version = installed_version("openvino")
+    return MachineFacts(tuple(detect_devices()), version, cpu_capabilities() if version else ())
+
+
+def undetected_devices() -> list[DeviceInfo]:
+    """What is known before the worker has answered: the CPU (its memory and cores read without torch)."""
+    return [replace(cpu_device(), note="other devices not detected yet")]

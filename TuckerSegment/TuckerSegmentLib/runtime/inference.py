@@ -47,8 +47,8 @@ class RuntimeChoice:
 
 def cpu_has_native_bf16() -> bool:
     """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX-512 BF16 or AMX)."""
-    import openvino as ov
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    from .hardware import cpu_capabilities
+    return "BF16" in cpu_capabilities()
 
 
 def choose_runtime(runtime: str, precision: str, device: torch.device) -> RuntimeChoice:

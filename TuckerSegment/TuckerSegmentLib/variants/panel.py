@@ -24,6 +24,7 @@ from .user_variants import UserVariant
 AUTO = "auto"
 FOLDER = "folder:"
 DEMO_TITLE = "Demo: chest CT (bundled, 3 mm)"
+DETECTING = "Auto: detecting devices…"
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,10 @@ def task_choices(variants: Sequence[Variant], mine: Sequence[UserVariant], folde
     return choices
 
 
-def variant_choices(task: str, variants: Sequence[Variant], devices: Sequence[DeviceInfo], device: str,
+def variant_choices(task: str, variants: Sequence[Variant], devices: Sequence[DeviceInfo] | None, device: str,
                     mine: Sequence[UserVariant]) -> list[Choice]:
-    """``Auto: <what it picks>`` first (its reason as tooltip), then the task's variants."""
+    """``Auto: <what it picks>`` first (its reason as tooltip), then the task's variants; with ``devices`` None (the
+    worker has not said yet) ``Auto: detecting devices…``."""
     if task.startswith(FOLDER):
         source = task[len(FOLDER):]
         own = [v for v in mine if v.source == source]
@@ -69,6 +71,10 @@ def variant_choices(task: str, variants: Sequence[Variant], devices: Sequence[De
                        "your models run as chosen: pick a compressed variant to use it"),
                 Choice(source, "original", source),
                 *(Choice(v.folder, v.label(), v.folder) for v in own)]
+    if devices is None:
+        auto = Choice(AUTO, DETECTING, "Auto's choice depends on this computer's GPUs and memory, which the worker is "
+                                       "detecting")
+        return [auto, *(_variant_choice(v) for v in variants if task in (AUTO, v.task))]
     try:
         picked = choose_model(AUTO, task, device, variants, devices)
         auto = Choice(AUTO, f"Auto: {picked.id}", picked.reason)
@@ -109,14 +115,14 @@ def model_and_task(task: str, variant: str) -> tuple[str, str]:
     return variant, task
 
 
-def structure_names(task: str, variant: str, device: str = AUTO) -> list[str]:
-    """The structures a panel choice segments, in label order (only JSON files are read): a
+def structure_names(task: str, variant: str, device: str, devices: Sequence[DeviceInfo]) -> list[str]:
+    """The structures a panel choice segments on ``devices``, in label order (only JSON files are read): a
     TotalSegmentator task's from the task, installed or not; other models' from their dataset.json."""
     model, task = model_and_task(task, variant)
     known = tasks()
     if task in known:
         return list(known[task].structures)
-    choice = choose_model(model, task, device)
+    choice = choose_model(model, task, device, devices=devices)
     if choice.label_maps is not None:
         values = {value: name for mapping in choice.label_maps for value, name in mapping.values()}
         return [values[v] for v in sorted(values)]

@@ -107,7 +107,14 @@ class Worker:
         self.send({"id": ident, "result": result})
 
     def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return {"pid": os.getpid(), "loads": self.model.loads, "version": __version__}
+        """This process, its model loads and version; with ``machine: true`` also the devices it sees
+        (``MachineFacts``: the GUI process never imports torch to find them)."""
+        answer = {"pid": os.getpid(), "loads": self.model.loads, "version": __version__}
+        if args.get("machine") is True:
+            from ..runtime.hardware import detect_machine
+            progress(0.0, "detecting devices")
+            answer["machine"] = detect_machine().to_json()
+        return answer
 
     def segment(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Segment the volume file ``args["volume"]`` as the ``SegmentRequest`` in the other fields of ``args`` asks,
