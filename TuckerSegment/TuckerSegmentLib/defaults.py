@@ -7,6 +7,7 @@ from typing import Any
 from .errors import RecoveryError, TaskError
 
 TILE_STEP = 0.8  # sliding-window step as a fraction of the patch, as TotalSegmentator runs nnU-Net
+MIN_TILE_STEP = 0.25  # 8x the tiles of nnU-Net's 0.5 already; 1e-9 was accepted and never finished
 RANK_MIN = 8  # the uniform rule's smallest rank of any factor
 
 DISTILL_ITERATIONS = 200  # distil: training iterations (decided on the demo model, docs/recovery.md)
@@ -20,10 +21,11 @@ FINETUNE_LR = 1e-5
 
 
 def check_tile_step(tile_step: Any) -> float:
-    """``tile_step`` as nnU-Net's sliding window takes it: a fraction of the patch in (0, 1]."""
-    if isinstance(tile_step, bool) or not isinstance(tile_step, (int, float)) or not 0 < tile_step <= 1:
-        raise TaskError(f"tile step {tile_step!r} is outside (0, 1]: it is the sliding-window step as a fraction of "
-                        "the patch (0.5 is nnU-Net's default, 0.8 TotalSegmentator's)")
+    """``tile_step`` as nnU-Net's sliding window takes it: a fraction of the patch in [MIN_TILE_STEP, 1]."""
+    if isinstance(tile_step, bool) or not isinstance(tile_step, (int, float)) or not MIN_TILE_STEP <= tile_step <= 1:
+        raise TaskError(f"tile step {tile_step!r} is outside [{MIN_TILE_STEP}, 1]: it is the sliding-window step as a "
+                        "fraction of the patch (0.5 is nnU-Net's default, 0.8 TotalSegmentator's; a smaller step "
+                        "multiplies the tiles by its cube and would not finish)")
     return float(tile_step)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from slicer import vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from TuckerSegmentLib.defaults import MAX_DISTILL_ITERATIONS, TILE_STEP
+from TuckerSegmentLib.defaults import MAX_DISTILL_ITERATIONS, MIN_TILE_STEP, TILE_STEP
 
 
 @parameterNodeWrapper
@@ -20,7 +20,7 @@ class TuckerSegmentParameterNode:
     variant: str = "auto"
     device: str = "auto"
     structures: list[str]
-    tileStep: Annotated[float, WithinRange(0.25, 1.0)] = TILE_STEP
+    tileStep: Annotated[float, WithinRange(MIN_TILE_STEP, 1.0)] = TILE_STEP
     runtime: str = "auto"
     precision: str = "auto"
     modelFolder: str = ""

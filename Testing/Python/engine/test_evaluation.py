@@ -209,7 +209,8 @@ def test_a_saved_evaluation_that_is_damaged_draws_nothing(tmp_path: Path) -> Non
     assert evaluation_curves(tmp_path / "m", tmp_path) == {}
 
 
-@pytest.mark.parametrize("case", ["out exists", "unknown label", "other structures", "rounds", "no images"])
+@pytest.mark.parametrize("case", ["out exists", "unknown label", "other structures", "another checkpoint", "rounds",
+                                  "no images"])
 def test_evaluate_refuses_bad_input_in_one_line(case: str, tmp_path: Path, demo_cases: tuple[Path, Path],
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     images, labels = demo_cases
@@ -244,6 +245,19 @@ def test_evaluate_refuses_bad_input_in_one_line(case: str, tmp_path: Path, demo_
         dataset.write_text(json.dumps(record))
         models[1] = str(other)
         expected = "segments other structures"
+    elif case == "another checkpoint":  # same plans and labels, another training run: not the variant's original
+        import shutil
+
+        import torch
+        retrained = tmp_path / "retrained"
+        shutil.copytree(original, retrained)
+        checkpoint = next(retrained.rglob("checkpoint_final.pth"))
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        first = next(iter(saved["network_weights"]))
+        saved["network_weights"][first] = saved["network_weights"][first] + 1e-3
+        torch.save(saved, checkpoint)
+        models[0] = str(retrained)
+        expected = "was compressed from another checkpoint than"
     elif case == "rounds":
         extra += ["--rounds", "0"]
         expected = "rounds must be a whole number"

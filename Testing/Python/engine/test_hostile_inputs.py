@@ -278,7 +278,8 @@ def test_an_original_checkpoint_with_nan_weights_is_refused(tiny_model, tmp_path
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tile-step", "0"], "tile step 0.0 is outside (0, 1]"), (["--tile-step", "-1"], "tile step -1.0 is outside"),
+    (["--tile-step", "0"], "tile step 0.0 is outside [0.25, 1]"), (["--tile-step", "-1"], "tile step -1.0 is outside"),
+    (["--tile-step", "1e-9"], "tile step 1e-09 is outside [0.25, 1]"),
     (["--tile-step", "5"], "tile step 5.0 is outside"), (["--tile-step", "nan"], "tile step nan is outside"),
     (["--tile-step", "x"], "argument --tile-step: invalid float value: 'x'"),
     (["--task", "nope"], "argument --task: invalid choice: 'nope'"),

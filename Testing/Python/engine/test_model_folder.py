@@ -176,6 +176,11 @@ def _edit_record(folder: Path, edit) -> None:
     (lambda r: r["layers"][1].update(rank_out="4"), RankMismatchError, "not an integer rank"),
     (lambda r: r["layers"][1].update(form="dense"), RankMismatchError, "contradicts ranks"),
     (lambda r: r.update(format_version=99), RankMismatchError, "upgrade TuckerSegment"),
+    (lambda r: r.update(format_version="2"), RankMismatchError, "format_version '2', not a whole number from 1: the "
+                                                                "record is damaged or was edited"),
+    (lambda r: r.pop("weights_sha256"), RankMismatchError, "no valid weights_sha256 .* damaged or was edited"),
+    (lambda r: r.update(weights_sha256="ab"), RankMismatchError, "no valid weights_sha256"),
+    (lambda r: r["source"].pop("sha256"), RankMismatchError, "no valid source.sha256"),
     (lambda r: r.update(weights_sha256="0" * 64), CheckpointError, "does not match the sha256"),
 ])
 def test_inconsistent_tucker_json_is_refused(tiny_compressed, tmp_path, edit, error, message):
@@ -191,6 +196,17 @@ def test_missing_weights_file_is_named(tiny_compressed, tmp_path):
     with pytest.raises(ModelFolderError, match="weights.safetensors is missing"):
         describe_model(folder)
     with pytest.raises(CheckpointError, match="weights.safetensors is missing"):
+        load_network(folder, 0)
+
+
+def test_weights_linked_from_outside_the_folder_are_refused(tiny_compressed, tmp_path):
+    folder = _copy(tiny_compressed, tmp_path)
+    weights = folder / "fold_0" / "weights.safetensors"
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    weights.rename(elsewhere)
+    weights.symlink_to(elsewhere)  # the very bytes recorded, but not the folder's own file
+    with pytest.raises(CheckpointError, match=f"weights.safetensors is a link to {elsewhere}; a compressed folder "
+                                              "holds its own weights"):
         load_network(folder, 0)
 
 

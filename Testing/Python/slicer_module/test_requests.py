@@ -100,10 +100,10 @@ def tile_step_literals(tree: ast.AST) -> list[int]:
 
 
 def test_the_tile_step_default_is_written_once_in_the_product():
-    # every place that states TotalSegmentator's 0.8 as a tile step, a default or a range bound, in code
+    # every place that states a tile step (TotalSegmentator's 0.8, the lower bound), a default or a range bound, in code
     hits = [f"{path.relative_to(ROOT)}:{line}" for path in sorted((ROOT / "TuckerSegment").rglob("*.py"))
             for line in tile_step_literals(ast.parse(path.read_text()))]
-    assert hits == ["TuckerSegment/TuckerSegmentLib/defaults.py:9"], hits
+    assert hits == ["TuckerSegment/TuckerSegmentLib/defaults.py:9", "TuckerSegment/TuckerSegmentLib/defaults.py:10"], hits
     assert TuckerSegmentParameterNode.tileStep == TILE_STEP == SegmentRequest().tile_step
 
 
@@ -121,7 +121,8 @@ def test_every_request_round_trips_through_json(request_type):
 
 
 @pytest.mark.parametrize("request_type, fields, words", [
-    (SegmentRequest, {"tile_step": "0.8"}, "tile step '0.8' is outside (0, 1]"),
+    (SegmentRequest, {"tile_step": "0.8"}, "tile step '0.8' is outside [0.25, 1]"),
+    (SegmentRequest, {"tile_step": 1e-9}, "tile step 1e-09 is outside [0.25, 1]"),
     (SegmentRequest, {"tile_step": True}, "tile step True is outside"),
     (SegmentRequest, {"crop": "yes"}, "crop must be true or false, not 'yes'"),
     (SegmentRequest, {"device": "gpu"}, "unknown device 'gpu'; choose auto, cpu, cuda, cuda:N or mps"),

@@ -173,6 +173,8 @@ def _load(candidates: Sequence[Candidate], folders: Sequence[ModelFolder], devic
         if folder.dataset_json.get("labels") != folders[0].dataset_json.get("labels"):
             raise TuckerSegmentError(f"{folder.path} segments other structures than {folders[0].path}; compare "
                                      "variants of one original model")
+        for fold in filter(folder.is_compressed_fold, folder.folds):  # its speed-up and Dice are against this original
+            folder.compressed_from(folders[0], fold)
     results, segmenters = [], []
     for index, (candidate, folder) in enumerate(zip(candidates, folders, strict=True)):
         report(0.02 * index / len(candidates), f"loading {folder.path.name}")

@@ -15,6 +15,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from ..checksums import sha256_file
 from ..errors import CheckpointError, ModelFolderError
 from ..image.geometry import Reorientation, resample_image, resampled_shape, to_canonical
 from ..image.volume import Volume
@@ -163,6 +164,19 @@ class ModelFolder:
         """The validated ``tucker.json`` of a compressed fold."""
         self.require_fold(fold)
         return read_tucker_json(self.fold_path(fold) / TUCKER_JSON)
+
+    def compressed_from(self, original: ModelFolder, fold: Fold) -> tuple[dict[str, Any], str]:
+        """This compressed fold's record and ``original``'s checkpoint sha256, after checking that the fold was
+        compressed from exactly that checkpoint (plans and labels alike are not enough: another training run has
+        them too)."""
+        record = self.tucker_record(fold)
+        original.require_fold(fold)
+        checkpoint = original.checkpoint_path(fold)
+        digest = sha256_file(checkpoint)
+        if record["source"]["sha256"] != digest:
+            raise ModelFolderError(f"{self.path} was compressed from another checkpoint than {checkpoint} (sha256 "
+                                   f"differs); pass the original it was made from ({record['source'].get('folder')})")
+        return record, digest
 
     def load_checkpoint(self, fold: Fold, trust: bool = False) -> dict[str, Any]:
         self.require_fold(fold)

@@ -8,6 +8,7 @@ name per tensor is stored and the aliases are restored on load.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ def save_weights(network: nn.Module, path: Path) -> str:
 
 def load_weights(network: nn.Module, path: Path, expected_sha256: str | None = None) -> None:
     """Load weights written by ``save_weights`` into a network of the same structure, aliases included."""
+    if path.is_symlink():
+        raise CheckpointError(f"{path} is a link to {os.readlink(path)}; a compressed folder holds its own weights: "
+                              "copy the folder with its files (cp -rL), or compress the model again")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the compressed folder is incomplete: compress the model again")
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
@@ -90,9 +94,13 @@ def read_tucker_json(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
         raise RankMismatchError(f"{path} is not a TuckerSegment decomposition record (format {FORMAT_NAME!r})")
     version = record.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
-        raise RankMismatchError(f"{path} has format_version {version!r}; this TuckerSegment reads up to "
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RankMismatchError(f"{path} has format_version {version!r}, not a whole number from 1: the record is "
+                                "damaged or was edited; compress the model again")
+    if version > FORMAT_VERSION:
+        raise RankMismatchError(f"{path} has format_version {version}; this TuckerSegment reads up to "
                                 f"{FORMAT_VERSION}: upgrade TuckerSegment")
+    _check_hashes(path, record)
     layers = record.get("layers")
     if not isinstance(layers, list) or not all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in layers):
         raise RankMismatchError(f"{path} has no valid 'layers' list; compress the model again")
@@ -107,6 +115,21 @@ def read_tucker_json(path: Path) -> dict[str, Any]:
     if "pruning" in record and layers:
         raise RankMismatchError(f"{path} records both pruned channels and factorised layers; compress the model again")
     return record
+
+
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_hashes(path: Path, record: dict[str, Any]) -> None:
+    """The record names the sha256 of its weights and of the checkpoint it was made from: without them nothing
+    proves the weights are the ones written, or which original they belong to."""
+    source = record.get("source")
+    for name, value in (("weights_sha256", record.get("weights_sha256")),
+                        ("source.sha256", source.get("sha256") if isinstance(source, dict) else None)):
+        if not is_sha256(value):
+            raise RankMismatchError(f"{path} has no valid {name} (a sha256 TuckerSegment records): the record is "
+                                    "damaged or was edited; compress the model again")
 
 
 def write_tucker_json(path: Path, record: dict[str, Any]) -> None:

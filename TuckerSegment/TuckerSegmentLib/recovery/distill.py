@@ -70,7 +70,6 @@ from ..nnunet.writing import write_retrained_model
 from ..defaults import DISTILL_ITERATIONS, DISTILL_LR, DISTILL_TRAINED
 from ..errors import Cancelled, Interrupted, ModelFolderError
 from ..image.volume import Volume
-from ..checksums import sha256_file
 from ..nnunet.layout import Fold, fold_dir_name, model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Cancel, LayerProgress, check_cancel
@@ -263,13 +262,7 @@ def _open_pair(compressed: str | Path, teacher: str | Path, fold: Fold | None,
         what = "plans.json" if original.plans != student.plans else "labels (dataset.json)"
         raise ModelFolderError(f"the teacher {original.path} has other {what} than {student.path}: it is another "
                                "model; pass the original the compressed folder was made from")
-    record = student.tucker_record(fold_name)
-    teacher_sha = sha256_file(original.checkpoint_path(fold_name))
-    source_sha = (record.get("source") or {}).get("sha256")
-    if source_sha is not None and source_sha != teacher_sha:
-        raise ModelFolderError(f"{student.path} was compressed from another checkpoint than the teacher's "
-                               f"{original.checkpoint_path(fold_name)} (sha256 differs); pass the original it was made "
-                               f"from ({(record.get('source') or {}).get('folder')})")
+    record, teacher_sha = student.compressed_from(original, fold_name)
     return student, original, fold_name, record, teacher_sha
 
 
