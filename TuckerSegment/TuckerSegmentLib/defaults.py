@@ -13,7 +13,10 @@ RANK_MIN = 8  # the uniform rule's smallest rank of any factor
 DISTILL_ITERATIONS = 200  # distil: training iterations (decided on the demo model, docs/recovery.md)
 DISTILL_LR = 1e-4
 DISTILL_TRAINED = ("auto", "factorised", "all")  # which parameters distillation trains
-MAX_DISTILL_ITERATIONS = 100_000  # the most distillation iterations a compression asks for (the panel's spin box too)
+# the most training iterations a distillation or fine-tuning asks for (the panel's spin box too): about a day at
+# one second per iteration; 10^12 was accepted and could never finish
+MAX_TRAINING_ITERATIONS = 100_000
+TRAINING_LIMIT = "about a day at a second an iteration"
 
 FINETUNE_EPOCHS = 50  # as the Tucker paper
 FINETUNE_ITERATIONS_PER_EPOCH = 250  # nnU-Net's
@@ -32,7 +35,7 @@ def check_tile_step(tile_step: Any) -> float:
 def distill_iterations(value: Any) -> int:
     """``value`` as a number of distillation iterations after compression (0: none), or a one-line refusal."""
     import numbers
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_DISTILL_ITERATIONS:
-        raise RecoveryError(f"distillation takes a whole number of iterations from 0 (none) to {MAX_DISTILL_ITERATIONS}, "
-                            f"not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_TRAINING_ITERATIONS:
+        raise RecoveryError(f"distillation takes a whole number of iterations from 0 (none) to {MAX_TRAINING_ITERATIONS} "
+                            f"({TRAINING_LIMIT}), not {value!r}")
     return int(value)

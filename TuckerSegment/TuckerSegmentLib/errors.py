@@ -60,6 +60,7 @@ class Interrupted(BaseException):  # noqa: N818 (not an error: a request to stop
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.kept = ""  # what the stopped work saved, when it saved something to resume from
 
 
 class TaskError(TuckerSegmentError):

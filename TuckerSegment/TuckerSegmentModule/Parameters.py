@@ -6,7 +6,7 @@ from typing import Annotated
 
 from slicer import vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from TuckerSegmentLib.defaults import MAX_DISTILL_ITERATIONS, MIN_TILE_STEP, TILE_STEP
+from TuckerSegmentLib.defaults import MAX_TRAINING_ITERATIONS, MIN_TILE_STEP, TILE_STEP
 
 
 @parameterNodeWrapper
@@ -29,6 +29,6 @@ class TuckerSegmentParameterNode:
     outputParent: str = ""
     outputName: str = ""
     measureSpeed: bool = True
-    distillIterations: Annotated[int, WithinRange(0, MAX_DISTILL_ITERATIONS)] = 0
+    distillIterations: Annotated[int, WithinRange(0, MAX_TRAINING_ITERATIONS)] = 0
     reportTable: vtkMRMLTableNode
     paretoChart: vtkMRMLPlotChartNode

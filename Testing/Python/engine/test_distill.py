@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +71,8 @@ def test_distillation_moves_the_network_towards_the_original_on_held_out_patches
     before, after = held_out_error(tiny_compressed, tiny_model, volume), held_out_error(out, tiny_model, volume)
     assert after < 0.8 * before, (before, after)
     assert tree_digest(tiny_model) == teacher_before and tree_digest(tiny_compressed) == student_before
-    assert [s[0] for s in steps] == [10, 20, 30, 40] and all(s[1] == 40 and "loss" in s[2] for s in steps)
+    assert [s[0] for s in steps] == list(range(1, 41)) and all(s[1] == 40 for s in steps)  # a bar with ETA
+    assert [s[2] for s in steps[:10]] == [""] * 9 + [f"loss {record['log'][0]['loss']:.4f}"]
     assert not state_folder(out, "distill").exists()
     tucker = json.loads((out / "fold_0" / TUCKER_JSON).read_text())
     source = json.loads((tiny_compressed / "fold_0" / TUCKER_JSON).read_text())
@@ -97,7 +101,7 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tiny_model,
     seen = []
     record = distill_model_folder(tiny_compressed, tiny_model, [ct_file], out, progress=lambda d, t, m: seen.append(d),
                                   **settings)
-    assert seen == [6, 8] and record["resumed"] == 1 and record["iterations"] == 8
+    assert seen == [5, 6, 7, 8] and record["resumed"] == 1 and record["iterations"] == 8
     assert [e["iteration"] for e in record["log"]] == [2, 4, 6, 8]
     assert not state.exists() and out.is_dir()
     assert [e["loss"] for e in record["log"]] == pytest.approx([e["loss"] for e in whole["log"]], rel=1e-4)
@@ -170,3 +174,29 @@ def test_a_state_made_for_other_inputs_or_altered_is_refused(tiny_model, tiny_co
     shutil.rmtree(state)
     with pytest.raises(ModelFolderError):
         distill_model_folder(tiny_compressed, tiny_compressed, [ct_file], out, iterations=4, device="cpu")
+
+
+def test_ctrl_c_mid_iteration_keeps_a_whole_state_and_says_where(tiny_model, tiny_compressed, ct_file, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "TuckerSegmentLib.cli", "distill", str(tiny_compressed), "--teacher", str(tiny_model),
+            "--calibration", str(ct_file), str(out), "--device", "cpu"]
+    too_many = subprocess.run([*argv, "--iterations", str(10 ** 12)], capture_output=True, text=True, timeout=120)
+    assert too_many.returncode == 2 and "iterations must be a whole number from 1 to 100000" in too_many.stderr
+    run = subprocess.Popen([*argv, "--iterations", "100000"], stderr=subprocess.PIPE, text=True)
+    first = run.stderr.readline()  # without a terminal: a line each time a loss is logged (every 25 iterations here)
+    assert first.startswith("distilling [ 25/100000] loss "), first
+    run.send_signal(signal.SIGINT)  # mid-iteration, almost surely: the state saved must still be whole
+    started = time.monotonic()
+    rest = run.communicate(timeout=60)[1]
+    assert time.monotonic() - started < 10 and run.returncode == 128 + signal.SIGINT
+    saved = json.loads((state_folder(out, "distill") / "state.json").read_text())["record"]["iteration"]
+    assert saved >= 25 and not out.exists()
+    assert rest.strip().splitlines()[-1] == (
+        f"tuckersegment: cancelled (SIGINT); nothing partial was written; the distillation's state after iteration "
+        f"{saved} is in {state_folder(out, 'distill')}: run the same command again to resume from it")
+    again = subprocess.Popen([*argv, "--iterations", "100000"], stderr=subprocess.PIPE, text=True)
+    line = again.stderr.readline()  # the saved state loads (every file's hash checked) and training goes on from it
+    assert line.startswith(f"distilling [{saved + 1:>3}/100000] loss "), line
+    again.send_signal(signal.SIGTERM)
+    assert again.communicate(timeout=60)[1].strip().endswith("run the same command again to resume from it")
+    assert again.returncode == 128 + signal.SIGTERM

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
 import sys
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from ..compress.pruning import PruningReport
 from ..errors import Interrupted, TuckerSegmentError
 from ..evaluation.report import MARKDOWN_NAME
 from ..image.volume import IntensityWarning
+from ..interrupts import signals_cancel
 from ..nnunet.model_folder import ModelFolder
 from ..policies.methods import DEFAULT_METHOD, method, policy_for
 from ..progress import Progress, listening
@@ -405,33 +404,15 @@ RUNNERS = {"compress": _compress, "distill": _distill, "info": _info, "segment":
            "build-variants": _build_variants, "evaluate": _evaluate, "finetune": _finetune}
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _signals_cancel() -> Iterator[None]:
-    """SIGINT (Ctrl-C) and SIGTERM cancel the run like Cancel in Slicer (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(RUNNERS).parse_args(argv)
     try:
-        with _signals_cancel():
+        with signals_cancel():
             return args.func(args)
     except TuckerSegmentError as exc:
         print(f"tuckersegment: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(f"tuckersegment: cancelled ({signal.Signals(stop.signum).name}); nothing partial was written, "
-              "outputs finished before are kept", file=sys.stderr)
+        print(f"tuckersegment: cancelled ({signal.Signals(stop.signum).name}); "
+              f"{stop.kept or 'nothing partial was written, outputs finished before are kept'}", file=sys.stderr)
         return 128 + stop.signum

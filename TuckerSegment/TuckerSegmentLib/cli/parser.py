@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__
-from ..defaults import MAX_DISTILL_ITERATIONS
+from ..defaults import MAX_TRAINING_ITERATIONS
 from ..policies.methods import DEFAULT_METHOD, PRUNING_METHODS, RANK_METHODS
 from ..runtime.devices import EXECUTIONS, PRECISIONS, RUNTIMES
 from ..usecases.requests import (COMPRESS_METHODS, OUTPUT_FORMATS, CompressRequest, DistillRequest,
@@ -153,7 +153,7 @@ def add_compress(commands: Commands, run: Callable[[argparse.Namespace], int]) -
                           help="then recover accuracy without labels: train the compressed (or pruned) network N "
                                "iterations to reproduce MODEL_DIR's output on the calibration CTs (--calibration, "
                                "default the sample CT; as tuckersegment distill) and write that to OUT_DIR "
-                               f"(default 0: none; at most {MAX_DISTILL_ITERATIONS}; one fold; not with --weight-only). "
+                               f"(default 0: none; at most {MAX_TRAINING_ITERATIONS}; one fold; not with --weight-only). "
                                "An interrupted run resumes from OUT_DIR.distill-source/ and OUT_DIR.distill-state/")
     compress.add_argument("--fold", type=fold, nargs="+", dest="folds", default=UNSET,
                           help="fold(s) to compress (default 0)")

@@ -37,11 +37,18 @@ class Terminal:
             print(message, file=self.stream, flush=True)
 
     def counted(self, label: str) -> LayerProgress | None:
-        """``progress(done, total, name)``: a bar named ``label`` (a line per step without a terminal)."""
+        """``progress(done, total, name)``: a bar named ``label``; without a terminal a line per step whose name is
+        new (each layer; a training run's loss each time it is logged), so a log file stays readable."""
         if self.quiet:
             return None
         if not self.bars:
-            return lambda done, total, name: print(f"{label} [{done:>3}/{total}] {name}", file=self.stream, flush=True)
+            said = [""]
+
+            def line(done: int, total: int, name: str) -> None:
+                if name != said[0] or done >= total:
+                    said[0] = name
+                    print(f"{label} [{done:>3}/{total}] {name}", file=self.stream, flush=True)
+            return line
 
         def report(done: int, total: int, name: str) -> None:
             bar = self._reused(label, total, BAR_FORMAT)

@@ -70,6 +70,7 @@ from ..nnunet.writing import write_retrained_model
 from ..defaults import DISTILL_ITERATIONS, DISTILL_LR, DISTILL_TRAINED
 from ..errors import Cancelled, Interrupted, ModelFolderError
 from ..image.volume import Volume
+from ..interrupts import held_interrupts
 from ..nnunet.layout import Fold, fold_dir_name, model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Cancel, LayerProgress, check_cancel
@@ -84,6 +85,7 @@ DEFAULT_TRAINED = "all"  # decided on the demo model: see the module docstring a
 MIN_USABLE = 0.25  # the least share of a training patch's voxels that must be scored
 VALIDATION_GRID = (4, 4, 4)  # blocks per axis on the model grid; (k + j + i) % 4 == 0 are held out
 VALIDATION_PATCHES = 4  # per volume, on nnU-Net's sliding-window grid
+SAVE_EVERY = 25  # iterations between saved states at most: a stopped run loses at most these
 AUGMENTATION = ("gaussian noise p 0.1", "gaussian blur p 0.2", "brightness p 0.15", "contrast p 0.15",
                 "low resolution p 0.25", "inverted gamma p 0.1", "gamma p 0.3",
                 "mirroring along the model's allowed axes")
@@ -299,8 +301,9 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
     the result to ``output`` (a new compressed folder, whole or not at all; ``compressed`` and ``teacher`` are
     never modified). Returns the ``recovery`` record written to its ``tucker.json``.
 
-    ``batch_size``: default 1 on the CPU, the plans' batch size on a GPU. ``log_every``: iterations per log entry,
-    state save and ``progress(done, iterations, message)`` call (default: a twentieth of the run). See the
+    ``batch_size``: default 1 on the CPU, the plans' batch size on a GPU. ``log_every``: iterations per log entry and
+    state save (default: a twentieth of the run, at most ``SAVE_EVERY``); ``progress(done, iterations, message)`` is
+    called after every iteration. See the
     module docstring for the data, masks, loss, what trains and resuming."""
     _check_settings(iterations, lr, temperature, batch_size, trained)
     student_model, teacher_model, fold_name, record, teacher_sha = _open_pair(compressed, teacher, fold, trust)
@@ -322,7 +325,7 @@ def distill_model_folder(compressed: str | Path, teacher: str | Path,
     if mode == "factorised" and pruned:
         raise RecoveryError(f"{student_model.path} is pruned and has no factorised layers; train all parameters "
                             "(trained='all')")
-    every = log_every or max(1, iterations // 20)
+    every = log_every or min(max(1, iterations // 20), SAVE_EVERY)
 
     teacher_net = _frozen(teacher_model.load_original(fold_name, trust)[0].to(torch_device).eval())
     student_net, params = _student(student_model, fold_name, mode, torch_device)
@@ -466,7 +469,8 @@ def _train(run: _Run, found: Any, seed: int, iterations: int, every: int, progre
             while run.state["iteration"] < iterations:
                 check_cancel(cancelled, "distillation")
                 consistent = False
-                run.step()
+                with held_interrupts():  # Ctrl-C mid-iteration stops after it, so the state saved below is whole
+                    run.step()
                 consistent = True
                 if run.state["iteration"] % every == 0 or run.state["iteration"] == iterations:
                     run.state["log"].append({"iteration": run.state["iteration"],
@@ -474,11 +478,16 @@ def _train(run: _Run, found: Any, seed: int, iterations: int, every: int, progre
                     run.losses = []
                     run.save()
                     saved_at = run.state["iteration"]
-                    if progress is not None:
-                        progress(run.state["iteration"], iterations, f"loss {run.state['log'][-1]['loss']:.4f}")
-        except (Interrupted, Cancelled, KeyboardInterrupt):
+                if progress is not None:
+                    logged = run.state["log"][-1]["loss"] if run.state["log"] else None
+                    progress(run.state["iteration"], iterations, "" if logged is None else f"loss {logged:.4f}")
+        except (Interrupted, Cancelled, KeyboardInterrupt) as stop:
             if consistent and run.state["iteration"] > saved_at:
                 run.save()
+                saved_at = run.state["iteration"]
+            if isinstance(stop, Interrupted) and saved_at:
+                stop.kept = (f"nothing partial was written; the distillation's state after iteration {saved_at} is in "
+                             f"{run.folder}: run the same command again to resume from it")
             raise
         finally:
             np.random.set_state(numpy_state)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from ..defaults import (DISTILL_ITERATIONS, DISTILL_LR, DISTILL_TRAINED, FINETUNE_EPOCHS,
-                        FINETUNE_ITERATIONS_PER_EPOCH, FINETUNE_LR, RANK_MIN, TILE_STEP, check_tile_step,
-                        distill_iterations)
+                        FINETUNE_ITERATIONS_PER_EPOCH, FINETUNE_LR, MAX_TRAINING_ITERATIONS, RANK_MIN, TILE_STEP,
+                        TRAINING_LIMIT, check_tile_step, distill_iterations)
 from ..errors import PolicyError, TuckerSegmentError
 from ..policies.methods import DEFAULT_METHOD, PRUNING_METHODS, method
 from ..runtime.devices import EXECUTIONS, PRECISIONS, RUNTIMES, parse_device
@@ -342,7 +342,7 @@ class DistillRequest(Request):
         return {"compressed": _text("compressed", self.compressed), "teacher": _text("teacher", self.teacher),
                 "calibration": _texts("calibration", _listed("calibration", self.calibration)),
                 "output": _text("output", self.output),
-                "iterations": int(_number("iterations", self.iterations, 0, 10 ** 7, whole=True)),
+                "iterations": int(_number("iterations", self.iterations, 1, MAX_TRAINING_ITERATIONS, whole=True)),
                 "lr": _number("lr", self.lr, 0, 1), "temperature": _number("temperature", self.temperature, 1e-3, 1e3),
                 "batch_size": batch, "trained": _choice("trained", self.trained, DISTILL_TRAINED),
                 "device": _device(self.device), "fold": _fold("fold", self.fold),
@@ -367,11 +367,13 @@ class FinetuneRequest(Request):
     overwrite: bool = False
 
     def _checked(self) -> dict[str, Any]:
+        epochs = int(_number("epochs", self.epochs, 1, MAX_TRAINING_ITERATIONS, whole=True))
+        per_epoch = int(_number("iterations_per_epoch", self.iterations_per_epoch, 1, MAX_TRAINING_ITERATIONS, whole=True))
+        if epochs * per_epoch > MAX_TRAINING_ITERATIONS:
+            raise _refuse("epochs", epochs, f"at most {MAX_TRAINING_ITERATIONS // per_epoch} at {per_epoch} iterations per "
+                                            f"epoch ({MAX_TRAINING_ITERATIONS} iterations in all, {TRAINING_LIMIT})")
         return {"compressed": _text("compressed", self.compressed), "dataset": _text("dataset", self.dataset),
-                "output": _text("output", self.output),
-                "epochs": int(_number("epochs", self.epochs, 1, 10 ** 5, whole=True)),
-                "iterations_per_epoch": int(_number("iterations_per_epoch", self.iterations_per_epoch, 1, 10 ** 6,
-                                                    whole=True)),
+                "output": _text("output", self.output), "epochs": epochs, "iterations_per_epoch": per_epoch,
                 "lr": _number("lr", self.lr, 0, 1), "device": _device(self.device),
                 "original": _text("original", self.original, optional=True),
                 "overwrite": _flag("overwrite", self.overwrite)}

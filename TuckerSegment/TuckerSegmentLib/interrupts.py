@@ -1,0 +1,52 @@
+"""SIGINT (Ctrl-C) and SIGTERM for the long commands: ``signals_cancel`` turns them into ``Interrupted``, like
+Cancel in Slicer; ``held_interrupts`` holds one back until a unit of work whose state must stay consistent (a
+training iteration) has finished, so that what is saved on the way out is whole. Main thread only (Python
+delivers signals there); elsewhere both do nothing."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+from .errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_cancel() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise ``Interrupted`` (the caller says what was kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _interrupt) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Within ``signals_cancel``: a signal that arrives inside the block is raised as ``Interrupted`` once the block
+    has finished (a unit of work takes seconds). Elsewhere signals keep their usual effect (a worker process
+    that Slicer terminates dies at once)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            any(signal.getsignal(s) is not _interrupt for s in SIGNALS):
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught:
+        raise Interrupted(caught[0])
