@@ -1,17 +1,21 @@
 """The worker process and its protocol without Slicer: answers, errors by class, hostile input (option
-values, request lines, voxel files, answers), stdout kept for the protocol, idle exit and restart."""
+values, request lines of any size, nesting, id or args, a second request while one is in hand, segment files,
+voxel files, answers), stdout kept for the protocol, idle exit and restart, clean exits."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import process_ended
-from TuckerSegmentLib.errors import ModelFolderError, TuckerSegmentError, VolumeError
+from TuckerSegmentLib.errors import ModelFolderError, OutputPathError, TuckerSegmentError, VolumeError
 from TuckerSegmentLib.segment.labels import SegmentLabel, Terminology
 from TuckerSegmentLib.worker import protocol
 from TuckerSegmentLib.worker.client import DONE, FAILED, ENGINE_FOLDER, WorkerClient, worker_command, worker_environment
@@ -23,6 +27,7 @@ def client(idle_seconds: float | None = None) -> WorkerClient:
 
 
 def test_answers_carry_results_and_errors_by_class_and_the_worker_goes_on(tmp_path):
+    (tmp_path / "v.npz").touch()  # the model is what is missing
     worker = client()
     try:
         status = worker.run("status", {})
@@ -62,6 +67,150 @@ def test_a_bad_idle_option_is_refused_in_one_line(value):
     run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.worker", "--idle-seconds", value], input="",
                          capture_output=True, text=True, timeout=60, env=worker_environment(), cwd=ENGINE_FOLDER)
     assert run.returncode == 2 and "--idle-seconds" in run.stderr.strip().splitlines()[-1]
+
+
+def strict(line: bytes) -> dict[str, Any]:
+    """A protocol line read as strict JSON (NaN and infinities are not JSON) that fits the protocol's line limit."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+    message = json.loads(line, parse_constant=refuse)
+    assert isinstance(message, dict) and len(line.rstrip(b"\n")) <= protocol.MAX_LINE
+    return message
+
+
+def talk(tmp_path: Path, lines: list[bytes], answers: int, *options: str,
+         close: bool = True) -> tuple[list[dict[str, Any]], str, int | None]:
+    """Run a worker on ``lines``: wait for its ready line and ``answers`` more, then close its stdin (``close``) or let
+    it end by itself. (Everything it wrote, each line strict JSON; its stderr; its exit code.)"""
+    errors, messages = tmp_path / "worker stderr.txt", []
+    with errors.open("wb") as sink, subprocess.Popen([sys.executable, "-m", "TuckerSegmentLib.worker", *options],
+                                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sink,
+                                                     env=worker_environment(), cwd=ENGINE_FOLDER) as run:
+        timer = threading.Timer(120, run.kill)  # a worker that hangs fails the test rather than stalling it
+        timer.start()
+        try:
+            run.stdin.write(b"".join(lines))
+            run.stdin.flush()
+            while len(messages) <= answers and (line := run.stdout.readline()):
+                messages.append(strict(line))
+            if close:
+                run.stdin.close()
+            messages += [strict(line) for line in run.stdout]
+            run.wait()
+        finally:
+            timer.cancel()
+            run.kill()
+    return messages, errors.read_text(), run.returncode
+
+
+def request(ident: Any, command: str = "status", **fields: Any) -> bytes:
+    """One request line (NaN and infinities written as a hostile client would)."""
+    return json.dumps({"id": ident, "command": command, **fields}).encode() + b"\n"
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000 + b"\n"
+SLOW = request(1, args={"machine": True})  # imports torch to find the devices: seconds
+
+
+def test_a_deeply_nested_line_is_one_error_answer_and_the_worker_goes_on(tmp_path):
+    messages, errors, code = talk(tmp_path, [DEEP, request(3)], 2)
+    assert messages[1]["id"] is None and messages[1]["error"]["type"] == "ProtocolError"
+    assert messages[1]["error"]["message"].startswith("the worker got a request nested too deeply to read; ")
+    assert messages[2]["id"] == 3 and messages[2]["result"]["loads"] == 0
+    assert code == 0 and len(messages) == 3 and "Fatal Python error" not in errors
+
+
+def test_args_that_are_not_an_object_are_refused_in_one_line_naming_them(tmp_path):
+    wrong = [[1, 2], 5, "machine", None, True]
+    lines = [request(ident, "segment" if ident % 2 else "status", args=args) for ident, args in enumerate(wrong, 1)]
+    messages, errors, code = talk(tmp_path, [*lines, request(9)], len(wrong) + 1)
+    for ident, message in enumerate(messages[1:-1], 1):
+        assert message["id"] == ident and message["error"]["type"] == "ProtocolError"
+        assert message["error"]["message"].startswith("args must be a JSON object") and "\n" not in message["error"]["message"]
+    assert messages[-1]["id"] == 9 and "result" in messages[-1]
+    assert code == 0 and "Traceback" not in errors
+
+
+def test_request_ids_must_be_a_number_or_a_short_string_and_every_answer_is_strict_json(tmp_path):
+    nested: Any = 0
+    for _ in range(300):
+        nested = {"id": nested}
+    bad = [float("nan"), float("inf"), -float("inf"), True, False, 1.5, 2 ** 70, "x" * 65, [1], nested]
+    messages, _, code = talk(tmp_path, [*(request(ident) for ident in bad), request("job-7")], len(bad) + 1)
+    for message in messages[1:-1]:
+        assert message["id"] is None and message["error"]["message"].startswith("a request's id must be ")
+        assert len(message["error"]["message"]) < 200  # a huge id is not echoed
+    assert messages[-1]["id"] == "job-7" and "result" in messages[-1] and code == 0
+    with pytest.raises(protocol.ProtocolError, match="strict JSON"):
+        protocol.encode({"id": 1, "fraction": float("nan")})
+    with pytest.raises(protocol.ProtocolError, match="longer than"):
+        protocol.encode({"id": 1, "message": "x" * protocol.MAX_LINE})
+
+
+def test_a_line_longer_than_the_protocol_allows_is_refused_unread_and_the_worker_goes_on(tmp_path):
+    def padded(ident: int, size: int) -> bytes:
+        """A status request line of ``size`` bytes before its newline."""
+        line = request(ident, args={"pad": ""})
+        return line[:-4] + b"x" * (size - len(line) + 1) + line[-4:]
+    lines = [padded(4, protocol.MAX_LINE), padded(5, protocol.MAX_LINE + 1), padded(6, 3 * protocol.MAX_LINE + 5), request(7)]
+    messages, errors, code = talk(tmp_path, lines, 4)
+    assert messages[1]["id"] == 4 and "result" in messages[1]  # as long as a line may be
+    for message in messages[2:4]:
+        assert message["id"] is None and message["error"]["type"] == "ProtocolError"
+        assert message["error"]["message"].startswith(f"the worker got a request line longer than {protocol.MAX_LINE} bytes")
+    assert messages[4]["id"] == 7 and "result" in messages[4] and len(messages) == 5 and code == 0
+
+
+def test_a_request_while_another_is_in_hand_is_refused_at_once(tmp_path):
+    messages, _, code = talk(tmp_path, [SLOW, request(2)], 3)
+    busy = {"id": 2, "error": {"type": "TuckerSegmentError",
+                               "message": "the worker is busy with request 1; wait for it or cancel it"}}
+    results = [index for index, message in enumerate(messages) if "result" in message]
+    assert busy in messages and [messages[i]["id"] for i in results] == [1] and messages.index(busy) < results[0]
+    assert code == 0
+
+
+def test_an_error_answer_always_fits_a_protocol_line(tmp_path):
+    field = "f" * (protocol.MAX_LINE - 100)  # the error names the unknown field, then every known one
+    messages, _, code = talk(tmp_path, [request(1, "segment", args={field: 1})], 1)
+    assert messages[1]["id"] == 1 and messages[1]["error"]["message"].startswith("a segment request has no field fff")
+    assert code == 0
+
+
+def test_segment_files_are_checked_before_any_model_loads(tmp_path):
+    from TuckerSegmentLib.paths import BUNDLED_MODELS
+    protocol.save_volume(tmp_path / "v.npz", np.random.default_rng(0).integers(-1000, 1000, (8, 8, 8), np.int16), np.eye(4))
+    volume, labels = str(tmp_path / "v.npz"), str(tmp_path / "l.npy")
+    cases = [({"volume": volume, "labels": str(tmp_path / "no folder" / "l.npy")}, OutputPathError,
+              "^labels must name a file in an existing folder, not .*no folder"),
+             ({"volume": volume, "labels": str(tmp_path)}, OutputPathError, "^labels must name a file"),
+             ({"volume": str(tmp_path / "none.npz"), "labels": labels}, VolumeError, "^volume .*none.npz does not exist"),
+             ({"volume": 5, "labels": labels}, TuckerSegmentError, "^volume must be the path of a file"),
+             ({"volume": volume}, TuckerSegmentError, "^labels must be the path of a file")]
+    worker = client()
+    try:
+        for files, kind, message in cases:
+            with pytest.raises(kind, match=message):
+                worker.run("segment", {**files, "model": [str(BUNDLED_MODELS / "chest-demo")], "device": "cpu"})
+        assert worker.run("status", {})["loads"] == 0 and worker.starts == 1
+    finally:
+        worker.shutdown()
+
+
+HOSTILE = [DEEP, request(2, args=[1]), request(float("nan")), b"x" * (protocol.MAX_LINE + 10) + b"\n", SLOW,
+           request(3), b"not json\n"]
+ENDINGS = {"an idle timeout": ([], 0, ("--idle-seconds", "0.5"), False),
+           "stdin closed while idle": ([request(1)], 1, (), True),
+           "stdin closed mid-request": ([SLOW], 1, (), True),  # once it said it works on it
+           "hostile lines": (HOSTILE, len(HOSTILE) + 1, (), True)}  # each answered, and the slow one's progress
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_a_worker_ends_cleanly_after(ending, tmp_path):
+    lines, answers, options, close = ENDINGS[ending]
+    messages, errors, code = talk(tmp_path, lines, answers, *options, close=close)
+    assert len(messages) == answers + 1  # its ready line too, and nothing after the slow request it was told to drop
+    assert code == 0 and "Fatal Python error" not in errors and "Traceback" not in errors, errors
 
 
 def test_an_idle_worker_exits_by_itself_and_the_next_request_starts_another():
@@ -127,6 +276,9 @@ def test_a_job_that_is_not_finished_has_no_outcome_and_a_busy_worker_takes_no_se
         with pytest.raises(TuckerSegmentError, match="still busy with the status"):
             worker.submit("status", {})
         assert job.wait(60) == DONE
+        with pytest.raises(TuckerSegmentError):  # a request that cannot travel (NaN is not JSON) starts no job
+            worker.submit("status", {"machine": float("nan")})
+        assert not worker.busy and worker.submit("status", {}).wait(60) == DONE
     finally:
         worker.shutdown()
 

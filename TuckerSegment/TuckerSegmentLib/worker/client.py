@@ -190,13 +190,14 @@ class WorkerClient:
         """Send a request (starting a worker when none is alive) and return its job; never waits."""
         if self.busy:
             raise TuckerSegmentError(f"the worker is still busy with the {self._job.name}; wait for it or cancel it")
+        line = encode({"id": self._next_id, "command": command, "args": args})  # args that cannot travel: no job
         if not self.alive():
             self._start()
         job = WorkerJob(self, self._next_id, name or command)
         self._next_id += 1
         self._job = job
         assert self._child is not None
-        self._child.write(encode({"id": job.ident, "command": command, "args": args}))
+        self._child.write(line)
         return job
 
     def run(self, command: str, args: dict[str, Any], progress: Callable[[float, str], None] | None = None,

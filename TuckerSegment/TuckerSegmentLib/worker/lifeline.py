@@ -34,8 +34,9 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)  # orphaned: nobody reads our answers any more
 
 
-def end_now() -> None:
-    """Leave at once, without waiting for the work in hand (its outputs are the client's to remove): the client
-    closed our stdin, which it does only when it has gone or wants us gone."""
+def end_now(code: int = 0) -> None:
+    """Leave at once with exit ``code``, without waiting for the work in hand (its outputs are the client's to remove)
+    or for a thread blocked in a read (which would abort the interpreter's own shutdown): the client closed our stdin,
+    which it does only when it has gone or wants us gone, or the worker idled out or cannot go on."""
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -3,7 +3,8 @@ to it over stdin/stdout (``protocol``), keeping the last model loaded between re
 
 Started as ``python -m TuckerSegmentLib.worker``. It exits when its stdin closes, after ``idle_seconds``
 without a request, or when it is terminated; it never cleans up after a cancel itself: a terminated
-worker dies at once and the client removes what it left (its temporary folder, partial outputs).
+worker dies at once and the client removes what it left (its temporary folder, partial outputs). Each request
+line is untrusted input: whatever it holds, it gets one answer and the worker goes on.
 """
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import __version__
-from ..errors import CacheWarning, PolicyError, TuckerSegmentError
+from ..errors import CacheWarning, OutputPathError, PolicyError, TuckerSegmentError, VolumeError
 from ..image.volume import IntensityWarning
 from ..progress import Progress
 from .lifeline import die_with_parent, end_now
-from .protocol import READY, encode, error_to_json, save_labels, segments_to_json
+from .protocol import (MAX_LINE, READY, BadRequest, Request, encode, error_to_json, quoted, read_request, save_labels,
+                       segments_to_json)
 
 IDLE_SECONDS = 600.0
 Handler = Callable[[dict[str, Any], Progress], dict[str, Any]]
@@ -54,57 +56,90 @@ class LoadedModel:
 
 
 class Worker:
-    """Answers requests one at a time; ``serve`` runs until stdin closes or the worker idles out."""
+    """Answers one request at a time: ``read`` (a thread on stdin) takes each line, answering at once one that is not
+    a request or that comes while another is in hand; ``serve`` answers the rest until stdin closes or it idles out."""
 
     def __init__(self, output: BinaryIO) -> None:
         self._output = output
+        self._lock = threading.Lock()  # one line at a time on the protocol stream, from either thread; guards in_hand
+        self.in_hand: int | str | None = None  # the id of the request taken and not answered yet
+        self.requests: queue.Queue[Request | None] = queue.Queue()  # None: stdin closed
         self.model = LoadedModel()
         self.handlers: dict[str, Handler] = {"segment": self.segment, "compress": self.compress,
                                              "build": self.build, "status": self.status}
-        self.working = threading.Event()  # set while a request is in hand
+        self.working = threading.Event()  # set while ``serve`` answers a request
 
     def send(self, message: dict[str, Any]) -> None:
-        self._output.write(encode(message))
-        self._output.flush()
+        """Write ``message`` as one protocol line."""
+        self.write(encode(message))
 
-    def serve(self, requests: queue.Queue, idle_seconds: float) -> None:
+    def write(self, line: bytes, answered: bool = False) -> None:
+        """Write one protocol line; ``answered``: it ends the request in hand, which is let go before the line goes out
+        (a client sends its next request once it has read this one)."""
+        with self._lock:
+            if answered:
+                self.in_hand = None
+            self._output.write(line)
+            self._output.flush()
+
+    def serve(self, stdin: BinaryIO, idle_seconds: float) -> None:
+        """Say ready, then answer the requests read from ``stdin`` until it closes or none comes for ``idle_seconds``."""
         self.send({"event": READY, "pid": os.getpid(), "version": __version__})
+        threading.Thread(target=self.read, args=(stdin,), daemon=True, name="request reader").start()
         while True:
             try:
-                line = requests.get(timeout=idle_seconds)
+                request = self.requests.get(timeout=idle_seconds)
             except queue.Empty:
                 return  # idle: the client starts a new worker when it needs one
-            if line is None:
+            if request is None:
                 return  # the client closed our stdin
             self.working.set()
             try:
-                self.answer(line)
+                self.answer(request)
             finally:
                 self.working.clear()
 
-    def answer(self, line: bytes) -> None:
-        import json
-        try:
-            request = json.loads(line)
-            ident, command, args = request["id"], request["command"], request.get("args", {})
-        except (ValueError, KeyError, TypeError):
-            self.send({"id": None, "error": {"type": "TuckerSegmentError", "message": "the worker got a request "
-                                             "that is not JSON with id and command"}})
-            return
+    def read(self, stdin: BinaryIO) -> None:
+        """Take each line of ``stdin``; once it closes, end the serve loop, or this process while a request is being
+        answered."""
+        for line in _lines(stdin):
+            self.take(line)
+        if self.working.is_set():
+            end_now()
+        self.requests.put(None)
 
+    def take(self, line: bytes) -> None:
+        """Queue the request on ``line`` for ``serve``, or answer at once one that is not a request or that comes while
+        another is in hand (never a second job)."""
+        try:
+            request = read_request(line)
+        except BadRequest as error:
+            self.send({"id": error.ident, "error": error_to_json(error)})
+            return
+        with self._lock:
+            busy = self.in_hand
+            if busy is None:
+                self.in_hand = request.ident
+                self.requests.put(request)
+        if busy is not None:
+            refusal = TuckerSegmentError(f"the worker is busy with request {busy!r}; wait for it or cancel it")
+            self.send({"id": request.ident, "error": error_to_json(refusal)})
+
+    def answer(self, request: Request) -> None:
+        """Run ``request``; its result, or its failure as an error answer (the worker itself goes on)."""
         def progress(fraction: float, message: str) -> None:
-            self.send({"id": ident, "fraction": round(min(max(float(fraction), 0.0), 1.0), 4), "message": message})
-        handler = self.handlers.get(command)
+            self.send({"id": request.ident, "fraction": round(min(max(float(fraction), 0.0), 1.0), 4),
+                       "message": message})
+        handler = self.handlers.get(request.command)
         try:
             if handler is None:
-                raise TuckerSegmentError(f"the worker has no command {command!r}")
-            result = handler(args, progress)
+                raise TuckerSegmentError(f"the worker has no command {quoted(request.command)}")
+            line = encode({"id": request.ident, "result": handler(request.args, progress)})  # or an error: not JSON
         except Exception as error:  # every failure is an answer; the worker itself goes on
             if not isinstance(error, TuckerSegmentError):
                 traceback.print_exc(file=sys.stderr)
-            self.send({"id": ident, "error": error_to_json(error)})
-            return
-        self.send({"id": ident, "result": result})
+            line = encode({"id": request.ident, "error": error_to_json(error)})
+        self.write(line, answered=True)
 
     def status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """This process, its model loads and version; with ``machine: true`` also the devices it sees
@@ -124,6 +159,7 @@ class Worker:
         from ..usecases.segmenting import segment_with
         files = ("volume", "labels")
         request = SegmentRequest.from_json({k: v for k, v in args.items() if k not in files})  # before any model loads
+        volume, labels = _segment_files(args)
         self.model.notices.clear()
         loads, started = self.model.loads, time.perf_counter()
         progress(0.0, "loading the model")
@@ -132,8 +168,8 @@ class Worker:
         segmenter.check_subset(request.subset)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IntensityWarning)
-            result = segment_with(segmenter, request, read_ct(args["volume"]), progress)
-        save_labels(Path(args["labels"]), result.labels)
+            result = segment_with(segmenter, request, read_ct(volume), progress)
+        save_labels(labels, result.labels)
         return {"segments": segments_to_json(result.segments), "model": result.model, "device": result.device,
                 "runtime": result.runtime,
                 "seconds": result.seconds, "tiles": result.tiles, "policy": result.policy,
@@ -191,13 +227,34 @@ class Worker:
         return {"built": {key: str(folder) for key, folder in outcome.built.items()}}
 
 
-def _read_lines(stream: BinaryIO, lines: queue.Queue, working: threading.Event) -> None:
-    """Requests into ``lines``; once stdin closes, None, or the end of this process when a request is in hand."""
-    for line in iter(stream.readline, b""):
-        lines.put(line)
-    if working.is_set():
-        end_now()
-    lines.put(None)
+def _segment_files(args: dict[str, Any]) -> tuple[Path, Path]:
+    """The (volume, labels) files a segment request names, checked before any model loads: the volume exists and
+    the labels' folder does."""
+    from ..usecases.requests import RequestError
+    paths = []
+    for name in ("volume", "labels"):
+        value = args.get(name)
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            raise RequestError(f"{name} must be the path of a file (a string), not {quoted(value)}")
+        paths.append(Path(value).expanduser())
+    volume, labels = paths
+    if not volume.is_file():
+        raise VolumeError(f"volume {volume} does not exist; name a CT file that does (a transfer file is written "
+                          "before its request)")
+    if labels.is_dir() or not labels.parent.is_dir():
+        raise OutputPathError(f"labels must name a file in an existing folder, not {labels}; create its folder first")
+    return volume, labels
+
+
+def _lines(stream: BinaryIO) -> Iterator[bytes]:
+    """The lines of ``stream``; of one longer than ``MAX_LINE`` only its start, which ``read_request`` refuses (the
+    rest is read and dropped, never held)."""
+    limit = MAX_LINE + 2  # room for a line ending
+    while line := stream.readline(limit):
+        rest = line
+        while len(rest) == limit and not rest.endswith(b"\n"):
+            rest = stream.readline(limit)
+        yield line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # libraries' prints go to stderr, never into the protocol
     sys.stdout = sys.stderr
     die_with_parent()
-    requests: queue.Queue = queue.Queue()
-    worker = Worker(protocol)
-    threading.Thread(target=_read_lines, args=(sys.stdin.buffer, requests, worker.working), daemon=True).start()
-    worker.serve(requests, args.idle_seconds)
+    try:
+        Worker(protocol).serve(sys.stdin.buffer, args.idle_seconds)
+    except BaseException:  # not a request's failure (those are answers): the protocol stream broke, or Ctrl-C
+        traceback.print_exc(file=sys.stderr)
+        end_now(1)
     end_now()  # idle or stdin closed: no thread left blocked in a read at interpreter shutdown
     return 0
