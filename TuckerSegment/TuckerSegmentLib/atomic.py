@@ -14,6 +14,9 @@ from .errors import OutputPathError
 from .paths import checked_path
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, quota
+# what the longest name written beside an output adds to the output's name: the staging folder of a training
+# state, ".<name>.distill-state.<pid>.<8 random>.partial" (a 250-byte name failed there with an OSError)
+SIBLING_ROOM = 48
 
 
 Input = tuple[str, "str | Path"]  # what a command reads: (what it is, e.g. "teacher model folder"; its path)
@@ -37,10 +40,24 @@ def refuse_overlap(output: Path, inputs: Iterable[Input]) -> None:
                                   "an output outside every input (inputs are never modified)")
 
 
+def _refuse_long_name(target: Path) -> None:
+    """Refuse a name too long for the files written beside it (staging copies, locks, training states)."""
+    try:
+        most = os.pathconf(target.parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    except OSError:  # a parent that does not exist is named by the checks after this one
+        most = 255
+    size = len(os.fsencode(target.name))
+    if size > most - SIBLING_ROOM:
+        raise OutputPathError(f"output name {target.name[:40]}... is {size} bytes long; at most {most - SIBLING_ROOM} "
+                              "leave room for the files written beside it: choose a shorter name")
+
+
 def check_output_dir(target: Path, overwrite: bool = False, inputs: Iterable[Input] = ()) -> Path:
     """Resolve ``target`` and refuse, before any work, what could not be written or would destroy data: an output
-    over any of ``inputs`` (see ``refuse_overlap``), an existing one without ``overwrite``, an unwritable one."""
+    over any of ``inputs`` (see ``refuse_overlap``), an existing one without ``overwrite``, an unwritable one, a
+    name too long."""
     target = checked_path(target, OutputPathError, "output")
+    _refuse_long_name(target)
     refuse_overlap(target, inputs)
     if target.exists() and not overwrite:
         raise OutputPathError(f"output {target} already exists; choose a new folder or pass --overwrite")
@@ -170,6 +187,7 @@ def refuse_existing(target: Path, overwrite: bool = False) -> None:
 def check_output_file(target: Path, inputs: Iterable[Input] = ()) -> Path:
     """Resolve an output file path and refuse, before any work, one that cannot be written or is an input."""
     target = checked_path(target, OutputPathError, "output")
+    _refuse_long_name(target)
     refuse_overlap(target, inputs)
     if target.is_dir():
         raise OutputPathError(f"output {target} is a folder; give a file name (.seg.nrrd or .nii.gz)")

@@ -144,6 +144,9 @@ def test_hostile_inputs_are_refused_in_one_line_with_nothing_written(tiny_model,
                                             str(ct_file), str(out)], capsys, tmp_path)
     assert "missing.nii.gz" in refused([*base, "--calibration", str(tmp_path / "missing.nii.gz"), str(out)], capsys,
                                        tmp_path)
+    long_name = tmp_path / ("n" * 230)  # fits the file system, but its .distill-state beside it would not
+    assert f"output name {'n' * 40}... is 230 bytes long; at most 207 leave room for the files written beside it" in \
+        refused([*base, "--calibration", str(ct_file), str(long_name)], capsys, tmp_path)
     assert "iterations" in refused([*base, "--calibration", str(ct_file), str(out), "--iterations", "0"], capsys,
                                    tmp_path)
     assert "not compressed" in refused(["distill", str(tiny_model), "--teacher", str(tiny_model), "--calibration",

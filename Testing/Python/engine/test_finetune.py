@@ -4,6 +4,7 @@ interrupted run resumes, and bad data sets or options end in one line with nothi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import tree_digest
 from TuckerSegmentLib.cli import main
 from TuckerSegmentLib.image.volume import Volume
 from TuckerSegmentLib.nnunet.model_folder import ModelFolder
-from TuckerSegmentLib.recovery.dataset import find_dataset
+from TuckerSegmentLib.recovery.dataset import DatasetError, find_dataset
 from TuckerSegmentLib.recovery.finetune import finetune_model_folder, state_dir
 from TuckerSegmentLib.segment.predictor import Segmenter
 
@@ -176,3 +177,12 @@ def test_data_sets_are_found_by_id_name_or_path(raw_root: Path, monkeypatch: pyt
     assert find_dataset(raw_root / "Dataset901_TinyCT").kind == "raw"
     shutil.copytree(raw_root / "Dataset901_TinyCT", tmp_path / "copy")
     assert find_dataset(tmp_path / "copy").name == "copy"
+    for wildcard in ("Dataset*", "Dataset90?_TinyCT", "Dataset[9]01_TinyCT"):  # never "whichever matched first"
+        with pytest.raises(DatasetError, match=f"^data set '{re.escape(wildcard)}' not found: give a folder, a name"):
+            find_dataset(wildcard)
+    shutil.copytree(raw_root / "Dataset901_TinyCT", raw_root / "Dataset901_TinyCTagain")
+    with pytest.raises(DatasetError, match="^data set id 901 names several folders in \\$nnUNet_raw: Dataset901_TinyCT, "
+                                           "Dataset901_TinyCTagain; give the name or the folder"):
+        find_dataset("901")
+    assert find_dataset("Dataset901_TinyCTagain").name == "Dataset901_TinyCTagain"
+    shutil.rmtree(raw_root / "Dataset901_TinyCTagain")

@@ -431,3 +431,21 @@ def test_odd_inputs_and_outputs_get_messages_that_say_what_is_wrong(tiny_model, 
     one_error_line(cli("segment", str(singular), str(tmp_path / "s.seg.nrrd"), "--model", str(tiny_model)),
                    "Bad direction, determinant is 0: the file's orientation (direction matrix) is singular")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd", "empty", "singular.nrrd"]
+
+
+@pytest.mark.parametrize("command", ["compress", "distill"])
+def test_a_label_map_given_as_calibration_is_refused_not_calibrated_on(tiny_model, tiny_compressed, tmp_path, command):
+    labels = np.zeros((16, 32, 32), np.uint8)
+    labels[4:12, 8:24, 8:24], labels[6:10, 12:20, 12:20] = 1, 2  # what a segmentation looks like
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((3.0, 3.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "labels.nii.gz"))
+    out = tmp_path / "out"
+    calibration = ["--calibration", str(tmp_path / "labels.nii.gz")]
+    argv = (["compress", str(tiny_model), str(out), "--factor", "0.5", *calibration] if command == "compress" else
+            ["distill", str(tiny_compressed), "--teacher", str(tiny_model), *calibration, str(out)])
+    run = subprocess.run([sys.executable, "-m", "TuckerSegmentLib.cli", *argv, "--quiet"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "labels.nii.gz looks like a label map (whole values 0 … 2, none below 0), not a CT" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]

@@ -21,9 +21,12 @@ from nnunetv2.preprocessing.normalization import default_normalization_schemes
 
 from ..errors import ModelFolderError, VolumeError
 from ..image.geometry import resample_labels_nearest, to_canonical
-from ..image.volume import Volume, checked_volume, read_volume
+from ..image.volume import Volume, check_volume, read_volume
 from ..nnunet.model_folder import ModelFolder
 from ..tucker.calibration import CalibrationPatch
+
+
+LABEL_MAP_MAX = 1024  # a label map: whole values from 0, below this, few distinct ones (a CT holds air at -1000)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,11 +54,20 @@ class CalibrationVolume:
 
 
 def checked_calibration(item: CalibrationVolume | Volume | str | Path) -> CalibrationVolume:
-    """``item`` as a ``CalibrationVolume`` whose volume passed ``check_volume`` (files are read)."""
-    if isinstance(item, CalibrationVolume):
-        checked_volume(item.volume)
-        return item
-    return CalibrationVolume(checked_volume(item))
+    """``item`` as a ``CalibrationVolume`` whose volume passed ``check_volume`` (files are read) and is not a label
+    map (calibrating or distilling on one only warned, then shaped the ranks to class numbers)."""
+    name = str(item) if isinstance(item, (str, Path)) else "a calibration volume"
+    volume = item.volume if isinstance(item, CalibrationVolume) else \
+        item if isinstance(item, Volume) else read_volume(item, check=False)
+    array = volume.array
+    if array.size and array.min() >= 0 and array.max() < LABEL_MAP_MAX \
+            and len(np.unique(array[::4, ::4, ::4])) <= LABEL_MAP_MAX // 4 \
+            and (np.issubdtype(array.dtype, np.integer) or bool(np.all(array == np.round(array)))):
+        raise VolumeError(f"{name} looks like a label map (whole values {array.min():g} … {array.max():g}, none "
+                          "below 0), not a CT in Hounsfield units; pass CT volumes for calibration (label maps are "
+                          "for --labels)")
+    check_volume(volume, name)
+    return item if isinstance(item, CalibrationVolume) else CalibrationVolume(volume)
 
 
 def _normalised(model: ModelFolder, image: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..nnunet.model_folder import ModelFolder
 from ..paths import is_plain_name
 
 IGNORE = "ignore"
+DATASET_NAME = re.compile(r"Dataset\d{3,}_[A-Za-z0-9_.+-]+")  # nnU-Net's data set folder names
 MARKER = "prepared.json"
 SPLITS = "splits_final.json"
 
@@ -69,7 +71,7 @@ def find_dataset(name_or_path: str | Path) -> Dataset:
         return Dataset(candidate.resolve(), kind, _read_json(candidate / "dataset.json"))
     if text.isdigit():
         pattern = f"Dataset{int(text):03d}_*"
-    elif text.startswith("Dataset") and os.sep not in text and "/" not in text:
+    elif DATASET_NAME.fullmatch(text):  # a plain name: no wildcard ("Dataset*" took whichever came first)
         pattern = text
     else:
         raise DatasetError(f"data set {text!r} not found: give a folder, a name (Dataset123_Name) or an id (123)")
@@ -79,9 +81,12 @@ def find_dataset(name_or_path: str | Path) -> Dataset:
         if not root:
             continue
         searched.append(f"${variable}={root}")
-        for folder in sorted(Path(root).expanduser().glob(pattern)):
-            if folder.is_dir() and (kind := _kind(folder)) is not None:
-                return Dataset(folder.resolve(), kind, _read_json(folder / "dataset.json"))
+        found = [f for f in sorted(Path(root).expanduser().glob(pattern)) if f.is_dir() and _kind(f) is not None]
+        if len(found) > 1:
+            raise DatasetError(f"data set id {text} names several folders in ${variable}: "
+                               f"{', '.join(f.name for f in found)}; give the name or the folder")
+        if found:
+            return Dataset(found[0].resolve(), _kind(found[0]), _read_json(found[0] / "dataset.json"))
     where = ", ".join(searched) if searched else "neither $nnUNet_raw nor $nnUNet_preprocessed is set"
     raise DatasetError(f"data set {text!r} not found ({where}); give its folder or set nnUNet_raw as for nnU-Net")
 
