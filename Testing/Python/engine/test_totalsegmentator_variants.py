@@ -109,7 +109,13 @@ def test_full_size_297_builds_verifies_and_segments(ts_home, fast_297, capsys):
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="changed since it was built"):
         SafeTask(choice, catalogue(), [CPU])  # checked before loading
-    assert find_variant(catalogue(), "fast-tucker-0.3").availability == "buildable"
+    damaged = find_variant(catalogue(), "fast-tucker-0.3")
+    assert damaged.availability == "damaged" and "build-variants --variant fast-tucker-0.3 to finish or rebuild" in \
+        damaged.detail
+    auto = choose_model("auto", task="fast", variants=catalogue(), devices=[CPU])  # falls back, and says so
+    assert auto.id == "fast" and auto.reason.endswith(
+        "; not fast-tucker-0.3: its build is incomplete or damaged here (run tuckersegment build-variants --variant "
+        "fast-tucker-0.3 to rebuild)")
 
 
 def segmenter_network(folder: Path):
@@ -159,7 +165,7 @@ def test_interrupted_build_is_not_used_and_resumes(ts_home, monkeypatch):
     monkeypatch.setattr(compress_folder, "compress_model_folder", flaky)
     with pytest.raises(KeyboardInterrupt):
         variant_build.build_variant(variant, measure=False)
-    assert find_variant(catalogue(), "total-tucker-0.5").availability == "buildable"  # half-built: never used
+    assert find_variant(catalogue(), "total-tucker-0.5").availability == "damaged"  # half-built: never used
     assert not (variant_dir(variant) / MANIFEST).exists()
     with pytest.raises(ModelFolderError, match="not .completely. built"):
         verify_built(variant)
@@ -268,7 +274,7 @@ def test_variants_json_lists_every_entry_and_the_auto_choice(ts_home, capsys):
     assert len(rows) == len(load_catalogue()) == 24
     for row in rows.values():
         assert set(row) >= {"id", "task", "policy", "availability", "params", "flops"}
-        assert row["availability"] in ("bundled", "built", "buildable", "missing")
+        assert row["availability"] in ("bundled", "built", "damaged", "buildable", "missing")
     assert rows["fast"]["policy"] == "original" and rows["fast-tucker-0.7"]["policy"]["params"]["factor"] == 0.7
     assert rows["chest-demo"]["availability"] == "bundled" and rows["total"]["availability"] == "missing"
     assert listing["auto"]["id"] == "chest-demo-tucker-balanced" and listing["auto"]["device"] == "cpu"
@@ -339,7 +345,7 @@ def test_a_build_interrupted_in_any_stage_is_not_used_and_resumes(ts_home):
         with pytest.raises(KeyboardInterrupt), listening(StopAt(stage)):
             variant_build.build_variant(variant, report=messages.append)
         assert sum("kept from an earlier" in m for m in messages) == kept
-        assert find_variant(catalogue(), variant.id).availability == "buildable"  # never used half-built
+        assert find_variant(catalogue(), variant.id).availability == "damaged"  # never used half-built
     messages = []
     log = StageLog()
     with listening(log):

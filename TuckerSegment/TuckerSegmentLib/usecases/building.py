@@ -10,7 +10,7 @@ from ..errors import PolicyError, TuckerSegmentError
 from ..image.transfer import as_volume, read_ct
 from ..runtime.hardware import detect_devices
 from ..variants.build import build_variant, weight_only
-from ..variants.catalogue import Variant, catalogue, find_variant
+from ..variants.catalogue import BUILDABLE, Variant, catalogue, find_variant
 from ..variants.choice import usable_devices
 from ..variants.measure import MeasurementPlan, plan_measurement
 from .requests import BuildRequest
@@ -34,7 +34,7 @@ def build_targets(request: BuildRequest, variants: Sequence[Variant]) -> tuple[l
         return [find_variant(list(variants), v) for v in request.variants], {}
     candidates = [v for v in variants if not v.original and not v.bundled and not weight_only(v)
                   and (request.task is None or v.task == request.task)]
-    chosen = [v for v in candidates if v.availability in ("buildable", "built")]
+    chosen = [v for v in candidates if v.availability in BUILDABLE]
     if not chosen:
         raise TuckerSegmentError(f"nothing to build: {candidates[0].detail}" if candidates else "nothing to build")
     return chosen, {v.id: v.detail for v in candidates if v not in chosen}

@@ -12,6 +12,8 @@ variants carry this project's; a built variant carries the one its build took on
 - ``bundled``: shipped in ``Resources/Models`` (the demo model and its variants);
 - ``built``: ready on this machine: a TotalSegmentator original in its weights folder, or a
   compressed variant whose build in the user cache completed (manifest written last);
+- ``damaged``: a build is in the user cache but its manifest is missing or changed, or a file it names is
+  missing or of another size: not run, said so, and rebuilt by ``build-variants``;
 - ``buildable``: its source weights are here, or TotalSegmentator is installed and can fetch them;
 - ``missing``: neither.
 """
@@ -31,6 +33,8 @@ from .totalsegmentator import Task, find_task, tasks, totalsegmentator_installed
 SCHEMA = 1
 MANIFEST = "variant.json"
 READY = ("bundled", "built")
+DAMAGED = "damaged"
+BUILDABLE = ("buildable", "built", DAMAGED)  # what build-variants (re)builds when the source weights are here
 # A common abdominal CT (512 x 512 x 300 voxels of 0.8 x 0.8 x 1.5 mm): the volume peak memory is quoted for.
 STANDARD_VOLUME_MM = (409.6, 409.6, 450.0)
 
@@ -185,6 +189,11 @@ def with_availability(variant: Variant, weights_roots: list[Path] | None = None,
                            distillation=manifest.get("distillation"),
                            **{key: sum(m[key] for m in models) if all(key in m for m in models) else getattr(variant, key)
                               for key in ("params", "flops", "weights_bytes")})
+        if variant_dir(variant, cache).exists():
+            return replace(variant, availability=DAMAGED,
+                           detail=f"the build in {variant_dir(variant, cache)} is incomplete or damaged (interrupted, "
+                                  "or its manifest or a file it names is missing or changed): run tuckersegment "
+                                  f"build-variants --variant {variant.id} to finish or rebuild it")
     if sources is not None:
         return replace(variant, availability="buildable",
                        detail=f"run: tuckersegment build-variants --variant {variant.id}")

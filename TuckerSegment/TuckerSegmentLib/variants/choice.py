@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import DeviceError, ModelFolderError
 from ..paths import BUNDLED_MODELS
 from ..runtime.devices import parse_device
-from .catalogue import READY, Variant, catalogue, task_of
+from .catalogue import DAMAGED, READY, Variant, catalogue, task_of
 from ..runtime.hardware import DeviceInfo, detect_devices
 from .selection import Selection, select_variant
 
@@ -98,5 +98,14 @@ def choose_model(model: str | Path | None = "auto", task: str = "auto", device: 
         selection = select_variant(variants, devices, task)
         first = TASK_ORDER[devices[0].kind][0]
         why = "" if task == first else f" ({first} is not ready here: tuckersegment variants shows how to get it)"
-        return from_selection(Selection(selection.variant, selection.device, selection.reason + why))
-    return from_selection(select_variant(variants, devices, task))
+        return from_selection(Selection(selection.variant, selection.device,
+                                        selection.reason + why + _damaged(variants, task)))
+    selection = select_variant(variants, devices, task)
+    return from_selection(replace(selection, reason=selection.reason + _damaged(variants, task)))
+
+
+def _damaged(variants: Sequence[Variant], task: str) -> str:
+    """What ``auto`` passed over because its build here is damaged, said instead of falling back silently."""
+    damaged = [v.id for v in variants if v.task == task and v.availability == DAMAGED]
+    return (f"; not {', '.join(damaged)}: {'its build is' if len(damaged) == 1 else 'their builds are'} incomplete "
+            f"or damaged here (run tuckersegment build-variants --variant {damaged[0]} to rebuild)") if damaged else ""

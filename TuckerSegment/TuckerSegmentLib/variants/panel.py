@@ -15,7 +15,7 @@ from ..errors import TuckerSegmentError
 from ..nnunet.layout import locate_model, read_json
 from ..nnunet.plans_check import check_dataset_json
 from ..segment.labels import segment_labels
-from .catalogue import READY, Variant
+from .catalogue import BUILDABLE, READY, Variant
 from .choice import choose_model
 from ..runtime.hardware import DeviceInfo
 from .totalsegmentator import tasks
@@ -101,7 +101,7 @@ def build_targets(task: str, variant: str, variants: Sequence[Variant]) -> list[
     name = task if chosen is None else chosen.task
     defaults = [v for v in variants if (name == AUTO or v.task == name) and not v.bundled and not v.original
                 and isinstance(v.policy, dict) and v.policy.get("name") == "budget"
-                and v.availability in ("buildable", "built")]
+                and v.availability in BUILDABLE]
     if task.startswith(FOLDER) or task == "demo" or not defaults:
         raise TuckerSegmentError("choose a TotalSegmentator task whose weights are installed (or a compressed variant "
                                  "of it): the bundled demo and your own models are not built here")
