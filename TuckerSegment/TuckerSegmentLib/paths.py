@@ -1,10 +1,14 @@
-"""Where TuckerSegment's files live: the bundled resources and the user cache. Imports nothing of its own."""
+"""Where TuckerSegment's files live: the bundled resources and the user cache. Imports nothing of the engine but
+errors."""
 from __future__ import annotations
 
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
+
+from .errors import CacheWarning, OutputPathError
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 BUNDLED_MODELS = RESOURCES / "Models"
@@ -55,6 +59,59 @@ def cache_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "TuckerSegment"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tuckersegment"
+
+
+CACHE_FIX = "set TUCKERSEGMENT_CACHE to a writable folder"
+_SAID: set[Path] = set()  # unusable cache folders already warned about in this process
+
+
+def _unusable(root: Path, folder: Path) -> tuple[Path, str] | None:
+    """Which of the cache ``root`` and its subfolder ``folder`` (each created when missing) cannot hold files, and
+    why; None when both can. The cache is checked first, so a cache that cannot be created is the one named."""
+    for level in (root, folder):
+        try:
+            level.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            return level, "is a file, not a folder"
+        except OSError as exc:
+            return level, f"cannot be created ({exc.strerror or exc})"
+        if not os.access(level, os.W_OK | os.X_OK):
+            return level, "is not writable"
+    return None
+
+
+def cache_folder(*parts: str, cache: Path | None = None) -> Path | None:
+    """``<cache>/<parts>``, created, for what the cache only speeds up (converted networks, latency tables,
+    evaluations); None when it cannot hold files, said once per folder in a one-line ``CacheWarning``: the caller
+    then works without a cache."""
+    root = cache or cache_dir()
+    folder = root.joinpath(*parts)
+    problem = _unusable(root, folder)
+    if problem is None:
+        _SAID.difference_update((root, folder))
+        return folder
+    where, why = problem
+    if where not in _SAID:
+        _SAID.add(where)
+        cache_warning(f"the cache folder {where} {why}: working without a cache; {CACHE_FIX}")
+    return None
+
+
+def cache_warning(message: str) -> None:
+    """Warn ``message`` as a ``CacheWarning`` placed at no source line, so that a terminal shows it in one line."""
+    warnings.warn_explicit(CacheWarning(message), CacheWarning, "tuckersegment", 0, module=__name__)
+
+
+def product_folder(what: str, *parts: str, cache: Path | None = None) -> Path:
+    """``<cache>/<parts>``, created, for ``what`` is kept only in the cache (built variants, the list of the user's
+    variants); refused with an ``OutputPathError`` naming the folder and the fix when it cannot hold files."""
+    root = cache or cache_dir()
+    folder = root.joinpath(*parts)
+    problem = _unusable(root, folder)
+    if problem is not None:
+        where, why = problem
+        raise OutputPathError(f"cannot keep {what}: the cache folder {where} {why}; {CACHE_FIX}")
+    return folder
 
 
 def state_folder(output: str | Path, method: str) -> Path:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from ..atomic import refuse_existing
 from ..compress.folder import describe_model
 from ..compress.network import CompressionReport
 from ..compress.pruning import PruningReport
-from ..errors import Interrupted, TuckerSegmentError
+from ..errors import CacheWarning, Interrupted, TuckerSegmentError
 from ..evaluation.report import MARKDOWN_NAME
 from ..image.volume import IntensityWarning
 from ..interrupts import signals_cancel
@@ -404,10 +405,28 @@ RUNNERS = {"compress": _compress, "distill": _distill, "info": _info, "segment":
            "build-variants": _build_variants, "evaluate": _evaluate, "finetune": _finetune}
 
 
+@contextlib.contextmanager
+def _warnings_in_one_line() -> Iterator[None]:
+    """The engine's own warnings (a cache not used, a volume that does not look like CT) as one
+    ``tuckersegment: warning: ...`` line each; other libraries' as Python shows them."""
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *where: Any, **more: Any) -> None:
+        if issubclass(category, (CacheWarning, IntensityWarning)):
+            print(f"tuckersegment: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *where, **more)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(RUNNERS).parse_args(argv)
     try:
-        with signals_cancel():
+        with signals_cancel(), _warnings_in_one_line():
             return args.func(args)
     except TuckerSegmentError as exc:
         print(f"tuckersegment: error: {exc}", file=sys.stderr)

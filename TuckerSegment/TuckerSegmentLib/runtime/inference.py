@@ -21,7 +21,7 @@ from torch import nn
 from ..dependencies import openvino_missing
 from ..errors import TuckerSegmentError
 from ..checksums import sha256_file
-from ..paths import cache_dir
+from ..paths import cache_folder
 from ..progress import stage
 from ..tucker.layers import smallest_same_input
 from .devices import PRECISIONS, RUNTIMES
@@ -109,7 +109,8 @@ class OpenVINONetwork(nn.Module):
         self.input_shape, self.precision, self.share_output = tuple(example.shape), precision, share_output
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        cache = NetworkCache(cache_dir() / "openvino" / key[:32], key) if key else None
+        root = cache_folder("openvino") if key else None  # None: no usable cache, said once
+        cache = NetworkCache(root / key[:32], key, self.input_shape) if root and key else None
         if cache:
             remove_old_layout(cache.folder.parent)
         blob = blob_name(core, precision, config)

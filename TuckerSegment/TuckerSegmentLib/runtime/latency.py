@@ -4,7 +4,9 @@ Speed on a real device is not proportional to FLOPs: small-channel and 1×1×1 c
 below peak on oneDNN and cuDNN. So every decision about how a layer runs is taken from timings of the
 exact operation (type, channels, geometry, input shape) measured on the device, in the runtime that
 will run it (PyTorch, or OpenVINO on a CPU), and kept in a JSON table per device and runtime
-(``<cache>/latency/<device>.json``) so each is measured once.
+(``<cache>/latency/<device>.json``, sealed with its checksum) so each is measured once. A table that is damaged
+(unreadable, changed since written, of another shape, a timing that is not a number of seconds) is said in a
+``CacheWarning`` and measured again; without a usable cache, timings are measured and not kept.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import platform
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +27,8 @@ from torch import nn
 
 from ..atomic import atomic_output_file
 from ..checksums import sealed, unsealed
-from ..errors import TuckerSegmentError
-from ..paths import cache_dir
+from ..errors import CacheWarning, TuckerSegmentError
+from ..paths import cache_folder, cache_warning
 from ..tucker.layers import ConvOp
 from .inference import RuntimeChoice
 
@@ -132,6 +135,11 @@ def device_name(device: torch.device, runtime: RuntimeChoice | None = None) -> s
     return f"{_cpu_model()} ({torch.get_num_threads()} threads, torch {torch.__version__})"
 
 
+def _is_seconds(value: object) -> bool:
+    """Whether ``value`` is a timing: a finite, non-negative number (not a boolean, not text)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()[:120]
 
@@ -193,10 +201,11 @@ class LatencyTable:
     @classmethod
     def for_device(cls, device: torch.device | str, cache: Path | None = None,
                    runtime: RuntimeChoice | None = None) -> LatencyTable:
-        """The persistent table of ``device`` (in ``runtime``) in the user cache (see ``paths.cache_dir``)."""
+        """The persistent table of ``device`` (in ``runtime``) in the user cache (see ``paths.cache_folder``); kept
+        nowhere when the cache cannot hold it."""
         device = torch.device(device)
-        return cls(device, (cache or cache_dir()) / "latency" / f"{_slug(device_name(device, runtime))}.json",
-                   runtime=runtime)
+        folder = cache_folder("latency", cache=cache)
+        return cls(device, folder / f"{_slug(device_name(device, runtime))}.json" if folder else None, runtime=runtime)
 
     def seconds(self, op: ConvOp) -> float:
         key = op.key()
@@ -229,12 +238,26 @@ class LatencyTable:
         return openvino_op_seconds(part, self.runtime.precision, self.repeats) * scale
 
     def _stored(self) -> dict[str, float]:
-        """The timings in ``path`` for this device (none when missing, unreadable or another device's)."""
-        if self.path is not None and self.path.is_file():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-                data = unsealed(json.loads(self.path.read_text()), self.path)  # a changed table is measured again
-                if data["version"] == self.version and data["device"] == self.name:
-                    return {str(k): float(v) for k, v in data["seconds"].items()}
+        """The timings in ``path`` for this device (none when missing, another device's or version's, or damaged:
+        said in a ``CacheWarning``, and measured again)."""
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return self._damaged("cannot be read")
+        if not isinstance(record, dict):
+            return self._damaged("is not a latency table")
+        data = unsealed(record, self.path)  # a changed table is said there, and measured again
+        if data is None or data.get("version") != self.version or data.get("device") != self.name:
+            return {}
+        seconds = data.get("seconds")
+        if not isinstance(seconds, dict) or not all(_is_seconds(value) for value in seconds.values()):
+            return self._damaged("holds a timing that is not a number of seconds")
+        return {str(key): float(value) for key, value in seconds.items()}
+
+    def _damaged(self, why: str) -> dict[str, float]:
+        cache_warning(f"the latency table {self.path} {why}; it is not used: measuring again")
         return {}
 
     def save(self) -> None:
@@ -242,7 +265,9 @@ class LatencyTable:
         a no-op without ``path``; unwritable caches are not an error."""
         if self.path is None:
             return
-        self._seconds = self._stored() | self._seconds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)  # a damaged table was said when it was loaded
+            self._seconds = self._stored() | self._seconds
         with contextlib.suppress(OSError, TuckerSegmentError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output_file(self.path) as staging:

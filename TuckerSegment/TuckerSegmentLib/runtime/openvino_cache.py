@@ -4,20 +4,21 @@ files (see ``inference.folder_key``).
 
 Nothing in the cache is trusted by name, size or date: ``record.json`` beside the files holds the source checksum
 and the sha256 of every file written, and each file is checked against it whenever it is loaded (a blob is checked
-in memory, on the very bytes OpenVINO imports). A file that fails, or that the record does not name, is not used:
-the network is converted or compiled again, a ``CacheWarning`` says so, and the rebuilt file replaces it.
+in memory, on the very bytes OpenVINO imports). A file that fails, that the record does not name, that OpenVINO
+cannot read, or that reads as another network than one input of the patch shape and one output, is not used: the
+network is converted or compiled again, a one-line ``CacheWarning`` says so (never OpenVINO's parser message), and
+the rebuilt file replaces it.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 from ..checksums import sha256_bytes, sha256_file
-from ..errors import CacheWarning
+from ..paths import cache_warning
 
 RECORD = "record.json"
 XML, BIN = "model.xml", "model.bin"
@@ -25,10 +26,10 @@ FORMAT = 1
 
 
 class NetworkCache:
-    """One network's folder in the OpenVINO cache (see the module docstring)."""
+    """One network's folder in the OpenVINO cache (see the module docstring), for inputs of ``shape``."""
 
-    def __init__(self, folder: Path, source: str) -> None:
-        self.folder, self.source = folder, source
+    def __init__(self, folder: Path, source: str, shape: tuple[int, ...]) -> None:
+        self.folder, self.source, self.shape = folder, source, tuple(shape)
 
     def _record(self) -> dict[str, str]:
         """The recorded sha256 of each file; empty when the record is missing, unreadable or for another source."""
@@ -46,8 +47,7 @@ class NetworkCache:
         _write_whole(self.folder / RECORD, json.dumps(record, indent=1).encode())
 
     def _failed(self, name: str, why: str) -> None:
-        warnings.warn(CacheWarning(f"the OpenVINO cache's {self.folder / name} {why}; it is not used: building it "
-                                   "again"), stacklevel=3)
+        cache_warning(f"the OpenVINO cache's {self.folder / name} {why}; it is not used: building it again")
 
     def _verified(self, name: str, digest: str | None) -> bool:
         """Whether ``name``'s ``digest`` (None: the file is missing) matches the record; warns when it does not."""
@@ -67,14 +67,20 @@ class NetworkCache:
             if not self._verified(path.name, sha256_file(path) if path.is_file() else None):
                 return None
         try:
-            return core.read_model(xml, weights)
-        except RuntimeError:
-            self._failed(XML, "cannot be read")
+            model = core.read_model(xml, weights)
+        except RuntimeError:  # its text is OpenVINO's parser message: the warning says which file, in one line
+            model = None
+        if model is None or not self._fits(model):
+            self._failed(XML, "cannot be read as the converted network")
             return None
+        return model
 
     def save_converted(self, ov: Any, model: Any) -> None:
         """Write the converted network's IR (each file whole) and record their sha256."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return  # e.g. a file in its place: converted again next time
         staging = self.folder / f".{os.getpid()}.partial.xml"
         try:
             ov.save_model(model, staging, compress_to_fp16=False)
@@ -97,10 +103,20 @@ class NetworkCache:
         if not self._verified(name, None if data is None else sha256_bytes(data)):
             return None
         try:
-            return core.import_model(data, "CPU", config)
+            compiled = core.import_model(data, "CPU", config)
         except RuntimeError:
-            self._failed(name, "cannot be imported")
+            compiled = None
+        if compiled is None or not self._fits(compiled):
+            self._failed(name, "cannot be imported as the compiled network")
             return None
+        return compiled
+
+    def _fits(self, network: Any) -> bool:
+        """Whether ``network`` (read or imported) takes one input of the patch shape and gives one output."""
+        inputs = network.inputs
+        if len(inputs) != 1 or len(network.outputs) != 1 or not inputs[0].get_partial_shape().is_static:
+            return False
+        return tuple(inputs[0].get_partial_shape().to_shape()) == self.shape
 
     def save_compiled(self, name: str, compiled: Any) -> None:
         """Export the compiled network as blob ``name`` (whole) and record its sha256."""

@@ -32,7 +32,7 @@ from ..compress.folder import describe_model, model_writer
 from ..errors import ModelFolderError
 from ..checksums import sealed, sha256_file
 from ..nnunet.layout import TUCKER_JSON
-from ..paths import is_plain_name
+from ..paths import is_plain_name, product_folder
 from ..policies.base import RankPolicy
 from ..progress import listener, listening, stage
 from ..policies.methods import policy_from_dict, policy_in_words
@@ -148,8 +148,7 @@ def _build_models(variant: Variant, sources: list[Path], cache: Path | None, say
     task = task_of(variant)
     assert task is not None
     known = variant.source.get("sha256") or {}
-    folder = variant_dir(variant, cache)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = product_folder("built variants", "variants", variant.id, cache=cache)  # an unusable cache: one line
     (folder / MANIFEST).unlink(missing_ok=True)  # rebuilt with new calibration: not available until complete
     params = variant.policy.get("params", {})
     # a latency target is timed on the device the variant is measured on (and will run on)

@@ -3,7 +3,8 @@
 A folder is used as TotalSegmentator's only when its ``dataset.json`` labels are the task's, names and values (a
 foreign model's structures would otherwise be written under TotalSegmentator's names), and when its checkpoint's
 sha256 is the one known for the release, or, where none is known (the catalogue ships none), the one recorded the
-first time these weights were verified on this machine (``<cache>/totalsegmentator/weights.json``).
+first time these weights were verified on this machine (``<cache>/totalsegmentator/weights.json``; without a usable
+cache nothing is recorded, as a ``CacheWarning`` says).
 """
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ from ..atomic import atomic_output_file
 from ..checksums import sha256_file
 from ..errors import CacheWarning, CheckpointError, ModelFolderError
 from ..nnunet.layout import CHECKPOINT_NAME, fold_dir_name, label_differences, read_json
-from ..paths import cache_dir
+from ..paths import cache_dir, cache_folder
 from .totalsegmentator import TaskModel
 
 SHOWN = 4  # differing labels named in an error
+FOLDER = "totalsegmentator"  # in the cache: the record of verified weights
 
 
 def weights_record(cache: Path | None = None) -> Path:
     """Where the sha256 of each TotalSegmentator checkpoint verified on this machine is recorded."""
-    return (cache or cache_dir()) / "totalsegmentator" / "weights.json"
+    return (cache or cache_dir()) / FOLDER / "weights.json"
 
 
 def check_task_labels(model: TaskModel, folder: Path) -> None:
@@ -76,7 +78,8 @@ def check_task_weights(model: TaskModel, folder: Path, known_sha256: str | None 
     record = _recorded(record_file)
     first = record.get(model.dataset)
     if first is None:
-        record_file.parent.mkdir(parents=True, exist_ok=True)
+        if cache_folder(FOLDER, cache=cache) is None:
+            return digest  # nowhere to record it: checked against nothing, as the first time
         record[model.dataset] = {"sha256": digest, "checkpoint": str(checkpoint),
                                  "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
         with atomic_output_file(record_file) as staging:

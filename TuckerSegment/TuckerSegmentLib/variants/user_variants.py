@@ -1,7 +1,8 @@
 """The user's own models ("my variants"): compressed folders added from the compression panel.
 
 Kept in ``<cache>/my_variants.json`` (written whole or not at all); each entry names the compressed
-folder, its original, and the reviewed figures. Entries whose folder has gone are not offered.
+folder, its original, and the reviewed figures. Entries whose folder has gone are not offered. The list is kept
+nowhere else: a cache that cannot hold it, or a list that is not one, is an error naming the fix.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_output_file
 from ..errors import ModelFolderError
-from ..paths import cache_dir
+from ..paths import cache_dir, product_folder
 
 if TYPE_CHECKING:
     from ..compress.figures import CompressionReview
@@ -47,14 +48,23 @@ def registry_path(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / REGISTRY
 
 
+def _is_entry(entry: object) -> bool:
+    """Whether ``entry`` holds a ``UserVariant``'s fields, its id and folder as text."""
+    return (isinstance(entry, dict) and set(entry) == set(UserVariant.__dataclass_fields__)
+            and isinstance(entry["id"], str) and isinstance(entry["folder"], str))
+
+
 def _read(cache: Path | None) -> list[dict[str, Any]]:
     path = registry_path(cache)
     if not path.is_file():
         return []
     try:
-        return json.loads(path.read_text())["variants"]
-    except (OSError, ValueError, KeyError) as exc:
+        entries = json.loads(path.read_text())["variants"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelFolderError(f"{path} is unreadable ({exc}); delete it to start a new list of your variants") from exc
+    if not isinstance(entries, list) or not all(_is_entry(entry) for entry in entries):
+        raise ModelFolderError(f"{path} is not a list of your variants; delete it to start a new one")
+    return entries
 
 
 def user_variants(cache: Path | None = None) -> list[UserVariant]:
@@ -73,7 +83,9 @@ def comparison_points(review: CompressionReview, mine: Sequence[UserVariant]) ->
 
 
 def add_user_variant(review: CompressionReview, cache: Path | None = None) -> UserVariant:
-    """Record the reviewed compressed folder (again: its entry is replaced) and return its entry."""
+    """Record the reviewed compressed folder (again: its entry is replaced) and return its entry; refused (an
+    ``OutputPathError``) when the cache cannot hold the list."""
+    product_folder("the list of your variants", cache=cache)
     entries = [e for e in _read(cache) if Path(e["folder"]) != Path(review.output)]
     taken = {e["id"] for e in entries}
     name = base = Path(review.output).name
@@ -87,8 +99,6 @@ def add_user_variant(review: CompressionReview, cache: Path | None = None) -> Us
         flops_ratio=compressed.flops / original.flops, agreement=review.agreement,
         time_ratio=(compressed.seconds / original.seconds if compressed.seconds and original.seconds else None),
         added=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    path = registry_path(cache)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output_file(path) as staging:
+    with atomic_output_file(registry_path(cache)) as staging:
         staging.write_text(json.dumps({"variants": [*entries, asdict(variant)]}, indent=1))
     return variant
