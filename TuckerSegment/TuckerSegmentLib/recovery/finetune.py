@@ -39,7 +39,7 @@ from torch import nn
 from ..atomic import check_output_dir, refuse_overlap
 from ..nnunet.writing import write_retrained_model
 from ..defaults import FINETUNE_EPOCHS, FINETUNE_ITERATIONS_PER_EPOCH, FINETUNE_LR
-from ..errors import ModelFolderError, TuckerSegmentError
+from ..errors import Interrupted, ModelFolderError, TuckerSegmentError
 from ..nnunet.layout import model_inputs
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Progress
@@ -285,52 +285,54 @@ def finetune_model_folder(source: str | Path, dataset: str | Path, output: str |
     torch_device = resolve_device(device)
     network = model.load_network(fold)
 
-    state = state_dir(target)
-    base = _preprocessed(found, model, state, training_json, say)
-    settings = {"source_weights_sha256": record.get("weights_sha256"), "dataset": str(found.path), "lr": float(lr),
-                "iterations_per_epoch": iterations_per_epoch, "fold": 0}
-    resume_folder = state / RESUME
-    class_names = {int(v): k for k, v in model.dataset_json["labels"].items() if isinstance(v, int)}
-    plans = copy.deepcopy(model.plans)
-    plans["continue_training"] = resume_folder.exists()
-    workers = None if data_workers is None else str(int(data_workers))
-    with _environment(nnUNet_results=str(state / "results"), nnUNet_preprocessed=str(base.parent),
-                      nnUNet_n_proc_DA=workers):
-        trainer = CompressedNetworkTrainer(plans, model.configuration, 0, training_json, device=torch_device)
-        extra: dict[str, Any] = {"validation_dice": {}, "seconds": 0.0}
-        started = time.perf_counter()
-        resumed_from = None
+    state, saved = state_dir(target), [0]  # saved: the epochs the state on disk holds
+    with _kept_on_interrupt(state, saved):
+        base = _preprocessed(found, model, state, training_json, say)
+        settings = {"source_weights_sha256": record.get("weights_sha256"), "dataset": str(found.path), "lr": float(lr),
+                    "iterations_per_epoch": iterations_per_epoch, "fold": 0}
+        resume_folder = state / RESUME
+        class_names = {int(v): k for k, v in model.dataset_json["labels"].items() if isinstance(v, int)}
+        plans = copy.deepcopy(model.plans)
+        plans["continue_training"] = resume_folder.exists()
+        workers = None if data_workers is None else str(int(data_workers))
+        with _environment(nnUNet_results=str(state / "results"), nnUNet_preprocessed=str(base.parent),
+                          nnUNet_n_proc_DA=workers):
+            trainer = CompressedNetworkTrainer(plans, model.configuration, 0, training_json, device=torch_device)
+            extra: dict[str, Any] = {"validation_dice": {}, "seconds": 0.0}
+            started = time.perf_counter()
+            resumed_from = None
 
-        def after_epoch(trained: CompressedNetworkTrainer) -> None:
-            seconds = extra["seconds"] + time.perf_counter() - started
-            save_state(resume_folder, settings, _resume_record(trained, {**extra, "seconds": seconds}),
-                       trained.network, trained.optimizer)
-            log = trained.logger.get_checkpoint()
-            dice = " ".join(f"{d:.3f}" for d in log["dice_per_class_or_region"][-1])
-            say(trained.current_epoch / epochs,
-                f"epoch {trained.current_epoch}/{epochs}: train loss {float(log['train_losses'][-1]):.4f}, "
-                f"validation loss {float(log['val_losses'][-1]):.4f}, pseudo Dice {dice}, "
-                f"{log['epoch_end_timestamps'][-1] - log['epoch_start_timestamps'][-1]:.1f} s")
+            def after_epoch(trained: CompressedNetworkTrainer) -> None:
+                seconds = extra["seconds"] + time.perf_counter() - started
+                save_state(resume_folder, settings, _resume_record(trained, {**extra, "seconds": seconds}),
+                           trained.network, trained.optimizer)
+                saved[0] = trained.current_epoch
+                log = trained.logger.get_checkpoint()
+                dice = " ".join(f"{d:.3f}" for d in log["dice_per_class_or_region"][-1])
+                say(trained.current_epoch / epochs,
+                    f"epoch {trained.current_epoch}/{epochs}: train loss {float(log['train_losses'][-1]):.4f}, "
+                    f"validation loss {float(log['val_losses'][-1]):.4f}, pseudo Dice {dice}, "
+                    f"{log['epoch_end_timestamps'][-1] - log['epoch_start_timestamps'][-1]:.1f} s")
 
-        trainer.configure(network, epochs, iterations_per_epoch, float(lr), after_epoch, verbose)
-        try:
-            trainer.initialize()
-            found_state = load_state(resume_folder, settings, trainer.network, trainer.optimizer)
-            if found_state is not None:
-                _restore(trainer, found_state.record)
-                extra = {"validation_dice": found_state.record.get("validation_dice", {}),
-                         "seconds": float(found_state.record.get("seconds", 0.0))}
-                resumed_from = trainer.current_epoch
-                say(trainer.current_epoch / epochs, f"resuming after epoch {trainer.current_epoch} from {state}")
-            _validate_before(trainer, extra["validation_dice"], class_names, teacher, say)
-            say(trainer.current_epoch / epochs, f"fine-tuning on {torch_device}: {epochs} epoch(s) of "
-                                                f"{iterations_per_epoch} iteration(s), AdamW, lr {lr:g}")
-            trainer.run_training()
-            seconds = extra["seconds"] + time.perf_counter() - started
-            say(1.0, "validating the fine-tuned network")
-            extra["validation_dice"]["finetuned"] = _validate(trainer, "finetuned", class_names)
-        finally:
-            _stop_loaders(trainer)
+            trainer.configure(network, epochs, iterations_per_epoch, float(lr), after_epoch, verbose)
+            try:
+                trainer.initialize()
+                found_state = load_state(resume_folder, settings, trainer.network, trainer.optimizer)
+                if found_state is not None:
+                    _restore(trainer, found_state.record)
+                    extra = {"validation_dice": found_state.record.get("validation_dice", {}),
+                             "seconds": float(found_state.record.get("seconds", 0.0))}
+                    resumed_from = saved[0] = trainer.current_epoch
+                    say(trainer.current_epoch / epochs, f"resuming after epoch {trainer.current_epoch} from {state}")
+                _validate_before(trainer, extra["validation_dice"], class_names, teacher, say)
+                say(trainer.current_epoch / epochs, f"fine-tuning on {torch_device}: {epochs} epoch(s) of "
+                                                    f"{iterations_per_epoch} iteration(s), AdamW, lr {lr:g}")
+                trainer.run_training()
+                seconds = extra["seconds"] + time.perf_counter() - started
+                say(1.0, "validating the fine-tuned network")
+                extra["validation_dice"]["finetuned"] = _validate(trainer, "finetuned", class_names)
+            finally:
+                _stop_loaders(trainer)
     log = trainer.logger.get_checkpoint()
     report = FinetuneReport(output=target, dataset=found.name, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                             lr=float(lr), seconds=seconds, device=str(torch_device),
@@ -340,6 +342,18 @@ def finetune_model_folder(source: str | Path, dataset: str | Path, output: str |
     _write_output(model, fold, target, overwrite, trainer.network.cpu(), report, _training_files(trainer))
     remove_state(state)
     return report
+
+
+@contextmanager
+def _kept_on_interrupt(state: Path, saved: list[int]) -> Iterator[None]:
+    """An interruption says what the state folder keeps to resume from (the data set prepared, ``saved[0]`` epochs)."""
+    try:
+        yield
+    except Interrupted as stop:
+        if state.exists():
+            stop.kept = (f"nothing partial was written; the fine-tuning's state ({saved[0]} epoch(s) done, the data "
+                         f"set prepared) is in {state}: run the same command again to resume from it")
+        raise
 
 
 def _preprocessed(found: Any, model: ModelFolder, state: Path, training_json: dict[str, Any],
