@@ -15,7 +15,7 @@ LIB = ROOT / "TuckerSegment" / "TuckerSegmentLib"
 PACKAGE = "TuckerSegmentLib"
 # Each unit may import units of its own layer and of layers above it, never below.
 LAYERS = (
-    {PACKAGE, "paths", "errors", "progress", "atomic", "dependencies", "checksums", "defaults"},
+    {PACKAGE, "paths", "errors", "progress", "atomic", "dependencies", "checksums", "defaults", "interrupts"},
     {"image"}, {"tucker"}, {"runtime"}, {"policies"}, {"nnunet"}, {"segment"}, {"compress"},
     {"recovery"},  # training a compressed network back towards its original (distillation, fine-tuning)
     {"variants"},

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import bundled, tree_digest
 from TuckerSegmentLib.cli import main
-from TuckerSegmentLib.errors import TuckerSegmentError, VolumeError
+from TuckerSegmentLib.errors import CacheWarning, TuckerSegmentError, VolumeError
 from TuckerSegmentLib.evaluation.cases import Scan, pair_scans, reference_labels
 from TuckerSegmentLib.evaluation.report import JSON_NAME, pareto_plot
 from TuckerSegmentLib.evaluation.run import evaluate
@@ -206,7 +206,8 @@ def test_a_saved_evaluation_that_is_damaged_draws_nothing(tmp_path: Path) -> Non
     save_evaluation(data, tmp_path)
     assert evaluation_curves(tmp_path / "m", tmp_path) == {"prune-l1": [(0.5, 0.9)]}
     saved_path(tmp_path / "m", tmp_path).write_text("{not json")
-    assert evaluation_curves(tmp_path / "m", tmp_path) == {}
+    with pytest.warns(CacheWarning, match="is unreadable, or not an evaluation with the sha256 of its models"):
+        assert evaluation_curves(tmp_path / "m", tmp_path) == {}
 
 
 @pytest.mark.parametrize("case", ["out exists", "unknown label", "other structures", "another checkpoint", "rounds",

@@ -355,3 +355,15 @@ def test_a_build_interrupted_in_any_stage_is_not_used_and_resumes(ts_home):
     built = find_variant(catalogue(), variant.id)
     assert built.availability == "built" and built.measured is not None
     verify_built(built)
+
+
+def test_weights_looked_for_in_the_folder_named_are_said_missing_there_not_elsewhere(ts_home, tmp_path, capsys):
+    write_totalsegmentator_task(ts_home, "fast", divisor=8)  # found in the default place, but not where the user said
+    named = tmp_path / "my weights"
+    named.mkdir()
+    for argv in (["--variant", "fast-tucker-0.5"], []):
+        assert main(["build-variants", "--ts-weights", str(named), "--no-measure", "--quiet", *argv]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and f"are not in {named}; point --ts-weights at the folder" in error
+        assert str(ts_home) not in error
+    assert not (tmp_path / "cache" / "variants").exists()

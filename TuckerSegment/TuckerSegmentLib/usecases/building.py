@@ -72,7 +72,7 @@ def run_build(request: BuildRequest, say: Say = lambda message: None,
         try:
             outcome.built[variant.id] = build_variant(variant, weights_roots=roots, report=say, plan=plan,
                                                       device=device, measure=request.measure,
-                                                      distill=request.distill)
+                                                      distill=request.distill, download=roots is None)
         except PolicyError as exc:
             outcome.failed[variant.id] = str(exc)
     return outcome

@@ -197,6 +197,10 @@ def with_availability(variant: Variant, weights_roots: list[Path] | None = None,
     if sources is not None:
         return replace(variant, availability="buildable",
                        detail=f"run: tuckersegment build-variants --variant {variant.id}")
+    if weights_roots:  # the folders the user named, and only those
+        return replace(variant, availability="missing",
+                       detail=f"its TotalSegmentator weights ({', '.join(m.dataset for m in task.models)}) are not in "
+                              f"{', '.join(map(str, weights_roots))}; point --ts-weights at the folder that holds them")
     if totalsegmentator_installed():
         return replace(variant, availability="buildable",
                        detail="TotalSegmentator is installed and can download the source weights: "
