@@ -60,6 +60,7 @@ REQUIREMENTS = (
     Requirement("torch-pruning", "torch_pruning", "1.6", "1.7"),  # the filter-pruning methods
     # the CPU runtime; without it PyTorch runs the network (runtime.inference says so)
     Requirement("openvino", "openvino", "2026.0", "2027", recommended=True),
+    Requirement("nncf", "nncf", "3.4", "4", recommended=True),  # OpenVINO's quantizer: the int8 precision
 )
 
 

@@ -20,7 +20,8 @@ POLL_MS = 200
 CHOOSE_FOLDER = "choose-folder"
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)"), ("mps", "Apple GPU (MPS)"))
 RUNTIMES = (("auto", "Auto"), ("torch", "PyTorch"), ("openvino", "OpenVINO (CPU)"))  # the .ui's tooltips explain Auto
-PRECISIONS = (("auto", "Auto"), ("f32", "float32"), ("bf16", "bfloat16 (CPU with native bf16)"), ("fp16", "float16 (GPU)"))
+PRECISIONS = (("auto", "Auto"), ("f32", "float32"), ("bf16", "bfloat16 (CPU with native bf16)"), ("fp16", "float16 (GPU)"),
+              ("int8", "int8 (CPU with VNNI or AMX)"))
 
 
 class TuckerSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

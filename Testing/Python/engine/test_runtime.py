@@ -40,9 +40,12 @@ def test_auto_is_openvino_on_the_cpu_and_pytorch_on_a_gpu_and_every_refusal_name
     assert choose_runtime("auto", "bf16", CUDA).precision == "bf16"
     refusals = [("openvino", "auto", CUDA, "OpenVINO runs on the CPU here, not on cuda"),
                 ("tensorrt", "auto", CPU, "unknown runtime 'tensorrt'; choose one of auto, torch, openvino"),
-                ("auto", "int4", CPU, "unknown precision 'int4'; choose one of auto, f32, bf16, fp16"),
+                ("auto", "int4", CPU, "unknown precision 'int4'; choose one of auto, f32, bf16, fp16, int8"),
                 ("torch", "bf16", CPU, "PyTorch runs bf16 slowly or not at all on the CPU; choose f32"),
-                ("openvino", "fp16", CPU, "OpenVINO on this CPU runs f32 or bf16"),
+                ("torch", "int8", CPU, "PyTorch runs int8 slowly or not at all on the CPU; choose f32, or the "
+                                       "openvino runtime for bf16 or int8"),
+                ("openvino", "fp16", CPU, "OpenVINO on this CPU runs f32, bf16 or int8"),
+                ("auto", "int8", CUDA, "int8 runs in OpenVINO on the CPU, not on cuda"),
                 ("auto", "bf16", torch.device("mps"), "bf16 is not offered on Apple GPUs")]
     for runtime, precision, device, message in refusals:
         with pytest.raises(TuckerSegmentError, match=f"^{message}"):
@@ -50,6 +53,14 @@ def test_auto_is_openvino_on_the_cpu_and_pytorch_on_a_gpu_and_every_refusal_name
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(TuckerSegmentError, match="^this CPU has no native bf16"):
         choose_runtime("openvino", "bf16", CPU)
+    from TuckerSegmentLib.runtime import quantization
+    monkeypatch.setattr(quantization, "cpu_capabilities", lambda: ("FP32", "BIN"))  # a CPU without VNNI or AMX
+    with pytest.raises(TuckerSegmentError, match="^this CPU has no int8 support in OpenVINO"):
+        choose_runtime("auto", "int8", CPU)
+    found = quantization.importlib.util.find_spec
+    monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None if name == "nncf" else found(name))
+    with pytest.raises(TuckerSegmentError, match=r"^INT8 needs NNCF, OpenVINO's quantizer \(pip install nncf\)"):
+        choose_runtime("openvino", "int8", CPU)
     monkeypatch.setattr(inference, "openvino_missing", lambda: "OpenVINO is not installed (pip install openvino)")
     fallback = choose_runtime("auto", "auto", CPU)
     assert fallback.describe() == "PyTorch f32 (auto on the CPU, but OpenVINO is not installed (pip install openvino))"
@@ -233,3 +244,58 @@ def test_openvino_sends_nothing_and_writes_nothing_in_the_home_folder(tmp_path, 
                          env={**os.environ, "HOME": str(home)})
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+
+class Stages:
+    """The names of the engine's stages as they begin (``progress.listening``)."""
+
+    def __init__(self) -> None:
+        self.begun: list[str] = []
+
+    def begin(self, name: str, steps: int, announce: bool = False) -> None:
+        self.begun.append(name)
+
+    def step(self, name: str, done: int, steps: int) -> None:
+        pass
+
+    def end(self, name: str) -> None:
+        pass
+
+
+def test_int8_is_quantized_once_keeps_its_first_and_last_convolution_in_float_and_agrees_with_f32(tmp_path,
+                                                                                                 monkeypatch):
+    import openvino as ov
+    from TuckerSegmentLib.compress.calibration_source import int8_calibration, sample_ct
+    from TuckerSegmentLib.progress import listening
+    from TuckerSegmentLib.runtime.quantization import int8_problem, kept_in_float
+    if int8_problem():
+        pytest.skip(int8_problem())
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    variant, ct = BUNDLED_MODELS / "chest-demo-tucker-balanced", read_volume(sample_ct())
+
+    def int8_run() -> tuple[np.ndarray, list[str]]:
+        stages = Stages()
+        with listening(stages):
+            labels = Segmenter(variant, device="cpu", precision="int8", calibration=int8_calibration).segment(ct).labels
+        return labels, [name for name in stages.begun if name.startswith("quantizing")]
+    labels, quantized = int8_run()
+    assert quantized == ["quantizing to int8 on 4 calibration patches, once for this model"]  # all the sample CT has
+    f32 = Segmenter(variant, device="cpu", precision="f32").segment(ct).labels
+    assert (labels == f32).mean() >= 0.99 and ((labels == f32) & (f32 > 0)).sum() >= 0.98 * (f32 > 0).sum()
+    again, quantized = int8_run()
+    assert quantized == [] and np.array_equal(again, labels)  # reloaded from the cache, not quantized again
+    xml = next((tmp_path / "cache" / "openvino").glob("*/int8-*.xml"))
+    model = ov.Core().read_model(xml)
+    convolutions = [op for op in model.get_ordered_ops()
+                    if op.get_type_name() in ("Convolution", "ConvolutionBackpropData")]
+    weights = [op.input_value(1).get_node().get_type_name() for op in convolutions]  # int8 weights: dequantized
+    assert kept_in_float(model) == [convolutions[0].get_friendly_name(), convolutions[-1].get_friendly_name()]
+    assert weights == ["Constant", *["Multiply"] * (len(convolutions) - 2), "Constant"], weights
+    for blob in xml.parent.glob("int8-*.blob"):
+        blob.unlink()  # the compiled form gone: the quantized IR is read back
+    weights = xml.with_suffix(".bin")
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # changed in place
+    with pytest.warns(CacheWarning, match="changed since it was written"):
+        relabelled, quantized = int8_run()
+    assert len(quantized) == 1 and np.array_equal(relabelled, labels)  # refused, quantized again, same result

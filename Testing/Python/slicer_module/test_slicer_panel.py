@@ -352,7 +352,7 @@ def test_dependency_check_names_missing_and_untested_versions():
     versions = {"torch": None, "tensorly": "0.9.0", "nnunetv2": "2.8.1", "acvl-utils": "0.2.6",
                 "dynamic-network-architectures": "0.4.4", "safetensors": "0.8.0", "nibabel": "5.4.2",
                 "SimpleITK": "2.4.1", "slicerio": "1.4.0", "numpy": "1.26.4", "openvino": "2026.4.1",
-                "scipy": "1.17.1", "matplotlib": "3.11.2", "torch-pruning": "1.6.1"}
+                "scipy": "1.17.1", "matplotlib": "3.11.2", "torch-pruning": "1.6.1", "nncf": "3.4.0"}
     problems = dependencies.problems(versions.get)
     assert [str(p) for p in problems] == ["torch is not installed",
                                           "tensorly 0.9.0 is installed; TuckerSegment needs tensorly>=0.10,<0.11"]
@@ -416,7 +416,7 @@ def test_install_uses_slicers_installers_then_checks_and_repairs_what_they_left(
     assert installers.calls == [
         ("torch", {"askConfirmation": False, "torchVersionRequirement": ">=2.5,!=2.9.*"}),
         ("nnunet", "nnunetv2==2.8.1", False),
-        ("pip", ["openvino>=2026.0,<2027", "tensorly>=0.10,<0.11"], pinned),
+        ("pip", ["nncf>=3.4,<4", "openvino>=2026.0,<2027", "tensorly>=0.10,<0.11"], pinned),
         ("pip", ["acvl-utils>=0.2.6,<0.3"], pinned),  # the NNUNet installer left acvl_utils 0.2: repaired
     ]
     assert logic.problems() == [] and not outcome.needsRestart

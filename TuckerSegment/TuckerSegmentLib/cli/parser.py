@@ -67,7 +67,8 @@ RUNTIME = _parent((("--runtime",), {"choices": RUNTIMES, "default": UNSET,
 PRECISION = _parent((("--precision",), {"choices": PRECISIONS, "default": UNSET,
                                         "help": "auto (default: f32 on the CPU, fp16 autocast on CUDA as nnU-Net does), "
                                                 "f32, bf16 (OpenVINO on CPUs with native bf16: faster, labels very "
-                                                "close) or fp16"}))
+                                                "close), fp16, or int8 (OpenVINO on CPUs with VNNI or AMX, quantized "
+                                                "once on the sample CT, first and last convolution in float)"}))
 FOLD = _parent((("--fold",), {"type": fold, "default": UNSET, "help": "fold to use (default: the first available)"}))
 QUIET = _parent((("--quiet",), {"action": "store_true", "help": "no progress on stderr"}))
 OVERWRITE = _parent((("--overwrite",), {"action": "store_true", "default": UNSET,

@@ -60,3 +60,13 @@ def resolve_calibration(model: ModelFolder, calibration: Sequence[CalibrationVol
     return [CalibrationVolume(read_volume(sample_ct()))], {
         "source": "sample", "volumes": [SAMPLE_CT],
         "description": "the bundled sample chest CT (no calibration volumes given)"}
+
+
+INT8_PATCHES_PER_VOLUME = 8  # int8 statistics: patches of the sample CT (every one the grid gives, up to this)
+
+
+def int8_calibration(model: ModelFolder) -> list[Any]:
+    """Network-ready patches of the bundled sample CT that ``model``'s int8 form is quantized on (as its ranks are
+    calibrated by default): (1, 1, *patch) float32 arrays."""
+    from .calibration_data import calibration_patches
+    return [patch.image.numpy() for patch in calibration_patches(model, [sample_ct()], INT8_PATCHES_PER_VOLUME)]

@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..compress.folder import describe_model
 from ..errors import TuckerSegmentError
+from ..compress.calibration_source import int8_calibration
 from ..nnunet.model_folder import ModelFolder
 from ..progress import Progress
 from ..segment.predictor import Segmenter
@@ -180,7 +181,8 @@ def _load(candidates: Sequence[Candidate], folders: Sequence[ModelFolder], devic
         report(0.02 * index / len(candidates), f"loading {folder.path.name}")
         info = describe_model(folder.path)
         info["calibration"] = folder.tucker_record(folder.folds[0]).get("calibration") if folder.compressed else None
-        segmenters.append(Segmenter(folder, device=device, runtime=runtime, precision=candidate.precision))
+        segmenters.append(Segmenter(folder, device=device, runtime=runtime, precision=candidate.precision,
+                                    calibration=int8_calibration))  # int8: quantized on the sample CT, as segment
         results.append(ModelResult(candidate.name or folder.name, str(folder.path),
                                    candidate.curve or curve_of(info, candidate.precision), candidate.precision, info))
     return results, segmenters

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 RUNTIMES = ("auto", "torch", "openvino")
-PRECISIONS = ("auto", "f32", "bf16", "fp16")
+PRECISIONS = ("auto", "f32", "bf16", "fp16", "int8")
 EXECUTIONS = ("fastest", "reference")  # for PyTorch: each layer's fastest exact form, or as stored
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from ..progress import stage
 from ..tucker.layers import smallest_same_input
 from .devices import PRECISIONS, RUNTIMES
 from .openvino_cache import NetworkCache, blob_name, remove_old_layout
+from .quantization import calibration_key, int8_problem, quantize
 
-# f32: bf16 moved the held-out Dice of two of the four bundled demo variants by more than 0.001 (-0.0013,
-# -0.0015; scripts/bench_precision.py, docs/precision.md), so bf16 stays a choice, never the default
+# f32: bf16 and int8 moved the held-out Dice of bundled demo variants by more than 0.001 (at most -0.0019 and
+# +0.0094 in the last run; scripts/bench_precision.py, docs/precision.md), so both stay a choice until auto
+# picks the precision by measurement
 CPU_DEFAULT_PRECISION = "f32"
 
 
@@ -64,6 +67,9 @@ def choose_runtime(runtime: str, precision: str, device: torch.device) -> Runtim
                                      "or the torch runtime")
         if device.type == "mps" and precision == "bf16":
             raise TuckerSegmentError("bf16 is not offered on Apple GPUs; choose f32 or fp16")
+        if precision == "int8":
+            raise TuckerSegmentError(f"int8 runs in OpenVINO on the CPU, not on {device.type}; choose the CPU device, "
+                                     "or fp16 on the GPU")
         chosen = "fp16" if precision == "auto" else precision
         reason = ("fp16 autocast as nnU-Net does" if precision == "auto" else "asked") + f", on {device.type}"
         return RuntimeChoice("torch", chosen, reason)
@@ -73,13 +79,15 @@ def choose_runtime(runtime: str, precision: str, device: torch.device) -> Runtim
     if runtime == "torch" or missing:
         if precision not in ("auto", "f32"):
             raise TuckerSegmentError(f"PyTorch runs {precision} slowly or not at all on the CPU; choose f32, or the "
-                                     "openvino runtime for bf16")
+                                     "openvino runtime for bf16 or int8")
         why = "asked" if runtime == "torch" else f"auto on the CPU, but {missing}"
         return RuntimeChoice("torch", "f32", why)
     if precision == "fp16":
-        raise TuckerSegmentError("OpenVINO on this CPU runs f32 or bf16; choose one of those")
+        raise TuckerSegmentError("OpenVINO on this CPU runs f32, bf16 or int8; choose one of those")
     if precision == "bf16" and not cpu_has_native_bf16():
         raise TuckerSegmentError("this CPU has no native bf16 (AVX-512 BF16 or AMX); choose f32")
+    if precision == "int8" and (problem := int8_problem()):
+        raise TuckerSegmentError(problem)
     if precision == "auto":
         return RuntimeChoice("openvino", CPU_DEFAULT_PRECISION, "auto on the CPU")
     return RuntimeChoice("openvino", precision, "asked")
@@ -101,27 +109,30 @@ class OpenVINONetwork(nn.Module):
     callers that hold one output while computing the next (nnU-Net's test-time mirroring)."""
 
     def __init__(self, network: nn.Module, example: torch.Tensor, precision: str = "f32",
-                 key: str | None = None, share_output: bool = True) -> None:
+                 key: str | None = None, share_output: bool = True,
+                 calibration: Callable[[], Sequence[np.ndarray]] | None = None) -> None:
         super().__init__()
         import openvino as ov
-        if precision not in ("f32", "bf16"):
-            raise TuckerSegmentError(f"OpenVINO runs f32 or bf16 here, not {precision}")
+        if precision not in ("f32", "bf16", "int8"):
+            raise TuckerSegmentError(f"OpenVINO runs f32, bf16 or int8 here, not {precision}")
+        if precision == "int8" and calibration is None:
+            raise TuckerSegmentError("int8 needs calibration patches to quantize the network on")
         self.input_shape, self.precision, self.share_output = tuple(example.shape), precision, share_output
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        # int8: the quantized IR's int8 convolutions, the float ones it kept in f32
+        config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "int8" else precision, "PERFORMANCE_HINT": "LATENCY"}
         root = cache_folder("openvino") if key else None  # None: no usable cache, said once
         cache = NetworkCache(root / key[:32], key, self.input_shape) if root and key else None
         if cache:
             remove_old_layout(cache.folder.parent)
-        blob = blob_name(core, precision, config)
+        patches = calibration() if calibration is not None and precision == "int8" else None
+        form = "int8-" + calibration_key(patches)[:16] if patches is not None else precision
+        blob = blob_name(core, form, config)
         compiled = cache.compiled(core, blob, config) if cache else None
         if compiled is None:
-            model = cache.converted(core) if cache else None
-            if model is None:
-                with stage("converting for OpenVINO" + (", once for this model" if cache else ""), announce=bool(cache)):
-                    model = _convert(ov, network, self.input_shape)
-                if cache:
-                    cache.save_converted(ov, model)
+            model = _network_model(ov, core, network, self.input_shape, cache)
+            if patches is not None:
+                model = _quantized(ov, core, model, patches, cache, form)
             with stage(f"compiling for OpenVINO {precision}", announce=bool(cache)):
                 compiled = core.compile_model(model, "CPU", config)
             if cache:
@@ -137,6 +148,30 @@ class OpenVINONetwork(nn.Module):
         patch = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
         result = self._request.infer([patch], share_inputs=True, share_outputs=self.share_output)
         return torch.from_numpy(result[0])
+
+
+def _network_model(ov, core, network: nn.Module, shape: tuple[int, ...], cache: NetworkCache | None):  # noqa: ANN001, ANN202
+    """The converted network: from the cache when it holds it whole, else converted (and kept there)."""
+    model = cache.converted(core) if cache else None
+    if model is None:
+        with stage("converting for OpenVINO" + (", once for this model" if cache else ""), announce=bool(cache)):
+            model = _convert(ov, network, shape)
+        if cache:
+            cache.save_converted(ov, model)
+    return model
+
+
+def _quantized(ov, core, model, patches: Sequence[np.ndarray], cache: NetworkCache | None, form: str):  # noqa: ANN001, ANN202
+    """``model`` in int8 (its IR ``form`` in the cache, made from these ``patches``): from the cache when it holds it
+    whole, else quantized on them (and kept there)."""
+    quantized = cache.converted(core, form) if cache else None
+    if quantized is None:
+        with stage(f"quantizing to int8 on {len(patches)} calibration patches" + (", once for this model" if cache
+                                                                                   else ""), announce=bool(cache)):
+            quantized = quantize(model, patches)
+        if cache:
+            cache.save_converted(ov, quantized, form)
+    return quantized
 
 
 def _without_telemetry() -> None:

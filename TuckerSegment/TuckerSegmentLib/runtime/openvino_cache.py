@@ -21,7 +21,7 @@ from ..checksums import sha256_bytes, sha256_file
 from ..paths import cache_warning
 
 RECORD = "record.json"
-XML, BIN = "model.xml", "model.bin"
+STEM = "model"  # the converted network's IR: model.xml, model.bin
 FORMAT = 1
 
 
@@ -60,9 +60,10 @@ class NetworkCache:
             return False
         return True
 
-    def converted(self, core: Any) -> Any | None:
-        """The converted network, when its IR files are there and match the record."""
-        xml, weights = self.folder / XML, self.folder / BIN
+    def converted(self, core: Any, stem: str = STEM) -> Any | None:
+        """The converted network (``stem``: another IR of it, e.g. its int8 form), when its IR files are there and
+        match the record."""
+        xml, weights = self.folder / f"{stem}.xml", self.folder / f"{stem}.bin"
         for path in (xml, weights):
             if not self._verified(path.name, sha256_file(path) if path.is_file() else None):
                 return None
@@ -71,12 +72,12 @@ class NetworkCache:
         except RuntimeError:  # its text is OpenVINO's parser message: the warning says which file, in one line
             model = None
         if model is None or not self._fits(model):
-            self._failed(XML, "cannot be read as the converted network")
+            self._failed(xml.name, "cannot be read as the converted network")
             return None
         return model
 
-    def save_converted(self, ov: Any, model: Any) -> None:
-        """Write the converted network's IR (each file whole) and record their sha256."""
+    def save_converted(self, ov: Any, model: Any, stem: str = STEM) -> None:
+        """Write the converted network's IR ``stem``.xml/.bin (each file whole) and record their sha256."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -84,7 +85,7 @@ class NetworkCache:
         staging = self.folder / f".{os.getpid()}.partial.xml"
         try:
             ov.save_model(model, staging, compress_to_fp16=False)
-            for name, part in ((BIN, staging.with_suffix(".bin")), (XML, staging)):
+            for name, part in ((f"{stem}.bin", staging.with_suffix(".bin")), (f"{stem}.xml", staging)):
                 digest = sha256_file(part)
                 os.replace(part, self.folder / name)
                 self._remember(name, digest)

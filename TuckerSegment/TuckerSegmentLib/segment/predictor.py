@@ -37,6 +37,7 @@ from .result import SegmentationResult
 
 TOTALSEGMENTATOR_MAX_VOXELS = 512 * 512 * 900  # TotalSegmentator splits larger volumes in three along z
 SLAB_OVERLAP = 20  # voxels of context on each side of a slab (TotalSegmentator's margin)
+Calibration = Callable[[ModelFolder], Sequence[np.ndarray]]  # a model's network-ready patches to quantize it on (int8)
 
 
 class _Predictor(nnUNetPredictor):
@@ -116,14 +117,14 @@ class Segmenter:
                  tile_step: float = TILE_STEP, mirroring: bool = False, max_voxels: int = TOTALSEGMENTATOR_MAX_VOXELS,
                  trust_checkpoint: bool = False, name: str | None = None, network: torch.nn.Module | None = None,
                  policy: str = "original", execution: str = "fastest", runtime: str = "auto",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", calibration: Calibration | None = None) -> None:
         """``network``: run this network (e.g. compressed in memory, described by ``policy``) instead of the
         fold's saved weights; the folder then only supplies plans and labels. ``execution``: "fastest"
         runs every layer in its fastest exact form on this device (timed once, cached: see
         ``execution.optimise_execution``), "reference" exactly as stored (three convolutions per
         factorised layer); it applies to the PyTorch runtime. ``runtime``/``precision``: see
         ``runtime.inference.choose_runtime`` (auto: OpenVINO on a CPU when installed; fp16 autocast on CUDA
-        as nnU-Net does)."""
+        as nnU-Net does). ``calibration``: the patches an int8 network is quantized on (int8 needs it)."""
         if execution not in EXECUTIONS:
             raise TuckerSegmentError(f"unknown execution {execution!r}; choose one of {', '.join(EXECUTIONS)}")
         tile_step = check_tile_step(tile_step)
@@ -149,8 +150,9 @@ class Segmenter:
         self.execution: ExecutionReport | None = None
         if self.runtime.runtime == "openvino":
             key = None if from_memory else folder_key(self._source_files(), self.model.patch_size)
+            patches = (lambda: calibration(self.model)) if calibration is not None else None  # noqa: E731
             network = OpenVINONetwork(network, self.model.example_input("cpu"), self.runtime.precision, key,
-                                      share_output=not mirroring)
+                                      share_output=not mirroring, calibration=patches)
         elif execution == "fastest":
             self.execution = optimise_execution(network, self.model.example_input(), LatencyTable.for_device(self.device))
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device

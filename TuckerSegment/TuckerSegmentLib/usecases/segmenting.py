@@ -35,6 +35,9 @@ def plan_segmenter(request: SegmentRequest, notify: Callable[[str], None] = lamb
     ``auto``) guarded against running out of memory (``SafeTask``; its notices go to ``notify``)."""
     options = request.segmenter_options()
     key_options = tuple(sorted(options.items()))
+    if request.precision == "int8":  # quantized on the sample CT's patches, as ranks are calibrated by default
+        from ..compress.calibration_source import int8_calibration
+        options["calibration"] = int8_calibration
     if isinstance(request.model, tuple):
         paths = tuple(Path(m).expanduser().resolve() for m in request.model)
         return SegmenterPlan((paths, request.device, key_options), "model folders given",
