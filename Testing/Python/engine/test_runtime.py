@@ -246,6 +246,20 @@ def test_openvino_sends_nothing_and_writes_nothing_in_the_home_folder(tmp_path, 
     assert run.stdout.strip() == "[]"
 
 
+def test_nncf_the_int8_quantizer_sends_nothing_either():
+    """NNCF sends usage statistics through OpenVINO's telemetry package on every quantization unless it runs in
+    its own CI or under pytest; through the engine that package is absent, so NNCF takes its no-op stub."""
+    script = textwrap.dedent("""
+        import TuckerSegmentLib
+        from unittest.mock import MagicMock
+        from nncf.telemetry import wrapper
+        print(isinstance(wrapper.telemetry, MagicMock), "pytest" in __import__("sys").modules)
+    """)
+    environment = {k: v for k, v in os.environ.items() if k not in ("NNCF_CI", "NNCF_DEV")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=environment)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "False"]
+
 
 class Stages:
     """The names of the engine's stages as they begin (``progress.listening``)."""
