@@ -106,7 +106,9 @@ class OpenVINONetwork(nn.Module):
     PyTorch module (nnU-Net's predictor feeds it whole patches). ``key`` names the converted network in
     the user cache (None: converted every time, e.g. for a network changed in memory). ``share_output``:
     return OpenVINO's output buffer itself, overwritten by the next call (see ``forward``); False for
-    callers that hold one output while computing the next (nnU-Net's test-time mirroring)."""
+    callers that hold one output while computing the next (nnU-Net's test-time mirroring). ``calibration``: for
+    int8, the network-ready patches it is quantized on (``quantization.quantize``; the int8 form is cached under
+    their hash, so they are made on each load but quantized on once)."""
 
     def __init__(self, network: nn.Module, example: torch.Tensor, precision: str = "f32",
                  key: str | None = None, share_output: bool = True,
