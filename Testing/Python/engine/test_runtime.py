@@ -54,6 +54,9 @@ def test_auto_is_openvino_on_the_cpu_and_pytorch_on_a_gpu_and_every_refusal_name
     with pytest.raises(TuckerSegmentError, match="^this CPU has no native bf16"):
         choose_runtime("openvino", "bf16", CPU)
     from TuckerSegmentLib.runtime import quantization
+    if quantization.int8_problem() is None:  # this machine: an AMD EPYC with VNNI
+        assert choose_runtime("auto", "int8", CPU).describe() == (
+            "OpenVINO int8 (asked; quantized on the sample CT, first and last convolution in float)")
     monkeypatch.setattr(quantization, "cpu_capabilities", lambda: ("FP32", "BIN"))  # a CPU without VNNI or AMX
     with pytest.raises(TuckerSegmentError, match="^this CPU has no int8 support in OpenVINO"):
         choose_runtime("auto", "int8", CPU)

@@ -27,7 +27,7 @@ from ..progress import stage
 from ..tucker.layers import smallest_same_input
 from .devices import PRECISIONS, RUNTIMES
 from .openvino_cache import NetworkCache, blob_name, remove_old_layout
-from .quantization import calibration_key, int8_problem, quantize
+from .quantization import INT8_FORM, calibration_key, int8_problem, quantize
 
 # f32: bf16 and int8 moved the held-out Dice of bundled demo variants by more than 0.001 (at most -0.0019 and
 # +0.0094 in the last run; scripts/bench_precision.py, docs/precision.md), so both stay a choice until auto
@@ -86,8 +86,10 @@ def choose_runtime(runtime: str, precision: str, device: torch.device) -> Runtim
         raise TuckerSegmentError("OpenVINO on this CPU runs f32, bf16 or int8; choose one of those")
     if precision == "bf16" and not cpu_has_native_bf16():
         raise TuckerSegmentError("this CPU has no native bf16 (AVX-512 BF16 or AMX); choose f32")
-    if precision == "int8" and (problem := int8_problem()):
-        raise TuckerSegmentError(problem)
+    if precision == "int8":
+        if problem := int8_problem():
+            raise TuckerSegmentError(problem)
+        return RuntimeChoice("openvino", "int8", f"asked; {INT8_FORM}")
     if precision == "auto":
         return RuntimeChoice("openvino", CPU_DEFAULT_PRECISION, "auto on the CPU")
     return RuntimeChoice("openvino", precision, "asked")

@@ -18,6 +18,7 @@ from ..errors import TuckerSegmentError
 from .hardware import cpu_capabilities
 
 NNCF_MISSING = "INT8 needs NNCF, OpenVINO's quantizer (pip install nncf)"
+INT8_FORM = "quantized on the sample CT, first and last convolution in float"  # what every output line says of int8
 
 
 def int8_problem() -> str | None:
