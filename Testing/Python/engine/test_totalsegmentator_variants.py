@@ -281,8 +281,12 @@ def test_variants_json_lists_every_entry_and_the_auto_choice(ts_home, capsys):
     assert listing["auto"]["reason"].startswith("demo / chest-demo-tucker-balanced: CPU")
     assert rows["chest-demo-tucker-balanced"]["auto_eligible"] and not rows["chest-demo-tucker-fast"]["auto_eligible"]
     assert rows["fast-tucker-balanced"]["params"] is None and rows["fast-tucker-balanced"]["measured"] is None
+    from TuckerSegmentLib.dependencies import installed_version
+    runtime = listing["cpu_runtime"]  # what OpenVINO's CPU plugin runs natively here: the precisions on offer
+    assert runtime["openvino"] == installed_version("openvino") and "FP32" in runtime["cpu_capabilities"]
     assert main(["variants"]) == 0
     text = capsys.readouterr().out
+    assert f"CPU runtime: OpenVINO {runtime['openvino']} on the CPU ({', '.join(runtime['cpu_capabilities'])})" in text
     assert "auto: chest-demo-tucker-balanced: demo / chest-demo-tucker-balanced: CPU" in text
     assert "fast-tucker-0.3" in text and "fast-tucker-balanced" in text
 

@@ -23,7 +23,7 @@ from ..interrupts import signals_cancel
 from ..nnunet.model_folder import ModelFolder
 from ..policies.methods import DEFAULT_METHOD, method, policy_for
 from ..progress import Progress, listening
-from ..runtime.hardware import GB, DeviceInfo, detect_devices
+from ..runtime.hardware import GB, DeviceInfo, detect_devices, detect_machine
 from ..segment.batch import BatchItem, segment_batch
 from ..segment.output import plan_outputs, write_result
 from ..tucker.network_stats import FLOP_CONVENTION, NetworkStats
@@ -184,7 +184,8 @@ def _quality_cell(variant: Variant, device: DeviceInfo) -> str:
 
 
 def _variants(args: argparse.Namespace) -> int:
-    variants, devices = catalogue(), detect_devices()
+    machine = detect_machine()
+    variants, devices = catalogue(), list(machine.devices)
     try:
         choice = choose_model("auto", "auto", "auto", variants, devices)
         auto = {"id": choice.id, "reason": choice.reason, "device": choice.device}
@@ -193,9 +194,12 @@ def _variants(args: argparse.Namespace) -> int:
     here = devices[0]
     if args.json:
         print(json.dumps({"variants": [_variant_row(v, here) for v in variants], "auto": auto,
-                          "devices": [d.describe() for d in devices]}, indent=1))
+                          "devices": [d.describe() for d in devices],
+                          "cpu_runtime": {"openvino": machine.openvino,
+                                          "cpu_capabilities": list(machine.cpu_capabilities)}}, indent=1))
         return 0
     print(f"devices: {'; '.join(d.describe() for d in devices)}")
+    print(f"CPU runtime: {machine.describe().splitlines()[-1]}")  # e.g. which precisions its kernels run natively
     print(f"{'id':<26} {'availability':<12} {'params':>9} {'FLOPs/patch':>12} {'peak RAM':>9} {'quality':>16} "
           f"{'speed':>7} {'auto':>4}")
     for v in variants:
