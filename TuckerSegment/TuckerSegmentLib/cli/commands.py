@@ -199,7 +199,7 @@ def _variants(args: argparse.Namespace) -> int:
                                           "cpu_capabilities": list(machine.cpu_capabilities)}}, indent=1))
         return 0
     print(f"devices: {'; '.join(d.describe() for d in devices)}")
-    print(f"CPU runtime: {machine.describe().splitlines()[-1]}")  # e.g. which precisions its kernels run natively
+    print(f"CPU runtime: {machine.cpu_runtime()}")
     print(f"{'id':<26} {'availability':<12} {'params':>9} {'FLOPs/patch':>12} {'peak RAM':>9} {'quality':>16} "
           f"{'speed':>7} {'auto':>4}")
     for v in variants:

@@ -124,11 +124,14 @@ class MachineFacts:
     openvino: str | None = None  # the installed version; None when OpenVINO is missing
     cpu_capabilities: tuple[str, ...] = ()
 
+    def cpu_runtime(self) -> str:
+        """What runs the network on the CPU, and the precisions its kernels run natively."""
+        return (f"OpenVINO {self.openvino} on the CPU ({', '.join(self.cpu_capabilities) or 'capabilities unknown'})"
+                if self.openvino else "OpenVINO not installed: PyTorch runs the network on the CPU")
+
     def describe(self) -> str:
         """One line per device, then the CPU runtime."""
-        runtime = (f"OpenVINO {self.openvino} on the CPU ({', '.join(self.cpu_capabilities) or 'capabilities unknown'})"
-                   if self.openvino else "OpenVINO not installed: PyTorch runs the network on the CPU")
-        return "\n".join([*(d.describe() for d in self.devices), runtime])
+        return "\n".join([*(d.describe() for d in self.devices), self.cpu_runtime()])
 
     def to_json(self) -> dict[str, Any]:
         return {"devices": [{**d.__dict__, "capability": list(d.capability) if d.capability else None}
