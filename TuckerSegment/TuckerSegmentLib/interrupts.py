@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import Interrupted
 
@@ -24,12 +24,8 @@ def signals_cancel() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _interrupt) for s in SIGNALS}
-    try:
+    with _handling(_interrupt):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 @contextlib.contextmanager
@@ -42,11 +38,18 @@ def held_interrupts() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in SIGNALS}
+    with _handling(lambda signum, frame: caught.append(signum)):
+        yield
+    if caught:
+        raise Interrupted(caught[0])
+
+
+@contextlib.contextmanager
+def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM within the block; the handlers before it again afterwards."""
+    previous = {number: signal.signal(number, handler) for number in SIGNALS}
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if caught:
-        raise Interrupted(caught[0])
+        for number, before in previous.items():
+            signal.signal(number, before)
