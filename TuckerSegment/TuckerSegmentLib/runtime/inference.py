@@ -27,6 +27,7 @@ from ..progress import stage
 from ..tucker.layers import smallest_same_input
 from .devices import PRECISIONS, RUNTIMES
 from .openvino_cache import NetworkCache, blob_name, remove_old_layout
+from .stored_int8 import StoredInt8
 from .quantization import INT8_FORM, calibration_key, int8_problem, quantize
 
 # f32: bf16 and int8 moved the held-out Dice of bundled demo variants by more than 0.001 (at most -0.0019 and
@@ -110,16 +111,17 @@ class OpenVINONetwork(nn.Module):
     return OpenVINO's output buffer itself, overwritten by the next call (see ``forward``); False for
     callers that hold one output while computing the next (nnU-Net's test-time mirroring). ``calibration``: for
     int8, the network-ready patches it is quantized on (``quantization.quantize``; the int8 form is cached under
-    their hash, so they are made on each load but quantized on once)."""
+    their hash, so they are made on each load but quantized on once). ``stored``: the int8 form stored in the
+    model folder, run as it is (neither converted nor quantized)."""
 
     def __init__(self, network: nn.Module, example: torch.Tensor, precision: str = "f32",
                  key: str | None = None, share_output: bool = True,
-                 calibration: Callable[[], Sequence[np.ndarray]] | None = None) -> None:
+                 calibration: Callable[[], Sequence[np.ndarray]] | None = None, stored: StoredInt8 | None = None) -> None:
         super().__init__()
         import openvino as ov
         if precision not in ("f32", "bf16", "int8"):
             raise TuckerSegmentError(f"OpenVINO runs f32, bf16 or int8 here, not {precision}")
-        if precision == "int8" and calibration is None:
+        if precision == "int8" and calibration is None and stored is None:
             raise TuckerSegmentError("int8 needs calibration patches to quantize the network on")
         self.input_shape, self.precision, self.share_output = tuple(example.shape), precision, share_output
         core = ov.Core()
@@ -129,14 +131,19 @@ class OpenVINONetwork(nn.Module):
         cache = NetworkCache(root / key[:32], key, self.input_shape) if root and key else None
         if cache:
             remove_old_layout(cache.folder.parent)
-        patches = calibration() if calibration is not None and precision == "int8" else None
-        form = "int8-" + calibration_key(patches)[:16] if patches is not None else precision
+        stored = stored if precision == "int8" else None
+        patches = calibration() if calibration is not None and precision == "int8" and stored is None else None
+        form = ("int8-stored-" + stored.digest[:16] if stored else
+                "int8-" + calibration_key(patches)[:16] if patches is not None else precision)
         blob = blob_name(core, form, config)
         compiled = cache.compiled(core, blob, config) if cache else None
-        if compiled is None:
+        if compiled is None and stored is not None:
+            model = core.read_model(stored.xml.decode(), ov.Tensor(np.frombuffer(stored.weights, dtype=np.uint8)))
+        elif compiled is None:
             model = _network_model(ov, core, network, self.input_shape, cache)
             if patches is not None:
                 model = _quantized(ov, core, model, patches, cache, form)
+        if compiled is None:
             with stage(f"compiling for OpenVINO {precision}", announce=bool(cache)):
                 compiled = core.compile_model(model, "CPU", config)
             if cache:
@@ -152,6 +159,12 @@ class OpenVINONetwork(nn.Module):
         patch = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
         result = self._request.infer([patch], share_inputs=True, share_outputs=self.share_output)
         return torch.from_numpy(result[0])
+
+
+def converted_network(network: nn.Module, shape: tuple[int, ...]):  # noqa: ANN201 (openvino is imported lazily)
+    """``network`` converted to OpenVINO (f32 IR) for inputs of ``shape``, nothing cached."""
+    import openvino as ov
+    return _convert(ov, network, shape)
 
 
 def _network_model(ov, core, network: nn.Module, shape: tuple[int, ...], cache: NetworkCache | None):  # noqa: ANN001, ANN202
@@ -172,7 +185,7 @@ def _quantized(ov, core, model, patches: Sequence[np.ndarray], cache: NetworkCac
     if quantized is None:
         with stage(f"quantizing to int8 on {len(patches)} calibration patches" + (", once for this model" if cache
                                                                                    else ""), announce=bool(cache)):
-            quantized = quantize(model, patches)
+            quantized = quantize(model, patches[0::2], patches[1::2]).model  # statistics, validation apart
         if cache:
             cache.save_converted(ov, quantized, form)
     return quantized

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ..runtime.devices import EXECUTIONS, resolve_device
 from ..runtime.execution import ExecutionReport, optimise_execution
 from ..runtime.inference import OpenVINONetwork, choose_runtime, folder_key
 from ..runtime.latency import LatencyTable
+from ..runtime.stored_int8 import StoredInt8, source_digest, stored_int8
 from .crop import model_grid_box
 from .labels import label_values, segment_labels
 from .result import SegmentationResult
@@ -107,6 +109,11 @@ def _slabs(length: int, parts: int, overlap: int) -> list[tuple[int, int, int, i
     return [(max(0, a - overlap), min(length, b + overlap), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def network_source_files(model: ModelFolder, fold: str) -> list[Path]:
+    """The files a fold's network is built from: the fold's weights and the plans."""
+    return [f for f in model.fold_path(fold).iterdir() if f.is_file()] + [model.path / "plans.json"]
+
+
 class Segmenter:
     """A model loaded once, ready to segment many volumes.
 
@@ -150,9 +157,13 @@ class Segmenter:
         self.execution: ExecutionReport | None = None
         if self.runtime.runtime == "openvino":
             key = None if from_memory else folder_key(self._source_files(), self.model.patch_size)
+            stored = self._stored_int8() if self.runtime.precision == "int8" and not from_memory else None
             patches = (lambda: calibration(self.model)) if calibration is not None else None  # noqa: E731
+            if self.runtime.precision == "int8" and stored is None and patches is None:
+                raise TuckerSegmentError(f"{self.model.path} holds no int8 form for fold {self.fold}; build one "
+                                         "(compress --int8, build-variants) or ask for --precision int8 explicitly")
             network = OpenVINONetwork(network, self.model.example_input("cpu"), self.runtime.precision, key,
-                                      share_output=not mirroring, calibration=patches)
+                                      share_output=not mirroring, calibration=patches, stored=stored)
         elif execution == "fastest":
             self.execution = optimise_execution(network, self.model.example_input(), LatencyTable.for_device(self.device))
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
@@ -165,10 +176,16 @@ class Segmenter:
                                               self.model.trainer_name or "nnUNetTrainer",
                                               (tuple(axes) if axes else (0, 1, 2)) if mirroring else None)
 
+    def _stored_int8(self) -> StoredInt8 | None:
+        """The int8 form stored in the model folder for this fold (verified), its description in the runtime's
+        reason; None when the folder holds none."""
+        stored = stored_int8(self.model.path, self.fold, source_digest(self._source_files(), self.model.patch_size))
+        if stored is not None:
+            self.runtime = replace(self.runtime, reason=f"{self.runtime.reason.split(';')[0]}; {stored.describe()}")
+        return stored
+
     def _source_files(self) -> list[Path]:
-        """The files the network is built from: the fold's weights and the plans."""
-        fold = self.model.fold_path(self.fold)
-        return [f for f in fold.iterdir() if f.is_file()] + [self.model.path / "plans.json"]
+        return network_source_files(self.model, self.fold)
 
     def label_value(self, names: Sequence[str]) -> list[int]:
         return label_values(self.segments, names)

@@ -1,0 +1,138 @@
+"""INT8: label-free accuracy control, and the int8 form stored in a model folder (quantized once, run as it is,
+refused when it or its source changed)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from TuckerSegmentLib.errors import TuckerSegmentError
+from TuckerSegmentLib.image.volume import read_volume
+from TuckerSegmentLib.paths import BUNDLED_MODELS
+from TuckerSegmentLib.segment.predictor import Segmenter
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+
+class SensitiveNet(nn.Module):
+    """Four convolutions; ``c``'s input holds one channel of about 1000 that ``c`` ignores (zero weights): quantized
+    per tensor, that range crushes the channels ``c`` does use, so ``c`` is the layer that costs agreement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)
+        self.c, self.d = nn.Conv3d(8, 8, 3, padding=1), nn.Conv3d(8, 4, 1)
+        with torch.no_grad():
+            self.b.bias[0] = 1000.0
+            self.c.weight[:, 0] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        return self.d(torch.relu(self.c(torch.relu(self.b(x)))))
+
+
+def test_accuracy_control_keeps_the_layer_that_costs_agreement_in_float_and_says_which():
+    import openvino as ov
+    from TuckerSegmentLib.runtime.quantization import int8_problem, quantize
+    if int8_problem():
+        pytest.skip(int8_problem())
+    shape = (1, 1, 16, 16, 16)
+    model = ov.convert_model(SensitiveNet().eval(), example_input=torch.zeros(shape), input=[shape])
+    rng = np.random.default_rng(0)
+    statistics = [rng.normal(size=shape).astype(np.float32) for _ in range(4)]
+    validation = [rng.normal(size=shape).astype(np.float32) for _ in range(4)]
+    plain = quantize(model, statistics)
+    assert plain.float_layers == ["a", "d"] and plain.agreement is None  # first and last, as always
+    plain_agreement = quantize(model, statistics, validation[:1]).agreement  # one patch: control, cheaply
+    controlled = quantize(model, statistics, validation)
+    assert controlled.float_layers == ["a", "c", "d"], controlled.float_layers
+    assert controlled.agreement >= 0.98
+    core = ov.Core()
+    reference = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    uncontrolled = core.compile_model(plain.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    agreement = np.mean([(np.asarray(uncontrolled(p)[0]).argmax(1) == np.asarray(reference(p)[0]).argmax(1)).mean()
+                         for p in validation])
+    assert agreement < 0.9 and plain_agreement is not None  # without control, c's int8 input costs the agreement
+
+
+@pytest.fixture(scope="module")
+def int8_demo(tmp_path_factory):
+    """A copy of the bundled balanced demo variant with its int8 form built on the sample CT."""
+    from TuckerSegmentLib.compress.calibration_source import sample_ct
+    from TuckerSegmentLib.compress.int8_form import build_int8_form
+    from TuckerSegmentLib.runtime.quantization import int8_problem
+    if int8_problem():
+        pytest.skip(int8_problem())
+    folder = tmp_path_factory.mktemp("int8") / "balanced"
+    shutil.copytree(BUNDLED_MODELS / "chest-demo-tucker-balanced", folder)
+    record = build_int8_form(folder, "0", [sample_ct()], "the sample CT")
+    return folder, record
+
+
+def test_a_stored_int8_form_runs_as_stored_without_converting_or_quantizing(int8_demo, tmp_path, monkeypatch):
+    from TuckerSegmentLib.compress.calibration_source import sample_ct
+    from TuckerSegmentLib.runtime import inference, quantization
+    folder, record = int8_demo
+    assert "encoder.stages.0.0.convs.0" in record["float_layers"][0] and record["agreement"] >= 0.98
+    assert set(record["files"]) == {"model.xml", "model.bin"} and record["calibration"] == "the sample CT"
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    ct = read_volume(sample_ct())
+    f32 = Segmenter(folder, device="cpu", precision="f32").segment(ct)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted or quantized again")
+    monkeypatch.setattr(inference, "_convert", refuse)
+    monkeypatch.setattr(quantization, "quantize", refuse)
+    monkeypatch.setattr(inference, "quantize", refuse)
+    for _ in range(2):  # the first run compiles the stored IR, the second loads the compiled blob
+        result = Segmenter(folder, device="cpu", precision="int8").segment(ct)
+        assert (result.labels == f32.labels).mean() >= 0.98
+        assert "quantized when built on the sample CT" in result.runtime and "int8" in result.runtime
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("weights", "changed since it was quantized"),
+    ("xml", "changed since it was quantized"),
+    ("source", "quantized from other weights or plans"),
+    ("record", "is not an int8 form record"),
+    ("unreadable record", "cannot be read"),
+])
+def test_a_changed_int8_form_or_source_is_refused_in_one_line(int8_demo, tmp_path, monkeypatch, damage, message):
+    from TuckerSegmentLib.runtime.stored_int8 import form_folder
+    folder = tmp_path / "copy"
+    shutil.copytree(int8_demo[0], folder)
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    form = form_folder(folder, "0")
+    if damage == "weights":
+        data = bytearray((form / "model.bin").read_bytes())
+        data[len(data) // 2] ^= 1
+        (form / "model.bin").write_bytes(bytes(data))
+    elif damage == "xml":
+        (form / "model.xml").write_text((form / "model.xml").read_text().replace("</net>", "</net> "))
+    elif damage == "source":
+        plans = json.loads((folder / "plans.json").read_text())
+        (folder / "plans.json").write_text(json.dumps(plans, indent=3))  # the same plans, other bytes
+    elif damage == "record":
+        record = json.loads((form / "int8.json").read_text())
+        (form / "int8.json").write_text(json.dumps({**record, "float_layers": "all"}))
+    else:
+        (form / "int8.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(TuckerSegmentError, match=message) as error:
+        Segmenter(folder, device="cpu", precision="int8")
+    assert "\n" not in str(error.value) and str(form) in str(error.value)
+    assert Segmenter(folder, device="cpu", precision="f32") is not None  # f32 does not read the int8 form
+
+
+def test_int8_without_a_stored_form_or_calibration_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    from TuckerSegmentLib.runtime.quantization import int8_problem
+    if int8_problem():
+        pytest.skip(int8_problem())
+    monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TuckerSegmentError, match="holds no int8 form for fold 0; build one"):
+        Segmenter(BUNDLED_MODELS / "chest-demo-tucker-fast", device="cpu", precision="int8")
