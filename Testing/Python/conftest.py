@@ -88,7 +88,11 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def ts_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty TotalSegmentator home and build cache for one test; returns its nnU-Net results folder."""
+    """An empty TotalSegmentator home and build cache for one test; returns its nnU-Net results folder. Builds
+    there make the bf16 and int8 forms only when a test asks for them (``precisions``; test_int8 does): on
+    full-size random weights every form costs a quantization and three more segmentations per volume."""
+    from TuckerSegmentLib.variants import build, forms
+    monkeypatch.setattr(build, "cpu_forms", lambda device, asked=None: forms.cpu_forms(device, asked or ()))
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "totalseg"))
     monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))

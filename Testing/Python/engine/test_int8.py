@@ -136,3 +136,47 @@ def test_int8_without_a_stored_form_or_calibration_is_refused_naming_the_fix(tmp
     monkeypatch.setenv("TUCKERSEGMENT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(TuckerSegmentError, match="holds no int8 form for fold 0; build one"):
         Segmenter(BUNDLED_MODELS / "chest-demo-tucker-fast", device="cpu", precision="int8")
+
+
+def test_build_variants_makes_measures_and_stores_the_precision_forms_and_int8_runs_without_converting(
+        ts_home, capsys, monkeypatch):
+    from TuckerSegmentLib import cli
+    from TuckerSegmentLib.compress.calibration_source import sample_ct
+    from TuckerSegmentLib.runtime import inference, quantization
+    from TuckerSegmentLib.runtime.quantization import int8_problem
+    from TuckerSegmentLib.testing.example_models import write_totalsegmentator_task
+    from TuckerSegmentLib.usecases.requests import SegmentRequest
+    from TuckerSegmentLib.usecases.segmenting import plan_segmenter, segment_with
+    from TuckerSegmentLib.variants.catalogue import MANIFEST, catalogue, find_variant, variant_dir, verify_built
+    from TuckerSegmentLib.variants.forms import runs_here
+    from TuckerSegmentLib.runtime.hardware import cpu_device
+    if int8_problem() or runs_here("bf16", cpu_device()):
+        pytest.skip("this CPU runs neither int8 nor bf16 natively")
+    write_totalsegmentator_task(ts_home, "fastest", divisor=8)
+    assert cli.main(["build-variants", "--variant", "fastest-tucker-0.5", "--device", "cpu", "--quiet",
+                     "--precisions", "int8", "bf16"]) == 0
+    printed = capsys.readouterr().out
+    variant = find_variant(catalogue(), "fastest-tucker-0.5")
+    manifest = json.loads((variant_dir(variant) / MANIFEST).read_text())
+    assert manifest["forms"] == ["bf16", "int8"] and set(variant.measured["forms"]) == {"bf16", "int8"}
+    assert {"int8/fold_0/model.xml", "int8/fold_0/model.bin", "int8/fold_0/int8.json"} <= set(
+        manifest["models"][0]["files"])  # sha256 in the manifest: verify_built checks them
+    for precision, figures in variant.measured["forms"].items():
+        assert figures["runtime"].startswith(f"OpenVINO {precision}") and figures["seconds"] > 0
+        assert 0 < figures["mean_agreement"] <= 1 and figures["speedup"] > 0
+        assert f"; in {precision}: {figures['speedup']:.2f}x, auto " in printed
+    verify_built(variant)
+    shutil.rmtree(ts_home.parents[2] / "cache" / "openvino")  # nothing compiled or converted is left to reuse
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted or quantized again")
+    monkeypatch.setattr(inference, "_convert", refuse)
+    monkeypatch.setattr(inference, "quantize", refuse)
+    monkeypatch.setattr(quantization, "quantize", refuse)
+    request = SegmentRequest(model="fastest-tucker-0.5", device="cpu", precision="int8")
+    result = segment_with(plan_segmenter(request).open(), request, sample_ct())
+    assert "int8 (asked; quantized when built on the other blocks of the bundled sample chest CT" in result.runtime
+    form = variant_dir(variant) / manifest["models"][0]["folder"] / "int8" / "fold_0" / "model.bin"
+    form.write_bytes(form.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(Exception, match="changed since it was built"):
+        plan_segmenter(request).open()  # a changed int8 file fails the variant's own check first

@@ -21,6 +21,7 @@ from TuckerSegmentLib.paths import BUNDLED_MODELS, cache_dir
 from TuckerSegmentLib.policies.uniform import UniformPolicy
 from TuckerSegmentLib.runtime import inference
 from TuckerSegmentLib.runtime.inference import OpenVINONetwork, choose_runtime, folder_key
+from TuckerSegmentLib.runtime.quantization import INT8_FORM
 from TuckerSegmentLib.testing.example_models import example_model
 from TuckerSegmentLib.tucker.layers import crop_edges, smallest_same_input
 from TuckerSegmentLib.segment.predictor import Segmenter
@@ -56,7 +57,7 @@ def test_auto_is_openvino_on_the_cpu_and_pytorch_on_a_gpu_and_every_refusal_name
     from TuckerSegmentLib.runtime import quantization
     if quantization.int8_problem() is None:  # this machine: an AMD EPYC with VNNI
         assert choose_runtime("auto", "int8", CPU).describe() == (
-            "OpenVINO int8 (asked; quantized on the sample CT, first and last convolution in float)")
+            f"OpenVINO int8 (asked; {INT8_FORM})")
     monkeypatch.setattr(quantization, "cpu_capabilities", lambda: ("FP32", "BIN"))  # a CPU without VNNI or AMX
     with pytest.raises(TuckerSegmentError, match="^this CPU has no int8 support in OpenVINO"):
         choose_runtime("auto", "int8", CPU)

@@ -244,3 +244,40 @@ def test_the_workers_device_facts_round_trip_and_a_damaged_answer_is_refused():
     for answer in damaged:
         with pytest.raises(TuckerSegmentError, match="^the worker's device facts are damaged"):
             MachineFacts.from_json(answer)
+
+
+def with_forms(measurement: dict, **forms: tuple[float, float]) -> dict:
+    """``measurement`` with precision forms measured as build-variants records them: precision=(speedup, mean)."""
+    return {**measurement, "forms": {precision: {**measured_on(CPU, speedup, mean), "runtime": f"OpenVINO {precision}"}
+                                     for precision, (speedup, mean) in forms.items()}}
+
+
+@pytest.mark.parametrize("capabilities, int8, expected", [
+    (["FP32", "BF16", "INT8"], (4.0, 0.95), "bf16"),  # int8 fastest but below the rule: never auto's choice
+    (["FP32", "BF16", "INT8"], (4.0, 0.99), "int8"),
+    (["FP32", "BF16"], (4.0, 0.99), "bf16"),  # a CPU without int8 never gets the int8 form
+    (["FP32"], (4.0, 0.99), "auto"),  # nor bf16 without bf16: the variant in f32
+])
+def test_auto_chooses_the_fastest_measured_precision_form_that_qualifies_on_this_cpu(variants, monkeypatch,
+                                                                                   capabilities, int8, expected):
+    from TuckerSegmentLib.variants import forms
+    monkeypatch.setattr(forms, "cpu_capabilities", lambda: capabilities)
+    ready = measured(variants, total_tucker_balanced=with_forms(measured_on(CPU, 1.6), bf16=(2.5, 0.99), int8=int8))
+    choice = choose_model("auto", "total", "cpu", ready, [CPU])
+    assert choice.id == "total-tucker-balanced" and choice.precision == expected
+    speed = {"bf16": "2.50x", "int8": "4.00x", "auto": "1.60x"}[expected]
+    assert f"{speed} faster than the original" in choice.reason
+    if expected != "auto":
+        assert f"total / total-tucker-balanced in {expected}:" in choice.reason
+        assert f"measured here in OpenVINO {expected}" in choice.reason and f"{expected} form: " in choice.reason
+    preferred = choose_model("total-tucker-balanced", "auto", "cpu", ready, [CPU])  # the variant named, precision auto
+    assert preferred.precision == expected
+
+
+def test_precision_forms_of_a_measurement_taken_elsewhere_never_qualify(variants, monkeypatch):
+    from TuckerSegmentLib.variants import forms
+    monkeypatch.setattr(forms, "cpu_capabilities", lambda: ["FP32", "BF16", "INT8"])
+    elsewhere = {**measured_on(CPU, 1.6), "context": {**measurement_context(CPU), "device": "another CPU (4 cores)"}}
+    ready = measured(variants, total_tucker_balanced=with_forms(elsewhere, int8=(4.0, 0.99)))
+    choice = choose_model("auto", "total", "cpu", ready, [CPU])
+    assert choice.precision == "auto" and choice.id != "total-tucker-balanced"

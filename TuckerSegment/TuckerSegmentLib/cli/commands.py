@@ -36,7 +36,8 @@ from ..usecases.requests import (BuildRequest, CompressRequest, DistillRequest, 
 from ..usecases.segmenting import plan_segmenter, segment_with
 from ..variants.catalogue import READY, STANDARD_VOLUME_MM, Variant, catalogue, find_variant
 from ..variants.choice import choose_model, usable_devices
-from ..variants.selection import expected_time, measurement, qualifies
+from ..variants.forms import forms_of
+from ..variants.selection import expected_time, form_qualifies, form_time, measurement, qualifies
 from .parser import TARGET_SHORTCUTS, build_parser, given
 from .terminal import Terminal, terminal
 
@@ -371,7 +372,10 @@ def _built_line(built: Variant, folder: Path, device: DeviceInfo) -> str:
     speed = "" if time is None or built.measured is None else f"; {1 / time:.2f}x the original's speed ({source})"
     distilled = f"distilled {built.distilled} iterations; " if built.distilled else ""
     return (f"{built.id}: built in {folder}; {distilled}{quality}{speed}; "
-            + ("auto may choose it" if ok else "auto will not choose it"))
+            + ("auto may choose it" if ok else "auto will not choose it")
+            + "".join(f"; in {form.precision}: {1 / form_time(form, device)[0]:.2f}x, "
+                      + ("auto may choose it" if form_qualifies(form, device)[0] else "auto will not choose it")
+                      for form in forms_of(built, device)[1:]))
 
 
 def evaluate_request(args: argparse.Namespace) -> EvaluateRequest:

@@ -12,7 +12,7 @@ from .. import __version__
 from ..defaults import MAX_TRAINING_ITERATIONS
 from ..policies.methods import DEFAULT_METHOD, PRUNING_METHODS, RANK_METHODS
 from ..runtime.devices import EXECUTIONS, PRECISIONS, RUNTIMES
-from ..usecases.requests import (COMPRESS_METHODS, OUTPUT_FORMATS, CompressRequest, DistillRequest,
+from ..usecases.requests import (BUILD_PRECISIONS, COMPRESS_METHODS, OUTPUT_FORMATS, CompressRequest, DistillRequest,
                                  FinetuneRequest, Request, SegmentRequest, segment_tasks)
 from ..variants.totalsegmentator import tasks
 
@@ -65,10 +65,12 @@ RUNTIME = _parent((("--runtime",), {"choices": RUNTIMES, "default": UNSET,
                                     "help": "what runs the networks under nnU-Net's predictor: auto (default: OpenVINO "
                                             "on a CPU when installed, PyTorch elsewhere), torch, or openvino (CPU)"}))
 PRECISION = _parent((("--precision",), {"choices": PRECISIONS, "default": UNSET,
-                                        "help": "auto (default: f32 on the CPU, fp16 autocast on CUDA as nnU-Net does), "
-                                                "f32, bf16 (OpenVINO on CPUs with native bf16: faster, labels very "
-                                                "close), fp16, or int8 (OpenVINO on CPUs with VNNI or AMX, quantized "
-                                                "once on the sample CT, first and last convolution in float)"}))
+                                        "help": "auto (default: on the CPU the fastest measured form of the "
+                                                "chosen variant that qualifies, else f32; fp16 autocast on CUDA as "
+                                                "nnU-Net does), f32, bf16 (OpenVINO on CPUs with native bf16), fp16, "
+                                                "or int8 (OpenVINO on CPUs with VNNI or AMX: the variant's stored int8 "
+                                                "form, else quantized once on the sample CT with label-free accuracy "
+                                                "control)"}))
 FOLD = _parent((("--fold",), {"type": fold, "default": UNSET, "help": "fold to use (default: the first available)"}))
 QUIET = _parent((("--quiet",), {"action": "store_true", "help": "no progress on stderr"}))
 OVERWRITE = _parent((("--overwrite",), {"action": "store_true", "default": UNSET,
@@ -233,6 +235,10 @@ def add_build(commands: Commands, run: Callable[[argparse.Namespace], int]) -> N
                             "tuckersegment distill) after compressing it and before measuring it, on --device "
                             "(default: a new build is not distilled, a built variant stays as it was built; 0 "
                             "rebuilds a distilled one without)")
+    build.add_argument("--precisions", nargs="+", choices=BUILD_PRECISIONS, default=UNSET, metavar="PRECISION",
+                       help="the precisions to build and measure each variant in, for auto to choose from: f32 (always), "
+                            "bf16, int8 (quantized once with label-free accuracy control, stored in the variant) "
+                            "(default: every one this CPU runs natively in OpenVINO)")
     build.add_argument("--no-measure", dest="measure", action="store_false", default=UNSET,
                        help="build only: auto does not choose a variant until a build measures it on this machine")
 

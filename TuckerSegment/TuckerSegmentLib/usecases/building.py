@@ -72,7 +72,9 @@ def run_build(request: BuildRequest, say: Say = lambda message: None,
         try:
             outcome.built[variant.id] = build_variant(variant, weights_roots=roots, report=say, plan=plan,
                                                       device=device, measure=request.measure,
-                                                      distill=request.distill, download=roots is None)
+                                                      distill=request.distill, download=roots is None,
+                                                      precisions=None if request.precisions is None else
+                                                      [p for p in request.precisions if p != "f32"])
         except PolicyError as exc:
             outcome.failed[variant.id] = str(exc)
     return outcome

@@ -274,9 +274,11 @@ class BuildRequest(Request):
     device: str = "auto"
     distill: int | None = None  # None: a new build is not distilled, a built variant stays as built
     measure: bool = True
+    precisions: tuple[str, ...] | None = None  # forms besides f32 (bf16, int8); None: each this CPU runs natively
 
     def _checked(self) -> dict[str, Any]:
         calibration, holdout = _texts("calibration", self.calibration), _texts("holdout", self.holdout)
+        precisions = _texts("precisions", self.precisions, optional=True)
         names = _texts("names", self.names, optional=True)
         if names is not None and len(names) != len(calibration) + len(holdout):
             raise RequestError("names must name each calibration and held-out CT, in that order")
@@ -288,7 +290,12 @@ class BuildRequest(Request):
                 "weights": _text("weights", self.weights, optional=True), "calibration": calibration,
                 "holdout": holdout, "names": names, "device": _device(self.device),
                 "distill": None if self.distill is None else distill_iterations(self.distill),
-                "measure": _flag("measure", self.measure)}
+                "measure": _flag("measure", self.measure),
+                "precisions": None if precisions is None else tuple(
+                    dict.fromkeys(_choice("precision", p, BUILD_PRECISIONS) for p in precisions))}
+
+
+BUILD_PRECISIONS = ("f32", "bf16", "int8")  # f32 is always built; naming it alone builds no other form
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def plan_segmenter(request: SegmentRequest, notify: Callable[[str], None] = lamb
     variants, devices = catalogue(), detect_devices()
     choice = choose_model(request.model, request.task, request.device, variants, devices)
     usable = usable_devices(request.device, devices)
-    return SegmenterPlan((choice.folders, choice.device, key_options), choice.reason, choice.id,
+    return SegmenterPlan((choice.folders, choice.device, choice.precision, key_options), choice.reason, choice.id,
                          lambda: SafeTask(choice, variants, usable, notify=notify, **options))
 
 

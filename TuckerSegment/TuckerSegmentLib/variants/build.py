@@ -21,7 +21,7 @@ iterations than asked is rebuilt (``None``: as it was built).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 from .. import __version__
 from ..atomic import atomic_output_file
 from ..compress.folder import describe_model, model_writer
+from ..compress.int8_form import build_int8_form, has_int8_form
 from ..errors import ModelFolderError
 from ..checksums import sealed, sha256_file
 from ..nnunet.layout import TUCKER_JSON
@@ -42,6 +43,7 @@ from ..runtime.stage_log import StageLog
 from .catalogue import MANIFEST, Variant, read_manifest, task_of, variant_dir
 from ..runtime.hardware import DeviceInfo, detect_devices
 from .measure import MeasurementPlan, measure_variant, plan_measurement, replan
+from .forms import cpu_forms
 from .measured import changed
 from .task_weights import check_task_model
 from .totalsegmentator import download_task, find_task, weights_dirs
@@ -103,48 +105,53 @@ def weight_only(variant: Variant) -> bool:
 
 def build_variant(variant: Variant, weights_roots: list[Path] | None = None, cache: Path | None = None,
                   report: Report | None = None, download: bool = True, plan: MeasurementPlan | None = None,
-                  device: DeviceInfo | None = None, measure: bool = True, distill: int | None = None) -> Path:
+                  device: DeviceInfo | None = None, measure: bool = True, distill: int | None = None,
+                  precisions: Sequence[str] | None = None) -> Path:
     """Build ``variant`` (a compressed TotalSegmentator entry) into the cache, calibrated and scored as
     ``plan`` says (default: the plan it was built with, or the bundled sample CT's blocks), distilled ``distill``
     iterations from its original on ``device`` (default: as it was built, or not), measured on ``device`` (default:
-    the one ``auto`` prefers) unless ``measure`` is False; return its folder. Long stages are reported to ``report``
+    the one ``auto`` prefers) unless ``measure`` is False, in f32 and in each of ``precisions`` (bf16, int8; default:
+    each this CPU runs natively, ``forms.cpu_forms``); return its folder. Long stages are reported to ``report``
     with the time left (``runtime.stage_log``), unless the caller listens to them itself."""
     say = report or (lambda message: None)
     with nullcontext() if listener() else listening(StageLog(say)):
-        return _build(variant, weights_roots, cache, say, download, plan, device, measure, distill)
+        return _build(variant, weights_roots, cache, say, download, plan, device, measure, distill, precisions)
 
 
 def _build(variant: Variant, weights_roots: list[Path] | None, cache: Path | None, say: Report, download: bool,
-           plan: MeasurementPlan | None, device: DeviceInfo | None, measure: bool, distill: int | None) -> Path:
+           plan: MeasurementPlan | None, device: DeviceInfo | None, measure: bool, distill: int | None,
+           precisions: Sequence[str] | None) -> Path:
     """``build_variant``, its stages heard by the listener in place: kept as built, measured again, or built."""
     if variant.original:
         raise ModelFolderError(f"{variant.id} is an original model: nothing to compress (its weights are used as "
                                "TotalSegmentator installed them)")
     device = device or detect_devices()[0]
+    forms = cpu_forms(device, precisions)
     manifest = read_manifest(variant, cache)
     recorded = (manifest or {}).get("calibration") or {}
     distill = _distilled(manifest) if distill is None else distill_iterations(distill)
     built = (manifest is not None and (plan is None or _calibration_record(variant, plan) == recorded)
-             and _distilled(manifest) == distill)
+             and _distilled(manifest) == distill and set(forms) <= set((manifest or {}).get("forms", [])))
     measurement = (manifest or {}).get("measurement")
-    if built and (not measure or measurement is not None and changed(measurement, device) is None):
+    if built and (not measure or measurement is not None and changed(measurement, device) is None
+                  and set(forms) <= set(measurement.get("forms", {}))):
         say(f"{variant.id}: already built" + (" and measured" if measurement else ""))
     elif built:
         say(f"{variant.id}: built; measuring " + (f"again ({changed(measurement, device)})" if measurement else "it"))
         sources = source_folders(variant, weights_roots, download)
         _write_manifest(variant, cache, {**manifest, "measurement": _measure(
-            variant, sources, manifest, plan or replan(recorded), device, cache, say)})
+            variant, sources, manifest, plan or replan(recorded), device, cache, say, forms)})
     else:
         plan = plan or (replan(recorded) if manifest is not None else plan_measurement())
         _build_models(variant, source_folders(variant, weights_roots, download), cache, say, plan, device, measure,
-                      distill)
+                      distill, forms)
     return variant_dir(variant, cache)
 
 
 def _build_models(variant: Variant, sources: list[Path], cache: Path | None, say: Report, plan: MeasurementPlan,
-                  device: DeviceInfo, measure: bool, distill: int) -> None:
+                  device: DeviceInfo, measure: bool, distill: int, forms: Sequence[str]) -> None:
     """Compress (and distil) every model of ``variant`` into its folder (a model an interrupted build finished is
-    kept), measure the variant, and write its manifest last."""
+    kept) with its int8 form when ``forms`` has it, measure the variant, and write its manifest last."""
     task = task_of(variant)
     assert task is not None
     known = variant.source.get("sha256") or {}
@@ -172,15 +179,17 @@ def _build_models(variant: Variant, sources: list[Path], cache: Path | None, say
                 _compress(source, target, policy, model.fold, variant, plan, distill, device, prefix, say)
             with atomic_output_file(target / BUILD_RECORD) as staging:
                 staging.write_text(json.dumps(built_with))
+        if "int8" in forms:
+            _int8_form(target, str(model.fold), plan, prefix, say)
         models.append(_model_entry(model.dataset, source, digest, target, distill))
     manifest = {"id": variant.id, "task": variant.task, "policy": variant.policy, "tuckersegment_version": __version__,
-                "calibration": calibration_record, "models": models}
+                "calibration": calibration_record, "models": models, "forms": list(forms)}
     if distill:
         manifest["distillation"] = {"iterations": distill, "device": device.torch_device, "on": plan.calibrated_on,
                                     "how": "label-free, towards the original's softmax (tuckersegment distill)"}
     if measure:
         with stage("measuring"):
-            manifest["measurement"] = _measure(variant, sources, manifest, plan, device, cache, say)
+            manifest["measurement"] = _measure(variant, sources, manifest, plan, device, cache, say, forms)
     _write_manifest(variant, cache, manifest)
     say(f"{variant.id}: built in {folder}")
 
@@ -210,21 +219,37 @@ def _compress(source: Path, target: Path, policy: RankPolicy, fold: int, variant
                          say=lambda message: say(f"{prefix}: {message}"))
 
 
+def _int8_form(target: Path, fold: str, plan: MeasurementPlan, prefix: str, say: Report) -> None:
+    """The model in ``target`` quantized to int8 on the plan's calibration inputs and stored beside it (kept when a
+    valid one from an interrupted build is there)."""
+    if has_int8_form(target, fold):
+        say(f"{prefix}: int8 form kept from an earlier, interrupted build")
+        return
+    say(f"{prefix}: quantizing to int8 on {plan.calibrated_on} (label-free accuracy control)")
+    with stage("quantizing to int8"):
+        record = build_int8_form(target, fold, plan.calibration, plan.calibrated_on)
+    say(f"{prefix}: int8 form agrees {record['agreement']} with f32 on validation patches; in float: "
+        f"{', '.join(record['float_layers'])}")
+
+
 def _calibration_record(variant: Variant, plan: MeasurementPlan) -> dict[str, Any]:
     return {**plan.record, "weight_only": weight_only(variant)}
 
 
 def _measure(variant: Variant, sources: list[Path], manifest: dict[str, Any], plan: MeasurementPlan,
-             device: DeviceInfo, cache: Path | None, say: Report) -> dict[str, Any]:
+             device: DeviceInfo, cache: Path | None, say: Report, forms: Sequence[str] = ()) -> dict[str, Any]:
     """Measure the built ``variant`` against its original ``sources`` (found, never read from the manifest)."""
     task = task_of(variant)
     assert task is not None
     folder = variant_dir(variant, cache)
     measurement = measure_variant(sources,
                                   [folder / m["folder"] for m in manifest["models"]], plan.scored, device, plan.how,
-                                  task.label_maps(), say=say)
+                                  task.label_maps(), say=say, forms=forms)
     say(f"{variant.id}: agreement {measurement['mean_agreement']} on {plan.how}; {measurement['speedup']:.2f}x the "
         f"original's speed, {measurement['seconds']:.1f} s per volume ({measurement['context']['runtime']})")
+    for precision, figures in measurement.get("forms", {}).items():
+        say(f"{variant.id} in {precision}: agreement {figures['mean_agreement']}; {figures['speedup']:.2f}x the "
+            f"original's speed, {figures['seconds']:.1f} s per volume ({figures['runtime']})")
     return measurement
 
 

@@ -35,6 +35,7 @@ class ModelChoice:
     reason: str
     label_maps: list[dict[int, tuple[int, str]]] | None = None  # the task's class maps (TotalSegmentator)
     selection: Selection | None = None  # catalogue choices only
+    precision: str = "auto"  # the measured precision form auto chose (see ``forms``), or the runtime's own
 
 
 def bundled_models(record: Path = BUNDLED_CATALOGUE) -> list[dict[str, Any]]:
@@ -64,7 +65,7 @@ def from_selection(selection: Selection) -> ModelChoice:
     variant = selection.variant
     task = task_of(variant)
     return ModelChoice(variant.id, variant.folders, selection.device.torch_device, selection.reason,
-                       task.label_maps() if task is not None else None, selection)
+                       task.label_maps() if task is not None else None, selection, selection.precision)
 
 
 def auto_task(variants: Sequence[Variant], device: DeviceInfo) -> str:

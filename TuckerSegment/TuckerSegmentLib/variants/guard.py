@@ -78,8 +78,11 @@ class SafeTask:
             for model, folder in zip(task.models, choice.folders, strict=True):
                 check_task_model(model, folder, known.get(model.dataset))  # TotalSegmentator's labels and weights
         self.choice = choice
+        options = self._options  # a precision form auto chose runs the chosen task, unless the user named one
+        if options.get("precision", "auto") == "auto" and choice.precision != "auto":
+            options = {**options, "precision": choice.precision}
         self.task = TaskSegmenter(list(choice.folders), name=choice.id, label_maps=choice.label_maps,
-                                  device=choice.device, coarse=self._coarse(choice), **self._options)
+                                  device=choice.device, coarse=self._coarse(choice), **options)
         self.segments, self.name = self.task.segments, self.task.name
 
     def _coarse(self, choice: ModelChoice) -> TaskSegmenter | None:

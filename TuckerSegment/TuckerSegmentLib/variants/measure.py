@@ -127,43 +127,75 @@ def replan(record: Mapping[str, Any]) -> MeasurementPlan:
     return plan_measurement(record.get("calibration", []), record.get("holdout", []))
 
 
-def measure_variant(original: Sequence[Path], variant: Sequence[Path], scored: Sequence[ScoredVolume],
-                    device: DeviceInfo, how: str, label_maps: Sequence[Mapping[int, tuple[int, str]]] | None = None,
-                    rounds: int = ROUNDS, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Agreement, seconds, speed-up and peak memory of ``variant`` against ``original`` on ``scored``."""
-    if not scored:
-        raise ModelFolderError("nothing to score the variant on: give held-out CTs or calibration CTs to split")
+def _segmenters(original: Sequence[Path], variant: Sequence[Path], device: DeviceInfo,
+                label_maps: Sequence[Mapping[int, tuple[int, str]]] | None,
+                forms: Sequence[str]) -> dict[str, TaskSegmenter]:
+    """The original and the variant as ``auto`` runs them on ``device``, and the variant in each of ``forms``."""
     models = {name: TaskSegmenter(folders, label_maps=label_maps, device=device.torch_device)
               for name, folders in (("original", original), ("variant", variant))}
-    names = {s.value: s.name for s in models["original"].segments}
-    overlap, seconds, peak, runtime = Overlap(), {"original": [], "variant": []}, {"original": 0, "variant": 0}, ""
+    for precision in forms:
+        models[precision] = TaskSegmenter(variant, label_maps=label_maps, device=device.torch_device,
+                                          precision=precision)
     for segmenter in models.values():
         segmenter.load()  # loading, conversion and compilation are not the cost (the median of rounds drops the first)
+    return models
+
+
+def measure_variant(original: Sequence[Path], variant: Sequence[Path], scored: Sequence[ScoredVolume],
+                    device: DeviceInfo, how: str, label_maps: Sequence[Mapping[int, tuple[int, str]]] | None = None,
+                    rounds: int = ROUNDS, say: Callable[[str], None] | None = None,
+                    forms: Sequence[str] = ()) -> dict[str, Any]:
+    """Agreement, seconds, speed-up and peak memory of ``variant`` against ``original`` on ``scored``; ``forms``:
+    the variant's other precisions (bf16, int8) measured the same way, under ``forms`` in the result."""
+    if not scored:
+        raise ModelFolderError("nothing to score the variant on: give held-out CTs or calibration CTs to split")
+    models = _segmenters(original, variant, device, label_maps, forms)
+    names = {s.value: s.name for s in models["original"].segments}
+    figures = {name: {"overlap": Overlap(), "seconds": [], "peak": 0, "runtime": ""} for name in models}
     with stage("segmenting with the original and the variant", len(scored) * rounds) as step:
         for index, item in enumerate(scored, start=1):
             (say or (lambda message: None))(f"measuring on {item.name} ({index}/{len(scored)}): {rounds} "
                                             "interleaved rounds")
-            times: dict[str, list[float]] = {"original": [], "variant": []}
-            labels: dict[str, np.ndarray] = {}
-            for round_index in range(rounds):
-                for name, segmenter in models.items():
-                    with PeakMemory() as memory:
-                        result = segmenter.segment(item.volume)
-                    if round_index == 0 and memory.peak is not None:
-                        peak[name] = max(peak[name], memory.peak)
-                    times[name].append(result.seconds)
-                    labels[name], runtime = result.labels, result.runtime
-                step()
+            labels = _interleaved(models, item, rounds, figures, step)
             for name in models:
-                seconds[name].append(statistics.median(times[name]))
-            overlap.add(labels["variant"], labels["original"], names, item.region)
-    structures = overlap.structures()
-    count = len(scored)
-    return {"how": how, "volumes": count, "structures": structures, "mean_agreement": mean_agreement(structures),
-            "seconds": round(sum(seconds["variant"]) / count, 3),
-            "original_seconds": round(sum(seconds["original"]) / count, 3),
-            "speedup": round(sum(seconds["original"]) / sum(seconds["variant"]), 3),
-            "peak_memory_bytes": peak["variant"], "original_peak_memory_bytes": peak["original"],
-            "timing": f"seconds per volume, median of {rounds} interleaved rounds once loaded, {runtime}; peak "
-                      "memory: resident memory added during the first segmentation once loaded",
-            "context": measurement_context(device), "device_kind": device.kind, "measured": time.strftime("%Y-%m-%d")}
+                if name != "original":
+                    figures[name]["overlap"].add(labels[name], labels["original"], names, item.region)
+    total = sum(figures["original"]["seconds"])
+    result = {"how": how, "volumes": len(scored), **_figures(figures["variant"], total),
+              "original_seconds": round(total / len(scored), 3),
+              "original_peak_memory_bytes": figures["original"]["peak"],
+              "timing": f"seconds per volume, median of {rounds} interleaved rounds once loaded, "
+                        f"{figures['variant']['runtime']}; peak memory: resident memory added during the first "
+                        "segmentation once loaded",
+              "context": measurement_context(device), "device_kind": device.kind, "measured": time.strftime("%Y-%m-%d")}
+    if forms:
+        result["forms"] = {p: {**_figures(figures[p], total), "runtime": figures[p]["runtime"]} for p in forms}
+    return result
+
+
+def _interleaved(models: Mapping[str, TaskSegmenter], item: ScoredVolume, rounds: int, figures: dict[str, Any],
+                 step: Callable[[], None]) -> dict[str, np.ndarray]:
+    """``rounds`` rounds of every model on ``item``, one after the other; the median seconds and the first round's
+    peak memory go into ``figures``; the labels of the last round come back."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    labels: dict[str, np.ndarray] = {}
+    for round_index in range(rounds):
+        for name, segmenter in models.items():
+            with PeakMemory() as memory:
+                result = segmenter.segment(item.volume)
+            if round_index == 0 and memory.peak is not None:
+                figures[name]["peak"] = max(figures[name]["peak"], memory.peak)
+            times[name].append(result.seconds)
+            labels[name], figures[name]["runtime"] = result.labels, result.runtime
+        step()
+    for name in models:
+        figures[name]["seconds"].append(statistics.median(times[name]))
+    return labels
+
+
+def _figures(figures: dict[str, Any], original_seconds: float) -> dict[str, Any]:
+    """Agreement, seconds per volume, speed-up and peak memory of one model from its ``figures``."""
+    structures = figures["overlap"].structures()
+    return {"structures": structures, "mean_agreement": mean_agreement(structures),
+            "seconds": round(sum(figures["seconds"]) / len(figures["seconds"]), 3),
+            "speedup": round(original_seconds / sum(figures["seconds"]), 3), "peak_memory_bytes": figures["peak"]}

@@ -7,7 +7,9 @@ truth decides instead, ``agreement.ground_truth_verdict``: held-out Dice loss wi
 default 1 point, and no structure with >= 1000 voxels losing more than 10 points), those whose peak
 memory fits the device's free memory with a margin; of those, the fastest expected on this device (the measured speed-up, else the
 catalogue's relative time for the device class; with neither a variant counts as fast as the
-original, so ties go to the original). A published figure alone (the paper's uniform variants) or a
+original, so ties go to the original). Each variant is weighed in every precision form measured for it that
+runs here (``forms``: bf16, int8 on a CPU with them), each form by its own figures and the same rule.
+A published figure alone (the paper's uniform variants) or a
 measurement taken with another runtime, device or engine version (``measured.changed``) never
 qualifies a compressed variant. Devices are tried in order (GPUs first, the CPU last), so a model too
 big for the GPU runs on the CPU, and the reason says so.
@@ -22,6 +24,7 @@ from ..dependencies import openvino_missing
 from ..errors import ModelFolderError
 from .agreement import ground_truth_verdict, verdict
 from .catalogue import READY, Variant
+from .forms import Form, forms_of
 from ..runtime.hardware import GB, DeviceInfo
 from .measured import changed
 
@@ -36,6 +39,7 @@ class Selection:
     variant: Variant
     device: DeviceInfo
     reason: str
+    precision: str = "auto"  # a measured form ("bf16", "int8") that auto chose, or the runtime's own
 
 
 def device_class(device: DeviceInfo, classes: Sequence[str]) -> str | None:
@@ -76,6 +80,29 @@ def qualifies(variant: Variant, device: DeviceInfo, dice_limit: float = DICE_LIM
     return agrees, f"{text} on {found['how']}"
 
 
+def form_qualifies(form: Form, device: DeviceInfo, dice_limit: float = DICE_LIMIT) -> tuple[bool, str]:
+    """``qualifies`` for one precision form: its own figures decide, the same rule as for variants (the
+    variant's measurement must hold here too)."""
+    if form.measured is None:
+        return qualifies(form.variant, device, dice_limit)
+    if form.variant.measured is None or measurement(form.variant, device)[0] is None:
+        return False, f"{form.precision} form: " + measurement(form.variant, device)[1]
+    reference = (form.measured.get("quality") or {}).get("structures")
+    if reference:
+        ok, truth = ground_truth_verdict(reference, dice_limit)
+        return ok, f"{form.precision} form: {truth}; agreement with the original {form.measured['mean_agreement']:.3f}"
+    agrees, text = verdict(form.measured["structures"])
+    return agrees, f"{form.precision} form: {text} on {form.variant.measured['how']}"
+
+
+def form_time(form: Form, device: DeviceInfo) -> tuple[float | None, str | None]:
+    """``expected_time`` of one precision form."""
+    if form.measured is None:
+        return expected_time(form.variant, device)
+    where = f"on {form.variant.measured['context']['device']}" if form.variant.bundled else "here"
+    return 1 / float(form.measured["speedup"]), f"measured {where} in {form.measured['runtime']}"
+
+
 def expected_time(variant: Variant, device: DeviceInfo) -> tuple[float | None, str | None]:
     """Time relative to the original on ``device``, and where the figure comes from: the variant's
     measurement when it holds here, else the catalogue's time for the device class (None: unknown, also
@@ -102,10 +129,10 @@ def fits(variant: Variant, device: DeviceInfo, voxels: int | None = None) -> tup
     return need is not None and need <= device.free_bytes * (1 - MEMORY_MARGIN), need, how
 
 
-def _speed_text(variant: Variant, device: DeviceInfo) -> str:
-    time, source = expected_time(variant, device)
+def _speed_text(form: Form, device: DeviceInfo) -> str:
+    time, source = form_time(form, device)
     where = "on this CPU class" if device.kind == "cpu" else f"on this class of {device.kind.upper()} device"
-    if variant.original:
+    if form.variant.original and form.measured is None:
         return "the original (no ready variant whose measurement passes is expected to run faster here)"
     if time is None:
         return f"no timing {where}; chosen for memory"
@@ -113,11 +140,26 @@ def _speed_text(variant: Variant, device: DeviceInfo) -> str:
     return f"{pace} ({source})" if source and source.startswith("measured") else f"{pace} {where} ({source})"
 
 
-def _quality_text(variant: Variant, device: DeviceInfo, dice_limit: float) -> str:
-    if variant.original:
+def _quality_text(form: Form, device: DeviceInfo, dice_limit: float) -> str:
+    if form.variant.original and form.measured is None:
         return ""
-    ok, text = qualifies(variant, device, dice_limit)
+    ok, text = form_qualifies(form, device, dice_limit)
     return f"; {text}" if ok else f"; quality NOT within auto's limits: {text}"
+
+
+def _fastest_form(variant: Variant, device: DeviceInfo, dice_limit: float) -> Form:
+    """The fastest form of ``variant`` on ``device`` that qualifies (the runtime's own when none does)."""
+    good = [f for f in forms_of(variant, device)[1:] if form_qualifies(f, device, dice_limit)[0]]
+    auto = Form(variant, "auto", None)
+    return min([auto, *good], key=lambda f: (form_time(f, device)[0] or 1.0, f.precision != "auto"))
+
+
+def _name(form: Form) -> str:
+    return form.variant.id + ("" if form.precision == "auto" else f" in {form.precision}")
+
+
+def _chosen(form: Form, device: DeviceInfo, reason: str) -> Selection:
+    return Selection(form.variant, device, reason, form.precision)
 
 
 def select_variant(variants: Sequence[Variant], devices: Sequence[DeviceInfo], task: str,
@@ -141,31 +183,32 @@ def select_variant(variants: Sequence[Variant], devices: Sequence[DeviceInfo], t
         device = devices[0]
         ok, need, how = fits(chosen, device, voxels)
         memory = "" if ok or need is None else f"; WARNING: needs {need / GB:.1f} GiB, {device.free_bytes / GB:.1f} GiB free"
-        return Selection(chosen, device, f"{task} / {chosen.id}: chosen by the user, on {device.name}"
-                                         f"{_quality_text(chosen, device, dice_limit)}{memory}")
+        form = _fastest_form(chosen, device, dice_limit)
+        return _chosen(form, device, f"{task} / {_name(form)}: chosen by the user, on {device.name}"
+                                     f"{_quality_text(form, device, dice_limit)}{memory}")
     ready = [v for v in mine if v.availability in READY]
     if not ready:
         hints = "; ".join(f"{v.id}: {v.availability} ({v.detail})" for v in mine)
         raise ModelFolderError(f"no model of task {task!r} is ready on this machine: {hints}")
     notes, skipped = [], set()
     for device in devices:
-        good = [v for v in ready if qualifies(v, device, dice_limit)[0]]
-        skipped |= {v.id for v in ready if v not in good}
-        checked = [(variant, *fits(variant, device, voxels)) for variant in good]
-        candidates = [(expected_time(variant, device)[0] or 1.0, not variant.original, variant, need, how)
-                      for variant, ok, need, how in checked if ok]
+        good = [f for v in ready for f in forms_of(v, device) if form_qualifies(f, device, dice_limit)[0]]
+        skipped |= {v.id for v in ready if all(f.variant is not v for f in good)}
+        checked = [(form, *fits(form.variant, device, voxels)) for form in good]
+        candidates = [(form_time(form, device)[0] or 1.0, not form.variant.original, form.precision != "auto", form,
+                       need, how) for form, ok, need, how in checked if ok]
         if not candidates:
             needs = [need for _, _, need, _ in checked if need is not None]
             smallest = f"the smallest needs {min(needs) / GB:.1f} GiB" if needs else "no memory figure"
             notes.append(f"{device.name}: nothing fits in {device.free_bytes / GB:.1f} GiB free with a "
                          f"{MEMORY_MARGIN:.0%} margin ({smallest})")
             continue
-        *_, best, need, how = min(candidates, key=lambda c: c[:2])  # fastest, then the original
+        *_, best, need, how = min(candidates, key=lambda c: c[:3])  # fastest, then the original, then f32
         note = f" [{'; '.join(notes)}]" if notes else ""
         need_text = f"needs {need / GB:.1f} GiB ({how})"
-        return Selection(best, device, f"{task} / {best.id}: {device.name}, {device.free_bytes / GB:.1f} GiB free, "
-                                       f"{need_text}; {_speed_text(best, device)}"
-                                       f"{_quality_text(best, device, dice_limit)}{note}")
+        return _chosen(best, device, f"{task} / {_name(best)}: {device.name}, {device.free_bytes / GB:.1f} GiB free, "
+                                     f"{need_text}; {_speed_text(best, device)}"
+                                     f"{_quality_text(best, device, dice_limit)}{note}")
     raise ModelFolderError(f"no ready {task} model fits in free memory: {'; '.join(notes)}"
                            + (f" (not considered for quality: {', '.join(sorted(skipped))})" if skipped else "")
                            + "; close other programs, choose a lighter task (fastest) or a structure subset")
@@ -187,7 +230,8 @@ def fallback_chain(selection: Selection, variants: Sequence[Variant], devices: S
         if chain[-1].variant.memory_bytes(device.kind)[0] == variant.memory_bytes(device.kind)[0]:
             continue  # no smaller than the one before: it would run out of memory too
         chain.append(Selection(variant, device, f"{variant.task} / {variant.id}: next smaller variant on {device.name} "
-                                                f"after running out of GPU memory{_quality_text(variant, device, dice_limit)}"))
+                                                f"after running out of GPU memory"
+                                                f"{_quality_text(Form(variant, 'auto', None), device, dice_limit)}"))
     cpus = [d for d in devices if d.kind == "cpu"]
     try:
         cpu = select_variant(variants, cpus, selection.variant.task, dice_limit=dice_limit) if cpus else None
