@@ -30,9 +30,9 @@ from .openvino_cache import NetworkCache, blob_name, remove_old_layout
 from .stored_int8 import StoredInt8
 from .quantization import INT8_FORM, calibration_key, int8_problem, quantize
 
-# f32: bf16 and int8 moved the held-out Dice of bundled demo variants by more than 0.001 (at most -0.0019 and
-# +0.0094 in the last run; scripts/bench_precision.py, docs/precision.md), so both stay a choice until auto
-# picks the precision by measurement
+# f32 for a model with no measured precision form: bf16 and int8 moved held-out Dice by up to 0.0094 on demo
+# variants (docs/precision.md), so no precision is a global default; auto's variant choice picks a measured
+# bf16 or int8 form of a variant by its own figures (variants/forms.py) and passes it as the asked precision
 CPU_DEFAULT_PRECISION = "f32"
 
 
