@@ -180,3 +180,24 @@ def test_build_variants_makes_measures_and_stores_the_precision_forms_and_int8_r
     form.write_bytes(form.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(Exception, match="changed since it was built"):
         plan_segmenter(request).open()  # a changed int8 file fails the variant's own check first
+
+
+@pytest.mark.parametrize("precisions, message", [
+    (("fp8",), "unknown precision 'fp8'; choose one of f32, bf16, int8"),
+    ("int8", "precisions must be a list of names or paths"),
+])
+def test_a_bad_build_precision_is_refused_in_one_line(precisions, message):
+    from TuckerSegmentLib.usecases.requests import BuildRequest, RequestError
+    with pytest.raises(RequestError) as error:
+        BuildRequest(precisions=precisions).checked()
+    assert message.split(" must")[0] in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_precision_this_cpu_lacks_is_refused_before_building(monkeypatch):
+    from TuckerSegmentLib.errors import ModelFolderError
+    from TuckerSegmentLib.runtime.hardware import cpu_device
+    from TuckerSegmentLib.variants import forms
+    monkeypatch.setattr(forms, "cpu_capabilities", lambda: ["FP32"])
+    assert forms.cpu_forms(cpu_device()) == ()  # by default: only what this CPU runs
+    with pytest.raises(ModelFolderError, match="cannot build the bf16 form: this CPU has no native bf16"):
+        forms.cpu_forms(cpu_device(), ["bf16"])
