@@ -30,7 +30,7 @@ from ..policies.methods import describe_policy
 from ..progress import Cancel, Progress
 from ..runtime.devices import EXECUTIONS, resolve_device
 from ..runtime.execution import ExecutionReport, optimise_execution
-from ..runtime.inference import OpenVINONetwork, choose_runtime, folder_key
+from ..runtime.inference import OpenVINONetwork, cache_key, choose_runtime
 from ..runtime.latency import LatencyTable
 from ..runtime.stored_int8 import StoredInt8, source_digest, stored_int8
 from .crop import model_grid_box
@@ -156,8 +156,9 @@ class Segmenter:
             axes = checkpoint.get("inference_allowed_mirroring_axes")
         self.execution: ExecutionReport | None = None
         if self.runtime.runtime == "openvino":
-            key = None if from_memory else folder_key(self._source_files(), self.model.patch_size)
-            stored = self._stored_int8() if self.runtime.precision == "int8" and not from_memory else None
+            source = None if from_memory else source_digest(self._source_files(), self.model.patch_size)
+            key = None if source is None else cache_key(source)
+            stored = self._stored_int8(source) if self.runtime.precision == "int8" and source else None
             patches = (lambda: calibration(self.model)) if calibration is not None else None  # noqa: E731
             if self.runtime.precision == "int8" and stored is None and patches is None:
                 raise TuckerSegmentError(f"{self.model.path} holds no int8 form for fold {self.fold}; build one "
@@ -176,10 +177,10 @@ class Segmenter:
                                               self.model.trainer_name or "nnUNetTrainer",
                                               (tuple(axes) if axes else (0, 1, 2)) if mirroring else None)
 
-    def _stored_int8(self) -> StoredInt8 | None:
-        """The int8 form stored in the model folder for this fold (verified), its description in the runtime's
-        reason; None when the folder holds none."""
-        stored = stored_int8(self.model.path, self.fold, source_digest(self._source_files(), self.model.patch_size))
+    def _stored_int8(self, source: str) -> StoredInt8 | None:
+        """The int8 form stored in the model folder for this fold (verified against ``source``, the fold's
+        ``source_digest``), its description in the runtime's reason; None when the folder holds none."""
+        stored = stored_int8(self.model.path, self.fold, source)
         if stored is not None:
             self.runtime = replace(self.runtime, reason=f"{self.runtime.reason.split(';')[0]}; {stored.describe()}")
         return stored
