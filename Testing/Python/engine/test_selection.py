@@ -281,3 +281,18 @@ def test_precision_forms_of_a_measurement_taken_elsewhere_never_qualify(variants
     ready = measured(variants, total_tucker_balanced=with_forms(elsewhere, int8=(4.0, 0.99)))
     choice = choose_model("auto", "total", "cpu", ready, [CPU])
     assert choice.precision == "auto" and choice.id != "total-tucker-balanced"
+
+
+def test_precision_forms_are_judged_by_the_workers_cpu_facts_without_looking_them_up_here(variants, monkeypatch):
+    from TuckerSegmentLib.runtime.hardware import MachineFacts, undetected_devices
+    from TuckerSegmentLib.variants import forms
+
+    def looked_up():
+        raise AssertionError("cpu_capabilities looked up (imports OpenVINO) in the process that asked the worker")
+    monkeypatch.setattr(forms, "cpu_capabilities", looked_up)
+    ready = measured(variants, total_tucker_balanced=with_forms(measured_on(CPU, 1.6), bf16=(2.5, 0.99), int8=(4, 0.99)))
+    for capabilities, expected in ((("FP32", "BF16", "INT8"), "int8"), (("FP32", "BF16"), "bf16")):
+        facts = MachineFacts((CPU,), "2026.4.1", capabilities)
+        assert choose_model("auto", "total", "cpu", ready, list(facts.devices)).precision == expected
+        assert MachineFacts.from_json(facts.to_json()) == facts  # the worker's answer carries them
+    assert choose_model("auto", "total", "cpu", ready, undetected_devices()).precision == "auto"  # not known yet

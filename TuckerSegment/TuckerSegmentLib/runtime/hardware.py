@@ -31,6 +31,8 @@ class DeviceInfo:
     cores: int | None = None
     index: int = 0
     note: str = ""  # what is not known yet (e.g. GPUs before PyTorch is installed)
+    # a CPU's native precisions in OpenVINO as the worker reported them; None: not reported, look them up here
+    precisions: tuple[str, ...] | None = None
 
     @property
     def torch_device(self) -> str:
@@ -124,6 +126,12 @@ class MachineFacts:
     openvino: str | None = None  # the installed version; None when OpenVINO is missing
     cpu_capabilities: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        """The CPU device carries the capabilities, so that selection never looks them up (imports OpenVINO) in
+        the process that asked the worker."""
+        object.__setattr__(self, "devices", tuple(replace(d, precisions=self.cpu_capabilities) if d.kind == "cpu"
+                                                  else d for d in self.devices))
+
     def cpu_runtime(self) -> str:
         """What runs the network on the CPU, and the precisions its kernels run natively."""
         return (f"OpenVINO {self.openvino} on the CPU ({', '.join(self.cpu_capabilities) or 'capabilities unknown'})"
@@ -134,8 +142,8 @@ class MachineFacts:
         return "\n".join([*(d.describe() for d in self.devices), self.cpu_runtime()])
 
     def to_json(self) -> dict[str, Any]:
-        return {"devices": [{**d.__dict__, "capability": list(d.capability) if d.capability else None}
-                            for d in self.devices],
+        return {"devices": [{**{k: v for k, v in d.__dict__.items() if k != "precisions"},  # the CPU's: derived
+                             "capability": list(d.capability) if d.capability else None} for d in self.devices],
                 "openvino": self.openvino, "cpu_capabilities": list(self.cpu_capabilities)}
 
     @classmethod
@@ -174,4 +182,4 @@ def detect_machine() -> MachineFacts:
 
 def undetected_devices() -> list[DeviceInfo]:
     """What is known before the worker has answered: the CPU (its memory and cores read without torch)."""
-    return [replace(cpu_device(), note="other devices not detected yet")]
+    return [replace(cpu_device(), note="other devices not detected yet", precisions=())]

@@ -38,7 +38,7 @@ def runs_here(precision: str, device: DeviceInfo) -> str | None:
     """Why ``precision`` cannot run on ``device`` here, or None."""
     if device.kind != "cpu" or openvino_missing():
         return "bf16 and int8 forms run in OpenVINO on the CPU"
-    if CAPABILITY[precision] not in cpu_capabilities():
+    if CAPABILITY[precision] not in (cpu_capabilities() if device.precisions is None else device.precisions):
         return f"this CPU has no native {precision} in OpenVINO"
     return None
 
